@@ -1,0 +1,3 @@
+from dmrecover.cli import main
+
+raise SystemExit(main())

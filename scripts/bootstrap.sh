@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything dmrecover needs on a fresh Debian 12 machine, as root: apt packages and a venv in
+# .venv with dmrecover installed (editable) and its test tools. Idempotent: a second run is quick.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: needs root (apt packages, loop devices): run it with sudo" >&2
+    exit 1
+fi
+pkgs=$(grep -v '^\s*#' scripts/apt-packages.txt | grep -v '^\s*$' | tr '\n' ' ')
+missing=""
+for p in $pkgs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "bootstrap: installing$missing"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
+fi
+# Debian's own python3, with system site packages: pyfuse3 and the libblockdev bindings that
+# blivet needs come from Debian, the rest from PyPI.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3' 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c 'import dmrecover, blake3, zstandard, pytest, hypothesis, blivet' 2>/dev/null; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e ".[test,lvm]"
+fi
+echo "bootstrap: ready (.venv/bin/dmrecover)"
