@@ -40,10 +40,14 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .backup import backup
+    from .backup import backup, check_chunk_size
+    from .device import is_block_device
     from .progress import make_renderer
     from .repository import Repository
 
+    check_chunk_size(args.chunk_size)
+    if is_block_device(args.source):
+        require_root(f"backing up block device {args.source}")
     repo = Repository.open(args.repo)
     manifest = backup(
         args.source,
@@ -52,6 +56,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         renderer=make_renderer(args.progress),
     )
+    st = manifest.stats
+    log.info("backup %s: %d chunks, %d new, %d deduplicated, %d zero", manifest.id,
+             st.get("chunks", 0), st.get("new_chunks", 0), st.get("dedup_chunks", 0),
+             st.get("zero_chunks", 0))
     print(manifest.id)
     return 0
 
@@ -96,10 +104,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from .device import is_block_device
     from .progress import make_renderer
     from .repository import Repository
     from .restore import restore
 
+    if is_block_device(args.dest):
+        require_root(f"restoring to block device {args.dest}")
     repo = Repository.open(args.repo)
     manifest = repo.manifest(args.backup)
     restore(repo, manifest, args.dest, renderer=make_renderer(args.progress),
@@ -172,7 +183,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _size(text: str) -> int:
-    return parse_size(text)
+    try:
+        return parse_size(text)
+    except DmrecoverError as err:  # argparse reports ArgumentTypeError as a usage error
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--state-dir", metavar="DIR")
     sp.add_argument("--foreground", action="store_true")
 
-    sp = verb("session-run", cmd_session_run, argparse.SUPPRESS)
+    sp = verb("session-run", cmd_session_run,
+              "internal: the session process that live-restore and resume start")
     sp.add_argument("session", metavar="SESSION")
     sp.add_argument("--state-dir", metavar="DIR")
     sp.add_argument("--resume", action="store_true")

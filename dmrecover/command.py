@@ -38,11 +38,13 @@ def run(
     error: type[CommandError] = CommandError,
     what: str | None = None,
     env: dict[str, str] | None = None,
+    stdin: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv, return the completed process (text stdout/stderr).
 
     On a non-zero exit (with check), a timeout, or a missing program, raise `error` with a
     one-line message naming `what` (default: the program), the exit code and stderr's last line.
+    `stdin` (a file descriptor) feeds a large input without reading it into memory.
     """
     argv = [str(a) for a in argv]
     what = what or argv[0]
@@ -51,6 +53,7 @@ def run(
         proc = subprocess.run(
             argv,
             input=input.encode() if isinstance(input, str) else input,
+            stdin=stdin if input is None else None,
             capture_output=True,
             timeout=timeout,
             env=_env(env),

@@ -1,0 +1,70 @@
+"""Fixtures for the kernel suite (runs as root inside the VM, on a kernel with device-mapper)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kernelutil import sh
+
+from dmrecover import dm
+
+pytestmark = pytest.mark.kernel
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_ready() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the kernel suite runs as root (in the VM: vagrant/run-kernel-tests.sh)")
+    dm.probe()
+    dm.install_udev_rules()
+
+
+@pytest.fixture
+def session_name() -> str:
+    """A unique session name, with a '-' in it to exercise the name escaping."""
+    return f"t-{uuidlib.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[callable]:
+    """make(size) -> a loop device over a fresh sparse file; all detached at the end."""
+    made: list[str] = []
+
+    def make(size: int, name: str | None = None) -> str:
+        f = tmp_path / (name or f"disk{len(made)}.img")
+        with open(f, "wb") as fh:
+            fh.truncate(size)
+        dev = sh("losetup", "-f", "--show", str(f)).strip()
+        made.append(dev)
+        return dev
+
+    try:
+        yield make
+    finally:
+        for dev in reversed(made):
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@pytest.fixture
+def owned_cleanup(session_name: str) -> Iterator[str]:
+    """Removes the test session's dm devices at the end, whatever happened."""
+    try:
+        yield session_name
+    finally:
+        for _ in range(3):
+            left = [d for d in dm.list_owned(session_name)]
+            if not left:
+                break
+            for d in sorted(left, key=lambda d: d.open_count):
+                subprocess.run(["dmsetup", "remove", "--force", "--retry", d.name],
+                               capture_output=True)

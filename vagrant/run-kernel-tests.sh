@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The kernel (device-mapper) suite, in a Vagrant VM on a real Debian 12 kernel:
+#   host: prepare vagrant/libvirt, build the box when missing, build a wheelhouse of dmrecover
+#         and its dependencies, `vagrant up`;
+#   guest: install dmrecover from the wheelhouse into a venv, offline (as on an air-gapped
+#          server), run `pytest tests/kernel` as root;
+#   then `vagrant destroy -f`, whatever happened, and exit with pytest's status.
+# Extra arguments go to pytest. DMRECOVER_KEEP_VM=1 keeps the VM for debugging (its dot folder
+# is printed).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+t_start=$(date +%s)
+log() { echo "kernel-tests [$(( $(date +%s) - t_start ))s]: $*"; }
+
+[ "$(id -u)" -eq 0 ] || { echo "kernel-tests: run as root (libvirt, box build)" >&2; exit 1; }
+
+# One VM at a time on this machine: the host has 2 cores and the guest is emulated.
+exec 9>/var/lock/dmrecover-vagrant.lock
+flock 9
+
+vagrant/setup-host.sh
+vagrant/build-box.sh
+log "host and box ready"
+
+# Each run gets its own Vagrant state and domain name, so runs from several work trees (and a
+# leftover from a killed run) never collide.
+run_dir=$(mktemp -d /var/tmp/dmrecover-vm.XXXXXX)
+export VAGRANT_CWD="$here/vagrant"
+export VAGRANT_DOTFILE_PATH="$run_dir/.vagrant"
+export DMRECOVER_VM_PREFIX="dmrecover-$(basename "$run_dir" | tr -c 'a-zA-Z0-9\n' '-')-"
+mkdir -p /var/log/dmrecover-vagrant
+export DMRECOVER_CONSOLE_LOG="/var/log/dmrecover-vagrant/console-$(basename "$run_dir").log"
+wheelhouse="$here/vagrant/.wheelhouse"
+
+finish() {
+    rc=$?
+    if [ "${DMRECOVER_KEEP_VM:-0}" = 1 ]; then
+        log "keeping the VM: VAGRANT_CWD=$VAGRANT_CWD VAGRANT_DOTFILE_PATH=$VAGRANT_DOTFILE_PATH"
+    else
+        vagrant destroy -f >/dev/null 2>&1 || true
+        rm -rf "$run_dir"
+    fi
+    rm -rf "$wheelhouse"
+    log "done, exit $rc (console log: $DMRECOVER_CONSOLE_LOG)"
+    exit $rc
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+# The wheelhouse: dmrecover and every dependency as wheels for the guest's Python (3.11, the
+# same Debian release as this host). pyfuse3 and trio come from Debian's packages in the guest.
+rm -rf "$wheelhouse"
+py=python3
+[ -x .venv/bin/python ] && py=.venv/bin/python
+"$py" -m pip wheel -q --wheel-dir "$wheelhouse" ".[test]" >/dev/null
+log "wheelhouse: $(ls "$wheelhouse" | wc -l) wheels"
+
+vagrant up --provider libvirt
+log "VM up"
+
+guest() { vagrant ssh -c "$*" -- -o LogLevel=ERROR; }
+guest "set -e
+sudo python3 -m venv --system-site-packages /opt/dmrecover
+sudo /opt/dmrecover/bin/pip install -q --no-index --find-links /vagrant/vagrant/.wheelhouse 'dmrecover[test]'
+/opt/dmrecover/bin/dmrecover --version"
+log "dmrecover installed in the guest"
+
+set +e
+pytest_args=""
+for a in "$@"; do pytest_args+=" $(printf '%q' "$a")"; done
+guest "cd /vagrant && sudo env PATH=/opt/dmrecover/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin DMRECOVER_IN_VM=1 \
+    /opt/dmrecover/bin/pytest -p no:cacheprovider tests/kernel$pytest_args"
+rc=$?
+set -e
+log "pytest exit status $rc"
+exit $rc
