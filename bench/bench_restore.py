@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every timed step N times and report the median (default 1)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_restore: needs root (loop mount, drop_caches)", file=sys.stderr)
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = {"RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(work / "restic-cache")}
-    res: dict = {"size": args.size, "chunk_size": args.chunk_size, "workdir": str(work)}
+    res: dict = {"size": args.size, "chunk_size": args.chunk_size, "workdir": str(work),
+                 "repeat": args.repeat}
     try:
         image = work / "volume.img"
         t = time.monotonic()
@@ -165,17 +169,34 @@ def main(argv: list[str] | None = None) -> int:
         want = file_digest(image)
         size = args.size
 
+        rep = args.repeat
+
+        def best_of(name: str, prepare, fn, after=None) -> None:
+            """Run prepare (untimed), fn (timed, cold cache), after (untimed) `rep` times;
+            keep the median and every run."""
+            runs = []
+            for _ in range(rep):
+                if prepare:
+                    prepare()
+                runs.append(timed(fn))
+                if after:
+                    after()
+            res[f"{name}_runs"] = [round(x, 3) for x in runs]
+            res[f"{name}_s"] = statistics.median(runs)
+
         # dd: the disk's limit for a plain copy
         dd_out = work / "dd.img"
-        res["dd_s"] = timed(lambda: command.run(
+        best_of("dd", None, lambda: command.run(
             ["dd", f"if={image}", f"of={dd_out}", "bs=4M", "conv=fsync", "status=none"],
-            timeout=None))
-        dd_out.unlink()
+            timeout=None), dd_out.unlink)
 
-        # dmrecover
+        # dmrecover: each backup into a fresh repository (no dedup against an earlier run)
         repo = work / "dmrepo"
-        command.run([py, "-m", "dmrecover", "repo", "init", str(repo)])
         out: dict = {}
+
+        def dm_init() -> None:
+            shutil.rmtree(repo, ignore_errors=True)
+            command.run([py, "-m", "dmrecover", "repo", "init", str(repo)])
 
         def dm_backup() -> None:
             out["id"] = command.run(
@@ -183,18 +204,25 @@ def main(argv: list[str] | None = None) -> int:
                  "--chunk-size", args.chunk_size, "--progress", "none"],
                 timeout=None).stdout.strip()
 
-        res["dmrecover_backup_s"] = timed(dm_backup)
+        best_of("dmrecover_backup", dm_init, dm_backup)
         res["dmrecover_repo_bytes"] = du(repo)
         dm_out = work / "dmrecover-restored.img"
-        res["dmrecover_restore_s"] = timed(lambda: command.run(
+
+        def dm_check() -> None:
+            res.setdefault("dmrecover_identical", True)
+            res["dmrecover_identical"] &= file_digest(dm_out) == want
+            dm_out.unlink()
+
+        best_of("dmrecover_restore", None, lambda: command.run(
             [py, "-m", "dmrecover", "restore", "--repo", str(repo), out["id"], str(dm_out),
-             "--progress", "none"], timeout=None))
-        res["dmrecover_identical"] = file_digest(dm_out) == want
-        dm_out.unlink()
+             "--progress", "none"], timeout=None), dm_check)
 
         # restic
         rrepo = work / "resticrepo"
-        command.run(["restic", "init", "--repo", str(rrepo)], env=env)
+
+        def restic_init() -> None:
+            shutil.rmtree(rrepo, ignore_errors=True)
+            command.run(["restic", "init", "--repo", str(rrepo)], env=env)
 
         def restic_backup() -> None:
             with open(image, "rb") as f:
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--stdin-filename", "volume.img", "--quiet"],
                             stdin=f.fileno(), env=env, timeout=None)
 
-        res["restic_backup_s"] = timed(restic_backup)
+        best_of("restic_backup", restic_init, restic_backup)
         res["restic_repo_bytes"] = du(rrepo)
         target = work / "restic-target"
 
@@ -211,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                          str(target)], env=env, timeout=None)
             fsync_file(target / "volume.img")
 
-        res["restic_restore_s"] = timed(restic_restore)
-        res["restic_identical"] = file_digest(target / "volume.img") == want
-        shutil.rmtree(target)
+        def restic_check() -> None:
+            res.setdefault("restic_identical", True)
+            res["restic_identical"] &= file_digest(target / "volume.img") == want
+            shutil.rmtree(target)
+
+        best_of("restic_restore", None, restic_restore, restic_check)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -237,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"image {format_size(size)} ext4 (free space: 45% random, 45% text-like), "
-        f"dmrecover chunk {args.chunk_size}, page cache dropped before each step",
+        f"dmrecover chunk {args.chunk_size}, page cache dropped before each step, "
+        f"median of {args.repeat} run(s)",
         "",
         f"| {'step':<22} | {'seconds':>8} | {'throughput':>12} | {'notes':<28} |",
         f"|{'-' * 24}|{'-' * 10}|{'-' * 14}|{'-' * 30}|",

@@ -178,6 +178,7 @@ class Application:
         self.env = env
         self.stop_timeout = stop_timeout
         self._popen: psutil.Popen | None = None
+        self._stopped = False  # stopped by us: its exit code is not a failure
 
     # ------------------------------------------------------------------ start
 
@@ -206,6 +207,7 @@ class Application:
             if out is not subprocess.DEVNULL:
                 out.close()
         self._popen = proc
+        self._stopped = False
         self.handle = AppHandle(pid=proc.pid, pgid=proc.pid, create_time=proc.create_time(),
                                 started_at=time.time())
         # A start command that fails at once is a failed start; one that exits 0 has
@@ -260,6 +262,8 @@ class Application:
                 else r.stdout.strip() or "stopped"
         if self.processes():
             return "running"
+        if self._stopped:
+            return "stopped"
         if self._popen is not None:
             rc = self._popen.poll()
             if rc is not None and (self.handle.exit_code is None or rc != 0):
@@ -278,6 +282,7 @@ class Application:
         """
         timeout = self.stop_timeout if timeout is None else timeout
         warnings: list[str] = []
+        self._stopped = True
         if self.spec.unit:
             command.run(["systemctl", "stop", self.spec.unit], error=AppError,
                         what=f"stopping unit {self.spec.unit}", timeout=timeout + 30)

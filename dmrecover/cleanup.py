@@ -98,13 +98,21 @@ def _under(path: str, root: str) -> bool:
 def _dm_leftovers() -> list[str]:
     """Device-mapper devices of dead sessions (dmrecover UUID prefix): the dm backend's part.
 
-    Returns names in removal order; `_remove_dm` removes one. Empty on the portable backend.
+    Returns names in removal order; `_remove_dm` removes one. Empty where device-mapper is
+    not usable (no dmsetup, no driver, not root).
     """
-    return []
+    from . import dm
+    from .dmstack import leftover_devices
+
+    if not dm.available("snapshot"):
+        return []
+    return leftover_devices()
 
 
 def _remove_dm(name: str) -> None:
-    raise StackError(f"cannot remove dm device {name}: the dm backend is not available")
+    from .dmstack import remove_leftover
+
+    remove_leftover(name)
 
 
 def find_leftovers() -> Leftovers:
@@ -135,6 +143,12 @@ def find_leftovers() -> Leftovers:
     found.loops = loops
     found.fuse = sorted(set(dead_fuse), key=lambda p: -len(p))
     found.dm = _dm_leftovers()
+    if found.dm:
+        from .dmstack import mounts_of_devices
+
+        # Filesystems on those devices go first (remove_leftovers unmounts before removing).
+        found.mounts = mounts_of_devices(found.dm) + [m for m in found.mounts
+                                                      if m not in mounts_of_devices(found.dm)]
     return found
 
 

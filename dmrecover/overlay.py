@@ -7,13 +7,14 @@ Files in the state dir:
 - overlay.log: append-only journal since that snapshot. A write record (first block, block
   count, crc32 of the data) is appended after the data is pwritten and before the write is
   acknowledged (a plain write: it survives a kill of the process through the page cache). A
-  barrier record follows an fdatasync of the data and is itself fdatasynced (flush()).
+  barrier record names the log offset up to which the data was fdatasynced before it was
+written, and is itself fdatasynced (flush()).
 
-Recovery (opening an existing overlay): load the snapshot, then replay the log. Records before
-the last barrier are trusted (their data was durable before the barrier was written); records
-after it are kept only if their CRC matches the data now in overlay.img: an unflushed write
-whose data did not reach the disk is dropped, which is what a disk may do with unflushed data.
-A torn record at the log's end fails its own CRC and ends the replay.
+Recovery (opening an existing overlay): load the snapshot, then replay the log. Records a
+barrier covers are trusted (their data was durable before the barrier was written); for the
+others each block is kept only if its CRC matches the data now in overlay.img: an unflushed
+write whose data did not reach the disk is dropped, which is what a disk may do with unflushed
+data. A torn record at the log's end fails its own CRC and ends the replay.
 
 Checkpoint: fdatasync the data, save the map snapshot, reset the log (all under the lock, so
 no record is lost between the snapshot and the reset). Done when the log grows large and on
@@ -77,6 +78,7 @@ class Overlay:
         self.nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
         self.checkpoint_log_bytes = checkpoint_log_bytes
         self._lock = threading.Lock()
+        self._log_gen = 0  # bumped by every checkpoint (log reset)
         self.img_path, self.map_path, self.log_path = (self.dir / IMG, self.dir / MAP,
                                                        self.dir / LOG)
         existed = self.img_path.exists()
@@ -96,8 +98,9 @@ class Overlay:
             self._log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
                                 | os.O_CLOEXEC, 0o600)
             self._log_bytes = os.fstat(self._log).st_size
-            if self.recovered_records or not self.map_path.exists():
-                # Start from a clean snapshot: the replayed state becomes the new baseline.
+            if self._log_bytes or not self.map_path.exists():
+                # Start from a clean snapshot: the replayed state becomes the new baseline
+                # (and a torn tail never sits in front of new records).
                 self._checkpoint_locked()
         except BaseException:
             self._close_fds()
@@ -125,7 +128,8 @@ class Overlay:
             raw = self.log_path.read_bytes()
         except FileNotFoundError:
             return 0, 0
-        records: list[tuple[bytes, int, int, int]] = []  # kind, first, count, offset of crcs
+        # kind, first (a barrier: log offset it covers), count, offset of crcs, record end
+        records: list[tuple[bytes, int, int, int, int]] = []
         pos = 0
         while pos + _HDR.size <= len(raw):
             kind, first, count = _HDR.unpack_from(raw, pos)
@@ -134,16 +138,16 @@ class Overlay:
                     zlib.crc32(raw[pos:end - 4]) != struct.unpack_from("<I", raw, end - 4)[0]:
                 log.warning("overlay log: torn record at byte %d, replay ends there", pos)
                 break
-            records.append((kind, first, count, pos + _HDR.size))
+            records.append((kind, first, count, pos + _HDR.size, end))
             pos = end
-        last_barrier = max((i for i, r in enumerate(records) if r[0] == BARRIER), default=-1)
+        covered = max((r[1] for r in records if r[0] == BARRIER), default=0)
         replayed = 0
         unmatched: set[int] = set()
-        for i, (kind, first, count, crc_pos) in enumerate(records):
+        for kind, first, count, crc_pos, end in records:
             if kind == BARRIER or count == 0 or first + count > self.nblocks:
                 continue
             replayed += 1
-            if i < last_barrier:
+            if end <= covered:
                 self.map.set_range(first, count)
                 continue
             # Not covered by a barrier: keep each block whose data is the data written.
@@ -206,16 +210,31 @@ class Overlay:
                 self._checkpoint_locked()
 
     def flush(self) -> None:
-        """Make every acknowledged write durable: fdatasync the data, then append a barrier
-        record and fdatasync the log. Checkpoints when the log is large."""
+        """Make every write acknowledged before this call durable: fdatasync the data, then
+        append a barrier record and fdatasync the log. Checkpoints when the log is large."""
+        with self._lock:
+            mark, gen = self._mark()
         os.fdatasync(self._img)
         with self._lock:
-            rec = _record(BARRIER, 0)
-            _write_all(self._log, rec)
-            self._log_bytes += len(rec)
-            os.fdatasync(self._log)
+            self._barrier(mark, gen)
             if self._log_bytes >= self.checkpoint_log_bytes:
                 self._checkpoint_locked()
+
+    def _mark(self) -> tuple[int, int]:
+        # caller holds the lock. Every record before this log offset had its data pwritten.
+        return self._log_bytes, self._log_gen
+
+    def _barrier(self, mark: int, gen: int) -> None:
+        """Append a barrier covering the records before `mark` (caller holds the lock and
+        fdatasynced the data after taking the mark). The barrier names the offset it covers,
+        not "everything before me": a write journalled between the fdatasync and the barrier
+        is not durable and must still be CRC-checked at recovery."""
+        if gen != self._log_gen:
+            return  # a checkpoint since the mark made those writes durable already
+        rec = _record(BARRIER, mark)
+        _write_all(self._log, rec)
+        self._log_bytes += len(rec)
+        os.fdatasync(self._log)
 
     def checkpoint(self) -> None:
         """Save the map snapshot (after an fdatasync of the data) and reset the log."""
@@ -238,6 +257,7 @@ class Overlay:
             finally:
                 os.close(fd)
         self._log_bytes = 0
+        self._log_gen += 1
 
     # ------------------------------------------------------------------ cutover, status
 

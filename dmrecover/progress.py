@@ -114,9 +114,11 @@ class RichRenderer:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
-            Progress as RichProgress,
             TimeRemainingColumn,
             TransferSpeedColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
         )
 
         self._bar = RichProgress(

@@ -89,6 +89,17 @@ class PseudoVolume:
             parts.append(ov.read(a, b - a) if present else self._read_lower(a, b))
         return b"".join(parts)
 
+    def needs_fetch(self, offset: int, length: int) -> bool:
+        """True when reading [offset, offset+length) may have to fetch a chunk (a cheap,
+        conservative check: the overlay is not consulted). Presentations use it to serve
+        reads that need no fetch without a thread hand-off."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return False
+        cs = self.source.chunk_size
+        f = self.fetcher
+        return not all(f.is_restored(i) for i in range(offset // cs, (end - 1) // cs + 1))
+
     def write(self, offset: int, data: bytes) -> int:
         """Write data at offset into the overlay; returns len(data) once acknowledged.
 

@@ -136,7 +136,7 @@ class Server:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(path)
         sock.listen(16)
-        sock.settimeout(0.2)
+        sock.settimeout(0.05)  # how soon a stop request is noticed
         writer = threading.Thread(target=self.writer, daemon=True)
         writer.start()
         while not self.stopping.is_set():

@@ -202,11 +202,16 @@ class Session:
 def choose_backend(requested: str) -> str:
     """auto -> dm where device-mapper with the snapshot target is usable, else fuse.
 
-    The dm backend is not built yet (issue 4): until it is, auto means fuse and dm is refused.
+    dm when asked for is probed: a clear error names what is missing (root, dmsetup, the
+    device-mapper driver or its snapshot target).
     """
+    from . import dm
+
     if requested == "dm":
-        raise UsageError("--backend dm is not available in this version",
-                         hint="use --backend fuse (the portable backend)")
+        dm.probe(("snapshot",))
+        return "dm"
+    if requested == "auto" and dm.available("snapshot"):
+        return "dm"
     return "fuse"
 
 
@@ -384,7 +389,7 @@ class _ThrottledSource:
         return self._inner.read_chunk(index)  # type: ignore[attr-defined]
 
 
-def _open_volume(sess: Session):
+def _open_volume(sess: Session, on_restored=None):
     from .fetcher import RepositorySource
     from .pseudovolume import PseudoVolume
     from .repository import Repository
@@ -397,7 +402,8 @@ def _open_volume(sess: Session):
     if delay > 0:
         source = _ThrottledSource(source, delay)
     volume = PseudoVolume(source, d["dest"], sess.engine_dir,  # type: ignore[arg-type]
-                          fetch_deadline=float(d.get("fetch_deadline") or 600.0))
+                          fetch_deadline=float(d.get("fetch_deadline") or 600.0),
+                          read_only=d.get("backend") == "dm", on_restored=on_restored)
     _serialize_syncs(volume)
     return volume
 
@@ -433,6 +439,9 @@ class SessionRunner:
         self._app_state = "stopped"
         self._app_state_at = 0.0
         self._status_error: str | None = None
+        self.cutover_request_id: str | None = None
+        self.restored_at: float | None = None
+        self.auto_blocked = False
 
     # ---------------------------------------------------------- main
 
@@ -444,7 +453,7 @@ class SessionRunner:
             return 0
         phase = s.data.get("cutover_phase")
         try:
-            self.volume = _open_volume(s)
+            self.volume = _open_volume(s, on_restored=self._on_restored)
             if state == "cutting-over" and phase in CUTOVER_PHASES[2:]:
                 self.cutover(resume_phase=phase)
                 return 0
@@ -464,6 +473,11 @@ class SessionRunner:
                     self.volume.close()
                 except Exception as err:  # closing must not hide the session's outcome
                     log.error("closing the pseudo-volume: %s", err)
+
+    def _on_restored(self) -> None:
+        """Called by the restorer thread once every chunk is restored and synced."""
+        self.restored_at = time.time()
+        self.wake.set()
 
     def fail(self, message: str) -> None:
         """Persist failed (with the state it failed in); tear down what this process built."""
@@ -486,8 +500,15 @@ class SessionRunner:
         s = self.sess
         if s.state != "starting":
             s.set_state("starting", cutover_phase=None, error=None)
-        self.stack = FuseStack(self.volume, s.state_dir, s.data["mountpoint"], s.data["fstype"],
-                               on_change=lambda devs: s.save(devices=devs))
+        if s.data.get("backend") == "dm":
+            from .dmstack import DmStack
+
+            self.stack = DmStack(self.volume, s.engine_dir, s.data["mountpoint"],
+                                 s.data["fstype"], session=s.name,
+                                 on_change=lambda devs: s.save(devices=devs))
+        else:
+            self.stack = FuseStack(self.volume, s.state_dir, s.data["mountpoint"],
+                                   s.data["fstype"], on_change=lambda devs: s.save(devices=devs))
         self.stack.build()
         try:
             fault_point("app")
@@ -513,11 +534,14 @@ class SessionRunner:
             req = self.take_request()
             if self.stop_requested:
                 return self.suspend()
-            if req == "abort":
-                if self.abort():
+            if req.get("request") == "abort":
+                if self.abort(req.get("id")):
                     return 0
-            elif req == "cutover":
-                s.save(cutover_requested=True)
+            elif req.get("request") == "cutover":
+                self.cutover_request_id = req.get("id")
+                self.auto_blocked = False
+                s.save(cutover_requested=True,
+                       **({"cutover": "online"} if req.get("online") else {}))
             v = self.volume
             rs = v.restorer.stats() if v.restorer is not None else {}
             if rs.get("error") and s.state == "restoring":
@@ -525,9 +549,17 @@ class SessionRunner:
                 # deadline). The application keeps its pseudo-volume; the operator decides.
                 s.save(error=rs["error"])
             if v.restored_all() and (v.restorer is None or not v.restorer.running):
-                if s.data["cutover"] == "auto" or s.data.get("cutover_requested"):
+                timings = s.data.setdefault("timings", {})
+                if "restored" not in timings:
+                    timings["restored"] = self.restored_at or time.time()
+                if s.data.get("backend") == "dm" and s.data["cutover"] == "online":
+                    if self.cutover_online():
+                        return 0
+                elif ((s.data["cutover"] in ("auto", "online") and not self.auto_blocked)
+                        or s.data.get("cutover_requested")):
                     if self.cutover():
                         return 0
+                    self.auto_blocked = True  # refused: wait for `dmrecover cutover`
                 elif s.state == "restoring":
                     v.flush()
                     s.set_state("ready")
@@ -536,20 +568,36 @@ class SessionRunner:
 
     # ---------------------------------------------------------- requests
 
-    def take_request(self) -> str | None:
+    def take_request(self) -> dict:
+        """The pending control request ({} when none), consumed."""
         path = self.sess.file(CONTROL_FILE)
         try:
             req = read_json(path)
         except SessionError:
             req = None
         if req is None:
-            return None
+            return {}
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         log.info("request: %s", req)
-        return req.get("request")
+        return req
+
+    def refuse(self, request_id: str | None, message: str, **changes: object) -> None:
+        """Record a refused request (the CLI that sent it waits for its id)."""
+        log.error("%s", message)
+        self.sess.save(error=message, request_result={"id": request_id, "ok": False,
+                                                      "error": message}, **changes)
+
+    def stray_holders(self) -> str | None:
+        """Processes other than the application that hold the mount, described, or None."""
+        from .agent import describe, processes_holding
+
+        mine = {p.pid for p in self.app.processes()}
+        others = [p for p in processes_holding(self.sess.data["mountpoint"])
+                  if p.pid not in mine]
+        return describe(others) if others else None
 
     def suspend(self) -> int:
         """SIGTERM (e.g. shutdown): stop the app, take the stack down, keep the state."""
@@ -563,18 +611,21 @@ class SessionRunner:
         self.sess.save(pid=None)
         return 0
 
-    def abort(self) -> bool:
-        """Stop the app, tear down, keep the overlay. False (and the reason in status) when the
-        mount is held by something else."""
+    def abort(self, request_id: str | None = None) -> bool:
+        """Stop the app, tear down, keep the overlay. False (and the reason recorded) when the
+        mount is held by something other than the application."""
         s = self.sess
+        stray = self.stray_holders()
+        if stray:
+            self.refuse(request_id, f"abort refused: {s.data['mountpoint']} is held by {stray}")
+            return False
         self.app.stop()
         self.volume.stop_restore()
         self.volume.flush()
         try:
             self.stack.teardown()
         except StackError as err:
-            log.error("abort: %s", err)
-            s.save(error=f"abort refused: {err}")
+            self.refuse(request_id, f"abort refused: {err}")
             self.app.start()  # the application must not stay down because of a stray holder
             self.volume.start_restore()
             return False
@@ -584,6 +635,41 @@ class SessionRunner:
         return True
 
     # ---------------------------------------------------------- cutover
+
+    def cutover_online(self) -> bool:
+        """dm backend, online mode: merge the COW into DEST under the running application.
+
+        The pseudo-volume's table is swapped in place (snapshot -> snapshot-merge on DEST ->
+        linear on DEST); the application is never stopped. A crash midway resumes as a restore:
+        a chunk the merge has copied is on DEST and gone from the COW, which the snapshot over
+        the origin (served from DEST) shows the same way.
+        """
+        from .dmstack import discard_cow
+        from .pseudovolume import MERGED_MARKER, _write_marker
+
+        s = self.sess
+        v = self.volume
+        timings = dict(s.data.get("timings") or {})
+        timings["cutover_started"] = time.time()
+        s.set_state("cutting-over", cutover_phase="online-merge", error=None, timings=timings)
+        v.stop_restore()
+        if not v.restored_all():
+            v.start_restore()
+            v.wait_restored()
+            v.stop_restore()
+        v.flush()
+        pause = self.stack.online_cutover(
+            s.data["dest"], on_phase=lambda p: s.save(online_phase=p))
+        from pathlib import Path
+
+        _write_marker(Path(s.engine_dir) / MERGED_MARKER, f"{time.time():.3f}\n")
+        discard_cow(s.engine_dir)
+        timings["online_max_pause"] = pause
+        timings["merged"] = timings["done"] = time.time()
+        timings["cutover_downtime"] = 0.0
+        s.set_state("done", cutover_phase=None, timings=timings, pid=None, error=None,
+                    app_started=True, devices=self.stack.devices())
+        return True
 
     def cutover(self, resume_phase: str | None = None) -> bool:
         """Stop app, unmount, merge overlay into DEST, mount DEST, start app, discard overlay.
@@ -600,6 +686,13 @@ class SessionRunner:
         timings = dict(s.data.get("timings") or {})
         start = CUTOVER_PHASES.index(resume_phase) if resume_phase else 0
         if start == 0:
+            stray = self.stray_holders()
+            if stray:
+                # Refuse before stopping anything: the application keeps running.
+                self.refuse(self.cutover_request_id,
+                            f"cutover refused: {s.data['mountpoint']} is held by {stray}",
+                            cutover_requested=False)
+                return False
             s.set_state("cutting-over", cutover_phase="stop-app", error=None)
             timings["cutover_started"] = time.time()
             warnings = self.app.stop()
@@ -611,10 +704,10 @@ class SessionRunner:
                 fault_point("cutover-unmount")
                 self.stack.teardown()
             except StackError as err:
-                log.error("cutover: %s", err)
-                self.app.start()
-                s.set_state("ready", cutover_phase=None, cutover_requested=False,
-                            error=f"cutover refused: {err}")
+                handle = self.app.start()
+                s.set_state("ready", cutover_phase=None, app_handle=handle.to_dict())
+                self.refuse(self.cutover_request_id, f"cutover refused: {err}",
+                            cutover_requested=False)
                 return False
             self.stack = None
         else:
@@ -628,7 +721,12 @@ class SessionRunner:
                 v.wait_restored()
                 v.stop_restore()
             fault_point("cutover-merge")
-            copied = v.merge_overlay_into_dest()
+            if s.data.get("backend") == "dm":
+                from .dmstack import merge_into_dest
+
+                copied = merge_into_dest(v, s.engine_dir, s.data["dest"], s.name)
+            else:
+                copied = v.merge_overlay_into_dest()
             timings["merged_bytes"] = copied
             timings["merged"] = time.time()
         if start <= 3:
@@ -759,6 +857,10 @@ def _teardown_dead(sess: Session, *, stop_app: bool = True) -> list[str]:
             for w in app.stop():
                 done.append(w)
             done.append("stopped the application")
+    if sess.data.get("backend") == "dm":
+        from .dmstack import teardown_session_devices
+
+        done += teardown_session_devices(sess.name)
     done += teardown_leftovers(sess.state_dir, sess.data["mountpoint"])
     for item in done:
         log.info("teardown: %s", item)
@@ -786,22 +888,30 @@ def resume_session(name: str, *, state_dir: str | None = None, foreground: bool 
     return _launch(sess, foreground=foreground, resume=True)
 
 
-def _request(sess: Session, request: str) -> None:
-    write_json_atomic(sess.file(CONTROL_FILE), {"request": request, "time": time.time()})
+def _request(sess: Session, request: str, **extra: object) -> str:
+    """Hand a request to the live session process; returns its id."""
+    rid = f"{os.getpid()}-{time.time():.6f}"
+    write_json_atomic(sess.file(CONTROL_FILE), {"request": request, "id": rid,
+                                                "time": time.time(), **extra})
     pid = sess.data.get("pid")
     if pid:
         try:
             os.kill(pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
+    return rid
 
 
-def _wait_state(sess: Session, states: tuple[str, ...], timeout: float) -> dict:
+def _wait_state(sess: Session, states: tuple[str, ...], timeout: float,
+                request_id: str | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         data = read_json(sess.path) or {}
         if data.get("state") in states:
             return data
+        res = data.get("request_result") or {}
+        if request_id and res.get("id") == request_id and not res.get("ok"):
+            raise SessionError(res.get("error") or "request refused")
         if not sess.alive() and data.get("state") not in states:
             # the process ended: one last read
             data = read_json(sess.path) or {}
@@ -828,12 +938,12 @@ def request_cutover(name: str, *, state_dir: str | None = None, online: bool = F
                            hint=f"dmrecover resume {sess.name}")
     if sess.state not in ("restoring", "ready"):
         raise SessionError(f"session {sess.name} is {sess.state}; cannot cut over now")
-    _request(sess, "cutover")
+    rid = _request(sess, "cutover", online=online)
     if sess.state == "restoring":
         print(f"cutover requested: it runs when the restore of {sess.name} completes")
     if not wait:
         return 0
-    data = _wait_state(sess, ("done", "failed"), timeout=7 * 24 * 3600)
+    data = _wait_state(sess, ("done", "failed"), timeout=7 * 24 * 3600, request_id=rid)
     if data["state"] != "done":
         raise SessionError(f"cutover of {sess.name} failed: {data.get('error')}")
     t = data.get("timings") or {}
@@ -856,19 +966,8 @@ def abort_session(name: str, *, state_dir: str | None = None) -> int:
                            hint=f"wait for it, or if its process died: dmrecover resume "
                                 f"{sess.name}")
     if sess.alive():
-        _request(sess, "abort")
-        deadline = time.monotonic() + 300
-        while True:
-            data = read_json(sess.path) or {}
-            if data.get("state") == "aborted":
-                break
-            err = data.get("error") or ""
-            if err.startswith("abort refused"):
-                sess.save(error=None)
-                raise SessionError(err)
-            if time.monotonic() > deadline:
-                raise SessionError(f"session {sess.name} did not abort within 300 s")
-            time.sleep(0.1)
+        rid = _request(sess, "abort")
+        _wait_state(sess, ("aborted",), timeout=300, request_id=rid)
     else:
         _teardown_dead(sess)
         sess.set_state("aborted", pid=None, error=None)

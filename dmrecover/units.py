@@ -26,7 +26,7 @@ def parse_size(text: str) -> int:
     try:
         value = float(num)
     except ValueError:
-        raise UsageError(f"bad size {text!r}", hint="use a number with K, M, G or T, e.g. 4M")
+        value = -1.0
     if suffix not in _SUFFIXES or value < 0:
         raise UsageError(f"bad size {text!r}", hint="use a number with K, M, G or T, e.g. 4M")
     return int(value * _SUFFIXES[suffix])

@@ -90,7 +90,7 @@ class Sandbox:
         with fs_tools.mounted(src, options=opts) as m:
             self.checksums = tree_checksums(m)
             self.seed_digest = table_digest(m / "app.db")
-        assert len(self.checksums) > 10
+        assert len(self.checksums) >= 4
         repo = Repository.init(self.repo)
         manifest = backup(src, repo, name="vol", chunk_size=chunk_size)
         self.backup_id = manifest.id

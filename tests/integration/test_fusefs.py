@@ -10,6 +10,7 @@ import os
 import random
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,6 +94,14 @@ def test_live_restore_through_fuse_and_loop(request, tmp_path: Path, fstype: str
     source = RepositorySource(repo, manifest)
     dest = blank(tmp_path / "dest.img", manifest.size)
     pv = PseudoVolume(source, dest, tmp_path / "state")
+    flushes: list[float] = []
+    engine_flush = pv.flush
+
+    def counting_flush() -> None:  # a spy: the real flush runs
+        engine_flush()
+        flushes.append(time.monotonic())
+
+    pv.flush = counting_flush  # type: ignore[method-assign]
     rng = random.Random(7)
     new_files = {f"new/f{i}.bin": rng.randbytes(rng.randint(1, 700_000)) for i in range(8)}
     try:
@@ -108,6 +117,9 @@ def test_live_restore_through_fuse_and_loop(request, tmp_path: Path, fstype: str
                     f.write(content)
                     f.flush()
                     os.fsync(f.fileno())
+            # an fsync inside the filesystem reaches the engine (ext4/xfs -> loop flush ->
+            # FUSE fsync -> PseudoVolume.flush) before it returns
+            assert flushes
             victim = sorted(k for k in original if k.startswith("random/"))[0]
             (live / victim).unlink()
             db = sqlite3.connect(live / "app.db")
@@ -177,3 +189,35 @@ def test_stop_refuses_while_a_loop_device_holds_the_file(tmp_path: Path) -> None
         srv.stop()
         pv.close()
     assert not any(tmp_path.joinpath("fuse").iterdir())
+
+
+def test_fuse_read_errors_and_repository_outage(tmp_path: Path) -> None:
+    """A corrupt chunk is EIO for its reads only; an outage shorter than the deadline is no
+    error at all (the read waits), which the dm origin relies on."""
+    import threading
+
+    data = random.Random(2).randbytes(8 * MiB)
+    src = MemorySource(data, MiB)
+    src.corrupt = {2}
+    pv = PseudoVolume(src, blank(tmp_path / "d", len(data)), tmp_path / "state",
+                      fetch_deadline=30)
+    srv = FuseServer(pv, tmp_path / "fuse")
+    srv.start()
+    try:
+        fd = os.open(srv.path, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 4096, 2 * MiB)
+            assert e.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 0) == data[:4096]  # the server goes on
+            src.unavailable = True
+            threading.Timer(1.0, lambda: setattr(src, "unavailable", False)).start()
+            t0 = time.monotonic()
+            assert os.pread(fd, 4096, 5 * MiB) == data[5 * MiB:5 * MiB + 4096]
+            assert time.monotonic() - t0 >= 0.9
+            assert pv.stats()["retries"] > 0
+        finally:
+            os.close(fd)
+    finally:
+        srv.stop()
+        pv.close()

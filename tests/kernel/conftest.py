@@ -68,3 +68,23 @@ def owned_cleanup(session_name: str) -> Iterator[str]:
             for d in sorted(left, key=lambda d: d.open_count):
                 subprocess.run(["dmsetup", "remove", "--force", "--retry", d.name],
                                capture_output=True)
+
+
+# The integration suite's image fixtures (real ext4/xfs filled with data), reused here: its
+# conftest is loaded by path (conftest modules are not importable by name).
+def _load_integration_conftest():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("dmrecover_integration_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_integration = _load_integration_conftest()
+ext4_image = _integration.ext4_image
+xfs_image = _integration.xfs_image
+fs_tools = _integration.fs_tools

@@ -107,7 +107,8 @@ def test_torn_log_tail_ends_the_replay(tmp_path) -> None:
     log = tmp_path / "overlay.log"
     raw = log.read_bytes()
     assert len(raw) == 2 * record_size(1)
-    log.write_bytes(raw[:record_size(1)] + raw[record_size(1):record_size(1) + 7])  # second record torn
+    one = record_size(1)
+    log.write_bytes(raw[:one] + raw[one:one + 7])  # second record torn
     ov2 = Overlay(tmp_path, SIZE)
     assert list(ov2.extents()) == [(1, 1)]
     ov2.close()
@@ -151,3 +152,38 @@ def test_damaged_map_snapshot_is_refused(tmp_path) -> None:
     (tmp_path / "overlay.map").write_bytes(bytes(raw))
     with pytest.raises(SessionError):
         Overlay(tmp_path, SIZE)
+
+
+def test_write_journalled_during_a_flush_is_not_covered_by_its_barrier(tmp_path) -> None:
+    # The interleaving a concurrent flush can produce: the flush takes its mark and fdatasyncs
+    # the data, another thread's write is journalled, then the barrier is appended. That write
+    # is not durable: the barrier must not vouch for it.
+    ov = Overlay(tmp_path, SIZE)
+    ov.write_blocks(1, blk(1))
+    with ov._lock:
+        mark, gen = ov._mark()
+    os.fdatasync(ov._img)
+    ov.write_blocks(5, blk(5))  # journalled after the data sync
+    with ov._lock:
+        ov._barrier(mark, gen)
+    ov.abandon()
+    with open(tmp_path / "overlay.img", "r+b") as f:  # its data was lost
+        f.seek(5 * B)
+        f.write(b"\0" * B)
+    ov2 = Overlay(tmp_path, SIZE)
+    assert list(ov2.extents()) == [(1, 1)]
+    ov2.close()
+
+
+def test_new_records_after_a_torn_tail_are_not_lost(tmp_path) -> None:
+    ov = Overlay(tmp_path, SIZE)
+    ov.write_blocks(1, blk(1))
+    ov.abandon()
+    with open(tmp_path / "overlay.log", "ab") as f:
+        f.write(b"OVW2garbage")  # a torn record
+    ov2 = Overlay(tmp_path, SIZE)
+    ov2.write_blocks(2, blk(2))
+    ov2.abandon()
+    ov3 = Overlay(tmp_path, SIZE)
+    assert list(ov3.extents()) == [(1, 2)]
+    ov3.close()

@@ -6,10 +6,13 @@ import errno
 import json
 import os
 import random
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dmrecover.backup import backup, check_chunk_size
 from dmrecover.errors import (
@@ -416,3 +419,30 @@ def test_storage_interface_is_enough(tmp_path: Path) -> None:
     store.objects[f"chunks/{m.chunks[3][:2]}/{m.chunks[3]}"] = b"junk"
     with pytest.raises(CorruptChunk, match="chunk 3"):
         r.read_chunk(m, 3)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=st.lists(st.sampled_from("rzd"), min_size=1, max_size=12),
+       tail=st.integers(min_value=0, max_value=CS - 1), seed=st.integers(0, 1000))
+def test_roundtrip_property(tmp_path: Path, layout: list[str], tail: int, seed: int) -> None:
+    """Any mix of random, zero and duplicate chunks and any tail length restores exactly."""
+    rng = random.Random(seed)
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    parts: list[bytes] = []
+    for c in layout:
+        if c == "r" or (c == "d" and not parts):
+            parts.append(rng.randbytes(CS))
+        elif c == "z":
+            parts.append(bytes(CS))
+        else:
+            parts.append(rng.choice(parts))
+    data = b"".join(parts) + rng.randbytes(tail)
+    (work / "src").write_bytes(data)
+    r = Repository.init(work / "repo")
+    m = backup(work / "src", r, chunk_size=CS)
+    assert len(r.chunk_digests()) == len({d for d in m.chunks if d})
+    assert all((d is None) == (data[i * CS:(i + 1) * CS].count(0) == m.chunk_length(i))
+               for i, d in enumerate(m.chunks))
+    restore(r, m, work / "out")
+    assert (work / "out").read_bytes() == data

@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""Live restore, measured end to end on this host (portable FUSE + loop backend; root).
+
+    sudo .venv/bin/python bench/bench_live.py [--sizes 1G,8G] [--data-fraction 0.125]
+                                              [--overlays 0,64M,512M] [--json FILE]
+
+For each size: an ext4 image (sparse-ish: `--data-fraction` of it random data plus the sample
+application's SQLite database) is backed up (4 MiB chunks). Then, in one run:
+
+- offline: `dmrecover restore` of the backup to a new file (time, throughput);
+- live: `dmrecover live-restore` (manual cutover) with the sample application (idle: one
+  commit per second): time from the command to the application's first answered query; the
+  background restore's throughput (app started -> every chunk restored) against the offline
+  restore's; once restored, sequential (1 MiB, O_DIRECT) and random 4 KiB (O_DIRECT) reads of a
+  restored file through the pseudo-volume; then the cutover, and the same reads on DEST
+  directly; the session process's peak RSS (VmHWM).
+- cutover downtime (application told to stop -> application started on DEST) with 0, 64 MiB
+  and 512 MiB written into the overlay before the cutover (at the first size).
+
+The page cache of DEST is dropped (fadvise DONTNEED) before every read pass; the repository's
+chunks are warm in the page cache for both the offline and the live restore. Prints a table;
+--json FILE writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dmrecover import command  # noqa: E402
+from dmrecover.units import format_size, parse_size  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+PY = sys.executable
+
+
+def dmrecover(*args: str, env: dict | None = None, check: bool = True
+              ) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ)
+    e.update(env or {})
+    r = subprocess.run([PY, "-m", "dmrecover", *args], capture_output=True, text=True, env=e,
+                       cwd="/", timeout=3600)
+    if check and r.returncode != 0:
+        raise SystemExit(f"dmrecover {' '.join(args)} failed: {r.stderr.strip()}")
+    return r
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def seq_read(path: Path) -> float:
+    r = command.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct"],
+                    timeout=1800)
+    m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", r.stderr)
+    assert m, r.stderr
+    return int(m.group(1)) / float(m.group(2))
+
+
+def rand_reads(path: Path, count: int = 5000) -> float:
+    """4 KiB O_DIRECT random reads per second over the file."""
+    size = path.stat().st_size
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    rnd = random.Random(7)
+    try:
+        t0 = time.monotonic()
+        for _ in range(count):
+            os.preadv(fd, [buf], rnd.randrange(size // 4096) * 4096)
+        return count / (time.monotonic() - t0)
+    finally:
+        os.close(fd)
+
+
+def build_image(work: Path, size: int, data_fraction: float) -> Path:
+    from dmrecover.sampleapp import seed
+
+    img = work / f"vol-{size >> 20}M.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    command.run(["mkfs.ext4", "-q", "-F", str(img)], timeout=600)
+    mnt = work / "build"
+    mnt.mkdir(exist_ok=True)
+    command.run(["mount", "-o", "loop", str(img), str(mnt)])
+    try:
+        seed(str(mnt), rows=20000)
+        data = int(size * data_fraction)
+        rng = random.Random(size)
+        with open(mnt / "big.bin", "wb") as f:  # the file the read passes use
+            left = min(data, 512 * MiB)
+            while left > 0:
+                n = min(left, 16 * MiB)
+                f.write(rng.randbytes(n))
+                left -= n
+        rest = data - min(data, 512 * MiB)
+        i = 0
+        while rest > 0:
+            n = min(rest, 64 * MiB)
+            with open(mnt / f"fill{i:03d}.bin", "wb") as f:
+                f.write(os.urandom(n))
+            rest -= n
+            i += 1
+    finally:
+        command.run(["umount", str(mnt)])
+    return img
+
+
+def vm_hwm(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class Live:
+    """One live-restore session driven through the CLI."""
+
+    def __init__(self, work: Path, repo: Path, backup: str, size: int, tag: str) -> None:
+        self.work = work / f"live-{tag}"
+        self.work.mkdir()
+        self.repo, self.backup, self.size, self.tag = repo, backup, size, tag
+        self.dest = self.work / "dest.img"
+        self.mnt = self.work / "mnt"
+        self.app = self.work / "app"
+        self.state = self.work / "state"
+        self.mnt.mkdir()
+        self.app.mkdir()
+        with open(self.dest, "wb") as f:
+            f.truncate(size)
+        self.peak_rss = 0
+        self.pid: int | None = None
+
+    def session(self) -> dict:
+        return json.loads((self.state / "session.json").read_text())
+
+    def sample_rss(self) -> None:
+        if self.pid:
+            v = vm_hwm(self.pid)
+            if v:
+                self.peak_rss = max(self.peak_rss, v)
+
+    def start(self) -> dict:
+        from dmrecover.sampleapp import query
+
+        t0 = time.monotonic()
+        dmrecover("live-restore", "--repo", str(self.repo), self.backup, str(self.dest),
+                  "--mount", str(self.mnt), "--session", f"bench-{self.tag}",
+                  "--state-dir", str(self.state), "--cutover", "manual",
+                  "--app-start", f"{PY} -m dmrecover.sampleapp serve --data {self.mnt} "
+                                 f"--state {self.app} --interval 1.0",
+                  "--app-stop", f"{PY} -m dmrecover.sampleapp stop --state {self.app}")
+        t_cmd = time.monotonic() - t0
+        while True:
+            try:
+                query(str(self.app), {"op": "count"}, timeout=60)
+                break
+            except OSError:
+                time.sleep(0.005)
+        t_first = time.monotonic() - t0
+        self.pid = self.session()["pid"]
+        return {"command_returned": t_cmd, "first_query": t_first}
+
+    def wait_ready(self) -> float:
+        """Seconds from the application's start to every chunk restored."""
+        while True:
+            self.sample_rss()
+            s = self.session()
+            if s["state"] == "ready":
+                break
+            if s["state"] in ("failed", "aborted"):
+                raise SystemExit(f"session failed: {s.get('error')}")
+            time.sleep(0.05)
+        t = s["timings"]
+        return t["restored"] - t["app_started"]
+
+    def cutover(self) -> dict:
+        self.sample_rss()
+        dmrecover("cutover", f"bench-{self.tag}", "--state-dir", str(self.state))
+        return self.session()["timings"]
+
+    def teardown(self) -> None:
+        from dmrecover.sampleapp import query
+
+        try:
+            query(str(self.app), {"op": "stop"}, timeout=10)
+        except OSError:
+            pass
+        time.sleep(0.5)
+        s = self.session()
+        if s["state"] not in ("done", "aborted", "failed"):
+            dmrecover("abort", f"bench-{self.tag}", "--state-dir", str(self.state), check=False)
+        for _ in range(50):
+            if command.run(["umount", str(self.mnt)], check=False).returncode != 0:
+                break
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def bench_size(work: Path, size: int, frac: float, overlays: list[int]) -> dict:
+    from dmrecover.backup import backup
+    from dmrecover.repository import Repository
+    from dmrecover.restore import restore
+
+    out: dict = {"size": size}
+    img = build_image(work, size, frac)
+    repo_dir = work / f"repo-{size >> 20}M"
+    repo = Repository.init(repo_dir)
+    t = time.monotonic()
+    manifest = backup(img, repo, name=f"bench-{size >> 20}M")
+    out["backup_s"] = time.monotonic() - t
+    img.unlink()
+    # Offline restore.
+    off = work / "offline.img"
+    t = time.monotonic()
+    restore(repo, manifest, off)
+    out["offline_restore_s"] = time.monotonic() - t
+    off.unlink()
+    # Live restore, idle application.
+    live = Live(work, repo_dir, manifest.id, size, f"{size >> 20}M")
+    try:
+        out.update(live.start())
+        out["live_restore_s"] = live.wait_ready()
+        out["restore_ratio"] = out["offline_restore_s"] / out["live_restore_s"]
+        big = live.mnt / "big.bin"
+        drop_cache(live.dest)
+        out["pv_seq_read"] = seq_read(big)
+        drop_cache(live.dest)
+        out["pv_rand_read_iops"] = rand_reads(big)
+        t = live.cutover()
+        out["cutover_downtime_s"] = t.get("cutover_downtime")
+        out["peak_rss"] = live.peak_rss
+        # DEST directly (now mounted at the same place).
+        drop_cache(live.dest)
+        out["dest_seq_read"] = seq_read(big)
+        drop_cache(live.dest)
+        out["dest_rand_read_iops"] = rand_reads(big)
+        out["seq_ratio"] = out["pv_seq_read"] / out["dest_seq_read"]
+        out["rand_ratio"] = out["pv_rand_read_iops"] / out["dest_rand_read_iops"]
+    finally:
+        live.teardown()
+    downtimes = {}
+    for ov in overlays:
+        live = Live(work, repo_dir, manifest.id, size, f"{size >> 20}M-ov{ov >> 20}")
+        try:
+            live.start()
+            live.wait_ready()
+            if ov:
+                command.run(["dd", "if=/dev/urandom", f"of={live.mnt}/overlay.bin", "bs=1M",
+                             f"count={ov // MiB}", "conv=fsync"], timeout=1800)
+            t = live.cutover()
+            downtimes[ov] = {"downtime_s": t.get("cutover_downtime"),
+                             "merged_bytes": t.get("merged_bytes")}
+        finally:
+            live.teardown()
+    out["cutover_by_overlay"] = downtimes
+    shutil.rmtree(repo_dir, ignore_errors=True)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1G,8G")
+    p.add_argument("--data-fraction", type=float, default=0.125)
+    p.add_argument("--overlays", default="0,64M,512M")
+    p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--json", metavar="FILE")
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench_live needs root")
+    sizes = [parse_size(s) for s in a.sizes.split(",")]
+    overlays = [parse_size(s) for s in a.overlays.split(",")] if a.overlays else []
+    work = Path(tempfile.mkdtemp(prefix="dmrecover-bench-live.", dir=a.workdir))
+    results = []
+    try:
+        for i, size in enumerate(sizes):
+            print(f"size {format_size(size)} ...", file=sys.stderr, flush=True)
+            results.append(bench_size(work, size, a.data_fraction, overlays if i == 0 else []))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # Peak RSS scaling: linear fit through the sizes measured, extrapolated to 1 TiB.
+    scaling = None
+    if len(results) >= 2:
+        r0, r1 = results[0], results[-1]
+        slope = (r1["peak_rss"] - r0["peak_rss"]) / (r1["size"] - r0["size"])
+        scaling = r1["peak_rss"] + slope * ((1 << 40) - r1["size"])
+    print_table(results, scaling)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"results": results, "rss_1tib_estimate": scaling},
+                                           indent=2, default=str))
+    return 0
+
+
+def print_table(results: list[dict], scaling: float | None) -> None:
+    def row(label: str, fmt) -> None:
+        cells = []
+        for r in results:
+            try:
+                cells.append(fmt(r))
+            except (KeyError, TypeError):
+                cells.append("-")
+        print(f"| {label:<52} | " + " | ".join(f"{c:>14}" for c in cells) + " |")
+
+    print()
+    print(f"| {'measure':<52} | " + " | ".join(f"{format_size(r['size']):>14}"
+                                              for r in results) + " |")
+    print("|" + "-" * 54 + "|" + "|".join("-" * 16 for _ in results) + "|")
+    row("live-restore command returned (s)", lambda r: f"{r['command_returned']:.2f}")
+    row("live-restore -> first query answered (s) [goal < 2]",
+        lambda r: f"{r['first_query']:.2f}")
+    row("full offline restore (s)", lambda r: f"{r['offline_restore_s']:.2f}")
+    row("background restore, idle app (s)", lambda r: f"{r['live_restore_s']:.2f}")
+    row("background / offline restore throughput [goal >= 0.8]",
+        lambda r: f"{r['restore_ratio']:.2f}x")
+    row("seq read 1M O_DIRECT, pseudo-volume (MiB/s)", lambda r: f"{r['pv_seq_read'] / MiB:.0f}")
+    row("seq read 1M O_DIRECT, DEST (MiB/s)", lambda r: f"{r['dest_seq_read'] / MiB:.0f}")
+    row("seq read ratio [goal >= 0.5]", lambda r: f"{r['seq_ratio']:.2f}x")
+    row("rand 4K read O_DIRECT, pseudo-volume (IOPS)", lambda r: f"{r['pv_rand_read_iops']:.0f}")
+    row("rand 4K read O_DIRECT, DEST (IOPS)", lambda r: f"{r['dest_rand_read_iops']:.0f}")
+    row("rand 4K read ratio", lambda r: f"{r['rand_ratio']:.2f}x")
+    row("cutover downtime, idle app, ~0 overlay (s)",
+        lambda r: f"{r['cutover_downtime_s']:.2f}")
+    row("session peak RSS (MiB)", lambda r: f"{r['peak_rss'] / MiB:.1f}")
+    for r in results:
+        for ov, d in (r.get("cutover_by_overlay") or {}).items():
+            print(f"| cutover downtime with {format_size(int(ov)):>10} overlay at "
+                  f"{format_size(r['size'])}: {d['downtime_s']:.2f} s "
+                  f"({format_size(d['merged_bytes'] or 0)} merged)")
+    if scaling is not None:
+        print(f"| session peak RSS extrapolated to 1 TiB (linear in size): "
+              f"{scaling / MiB:.0f} MiB [goal <= 150]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
