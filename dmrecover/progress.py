@@ -68,11 +68,11 @@ class PlainRenderer:
     def __init__(self, stream: IO[str] | None = None, interval: float = 2.0) -> None:
         self.stream = stream or sys.stderr
         self.interval = interval
-        self._last = 0.0
+        self._last: float | None = None  # the first event always prints
 
     def render(self, event: ProgressEvent) -> None:
         now = time.monotonic()
-        if not event.finished and now - self._last < self.interval:
+        if not event.finished and self._last is not None and now - self._last < self.interval:
             return
         self._last = now
         state = "done" if event.finished else f"{event.percent:5.1f}%"
@@ -94,11 +94,11 @@ class JsonRenderer:
     def __init__(self, stream: IO[str] | None = None, interval: float = 1.0) -> None:
         self.stream = stream or sys.stderr
         self.interval = interval
-        self._last = 0.0
+        self._last: float | None = None  # the first event always prints
 
     def render(self, event: ProgressEvent) -> None:
         now = time.monotonic()
-        if not event.finished and now - self._last < self.interval:
+        if not event.finished and self._last is not None and now - self._last < self.interval:
             return
         self._last = now
         print(json.dumps(event.to_dict()), file=self.stream, flush=True)
