@@ -318,12 +318,12 @@ def print_table(results: list[dict], scaling: float | None) -> None:
                 cells.append(fmt(r))
             except (KeyError, TypeError):
                 cells.append("-")
-        print(f"| {label:<52} | " + " | ".join(f"{c:>14}" for c in cells) + " |")
+        print(f"| {label:<56} | " + " | ".join(f"{c:>14}" for c in cells) + " |")
 
     print()
-    print(f"| {'measure':<52} | " + " | ".join(f"{format_size(r['size']):>14}"
+    print(f"| {'measure':<56} | " + " | ".join(f"{format_size(r['size']):>14}"
                                               for r in results) + " |")
-    print("|" + "-" * 54 + "|" + "|".join("-" * 16 for _ in results) + "|")
+    print("|" + "-" * 58 + "|" + "|".join("-" * 16 for _ in results) + "|")
     row("live-restore command returned (s)", lambda r: f"{r['command_returned']:.2f}")
     row("live-restore -> first query answered (s) [goal < 2]",
         lambda r: f"{r['first_query']:.2f}")

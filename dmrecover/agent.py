@@ -165,6 +165,22 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return out
 
 
+def unit_processes(unit: str) -> list[psutil.Process]:
+    """Processes in the cgroup of systemd unit `unit` (from /proc/PID/cgroup)."""
+    name = unit if "." in unit else f"{unit}.service"
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/cgroup") as f:
+                cg = f.read()
+        except OSError:
+            continue
+        if any(line.rstrip().endswith(f"/{name}") or f"/{name}/" in line
+               for line in cg.splitlines()):
+            out.append(proc)
+    return out
+
+
 class Application:
     """Starts, stops and watches the application described by an AppSpec."""
 
@@ -241,7 +257,10 @@ class Application:
             return None
 
     def processes(self) -> list[psutil.Process]:
-        """The application's live processes: the started process and its process group."""
+        """The application's live processes: the started process and its process group
+        (for a systemd unit: the processes in the unit's cgroup)."""
+        if self.spec.unit:
+            return unit_processes(self.spec.unit)
         procs: dict[int, psutil.Process] = {}
         if self._popen is not None:
             self._popen.poll()  # reap a finished child so it is not counted as a zombie
@@ -288,7 +307,9 @@ class Application:
                         what=f"stopping unit {self.spec.unit}", timeout=timeout + 30)
         else:
             procs = self.processes()
-            if self.spec.stop and procs:
+            # The stop command runs even when no process of ours is seen: a start command
+            # whose server left the process group (setsid) is still stopped by it.
+            if self.spec.stop:
                 try:
                     command.run(shlex.split(self.spec.stop), error=AppError,
                                 what="the application's stop command", timeout=timeout)

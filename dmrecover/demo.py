@@ -219,7 +219,8 @@ class Demo:
         t = sess.data.get("timings") or {}
         self.results.update(
             reads_checked=answered,
-            restore_time=(t.get("cutover_started", 0) - t.get("command_started", 0)),
+            restore_time=(t.get("restored") or t.get("cutover_started", 0))
+            - t.get("app_started", 0),
             cutover_downtime=t.get("cutover_downtime", 0.0),
             merged_bytes=t.get("merged_bytes", 0))
         st = sess.status() or {}

@@ -315,8 +315,15 @@ def suspend(name: str, *, flush: bool = True) -> None:
     _dmsetup(args, what=f"suspending {name}", sync=True)
 
 
-def resume(name: str) -> None:
-    """Resume a device (activating a reloaded table); waits for its udev change event."""
+def resume(name: str, *, udev_wait: bool = True) -> None:
+    """Resume a device (activating a reloaded table); waits for its udev change event.
+
+    udev_wait=False returns as soon as the kernel resumed I/O (`--noudevsync`): for a table
+    swap under a running application, where only the pause matters and the node exists.
+    """
+    if not udev_wait:
+        _dmsetup(["--noudevsync", "resume", name], what=f"resuming {name}")
+        return
     inf = info(name)
     waiter = _UdevWaiter(inf.uuid, ("change",)) if inf and inf.uuid else None
     try:

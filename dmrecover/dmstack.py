@@ -337,8 +337,12 @@ class DmStack:
             if suspend_first:
                 dm.reload(self.pseudo, table)
         finally:
-            dm.resume(self.pseudo)
-        return time.monotonic() - t0
+            dm.resume(self.pseudo, udev_wait=False)
+        pause = time.monotonic() - t0
+        # Let udev finish the change event before anything looks at the device again.
+        if dm.use_udevsync():
+            command.run(["udevadm", "settle", "--timeout=30"], check=False, timeout=60)
+        return pause
 
     def _dest_device(self, dest: str) -> str:
         if stat.S_ISBLK(os.stat(dest).st_mode):

@@ -1,7 +1,7 @@
 """A small real application for the demo, the tests and the benchmarks.
 
 `python -m dmrecover.sampleapp serve --data DIR --state OUTSIDE` opens (or creates) a SQLite
-database DIR/app.db with synchronous=FULL, inserts rows in a writer thread (each commit fsync'd,
+database DIR/app.db with synchronous=EXTRA, inserts rows in a writer thread (each commit fsync'd,
 then its key appended and fsync'd to OUTSIDE/acks.log: the list of every write the application
 saw acknowledged, kept outside the mount), and answers queries on a Unix socket
 OUTSIDE/app.sock, one JSON object per line:
@@ -42,7 +42,9 @@ def _digest(payload: bytes) -> str:
 def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
     db.execute("PRAGMA journal_mode=DELETE")
-    db.execute("PRAGMA synchronous=FULL")  # commit returns only after fsync
+    # EXTRA, not FULL: in DELETE mode a commit is the unlink of the journal, and only EXTRA
+    # fsyncs the directory after it; with FULL the last commit before a crash can roll back.
+    db.execute("PRAGMA synchronous=EXTRA")
     db.execute("CREATE TABLE IF NOT EXISTS rows (key TEXT PRIMARY KEY, payload BLOB, "
                "digest TEXT)")
     return db

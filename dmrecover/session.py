@@ -243,9 +243,14 @@ def _check_state_dir(d: str, name: str) -> None:
         raise SessionError(f"state dir {d} is in use by a running session",
                            hint="pick another --session or --state-dir")
     if data is not None and data.get("state") != "done":
-        raise SessionError(f"session {data.get('name')} in {d} is {data.get('state')}",
-                           hint=f"resume or abort it (dmrecover resume {data.get('name')}), "
-                                "or pick another --session")
+        other = data.get("name")
+        if data.get("state") == "aborted":
+            hint = (f"its overlay is kept there: `dmrecover resume {other}` continues it; "
+                    f"remove {d} to start over")
+        else:
+            hint = (f"`dmrecover resume {other}` continues it, `dmrecover abort {other}` "
+                    "stops it; or pick another --session")
+        raise SessionError(f"session {other} in {d} is {data.get('state')}", hint=hint)
 
 
 def start_live_restore(args) -> int:
@@ -270,12 +275,13 @@ def start_live_restore(args) -> int:
                          hint="live restore mounts the volume: back up a filesystem")
     dest = os.path.abspath(args.dest)
     mp = os.path.abspath(args.mount)
+    d = session_dir(name, args.state_dir)
+    # The session first: a half-done one explains a DEST that already holds a filesystem.
+    _check_state_dir(d, name)
     check_writable_destination(dest, manifest.size, force=args.force)
     _check_mountpoint(mp)
-    d = session_dir(name, args.state_dir)
     if os.path.commonpath([d, mp]) == mp or os.path.commonpath([dest, mp]) == mp:
         raise UsageError("the state dir and DEST must not be under the mount point")
-    _check_state_dir(d, name)
     engine_dir = os.path.abspath(args.overlay) if args.overlay else d
     if args.overlay and os.path.exists(engine_dir) and not os.path.isdir(engine_dir):
         raise UsageError(f"--overlay {args.overlay}: the fuse backend keeps its overlay in a "
@@ -884,6 +890,10 @@ def resume_session(name: str, *, state_dir: str | None = None, foreground: bool 
             sess.set_state("cutting-over", error=None)
         else:
             sess.set_state("starting", cutover_phase=None, error=None)
+    try:
+        os.unlink(sess.file(CONTROL_FILE))  # a request the dead process never saw is void
+    except FileNotFoundError:
+        pass
     sess.save(app_started=False, resumed=time.time())
     return _launch(sess, foreground=foreground, resume=True)
 

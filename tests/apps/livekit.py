@@ -229,7 +229,9 @@ class Sandbox:
             except psutil.Error:
                 pass
         psutil.wait_procs(self.app_procs(), timeout=10)
-        for _ in range(3):
+        # Autoclear loops (DEST's, after its unmount) are released asynchronously: poll.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
             for target in reversed(self.mounts_under()):
                 command.run(["umount", "-l", target], check=False)
             for dev in self.loops_under():

@@ -3,7 +3,7 @@ package so that `dmrecover demo` works from an installed copy).
 
     python tests/apps/sqlapp.py serve --data MOUNT --state OUTSIDE   # or: stop --state OUTSIDE
 
-See dmrecover/sampleapp.py for the protocol: every commit is fsync'd (synchronous=FULL) and
+See dmrecover/sampleapp.py for the protocol: every commit is durable (synchronous=EXTRA) and
 its key then appended (fsync'd) to OUTSIDE/acks.log; queries go to the Unix socket
 OUTSIDE/app.sock; `stop` or SIGTERM stops it cleanly.
 """

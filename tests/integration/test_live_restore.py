@@ -100,7 +100,9 @@ def test_live_restore_auto_cutover(box: Sandbox, fs_tools, request, fstype: str)
     from dmrecover.mount import umount
 
     umount(str(box.mnt))
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while box.loops_under() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not box.loops_under(), "DEST's loop goes away with its mount (autoclear)"
     rows, acks = box.verify_dest(fs_tools)
     assert acks > 20 and rows >= acks
@@ -108,8 +110,9 @@ def test_live_restore_auto_cutover(box: Sandbox, fs_tools, request, fstype: str)
           f"downtime {st['timings']['cutover_downtime']:.2f} s")
 
 
-def test_sigkill_mid_restore_then_resume(box: Sandbox, fs_tools, request) -> None:
-    box.prepare(fs_tools, _image(request, "ext4"))
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_sigkill_mid_restore_then_resume(box: Sandbox, fs_tools, request, fstype: str) -> None:
+    box.prepare(fs_tools, _image(request, fstype))
     r = box.live_restore("crash", env=SLOW)
     assert r.returncode == 0, r.stderr
     box.wait_app()
@@ -146,11 +149,17 @@ def test_sigkill_mid_restore_then_resume(box: Sandbox, fs_tools, request) -> Non
 
 def test_manual_cutover(box: Sandbox, fs_tools, request) -> None:
     box.prepare(fs_tools, _image(request, "ext4"))
-    r = box.live_restore("man", "--cutover", "manual")
+    box.dest.unlink()  # a DEST file that does not exist yet is created
+    overlay_dir = box.tmp / "ovl"
+    r = box.live_restore("man", "--cutover", "manual", "--overlay", str(overlay_dir))
     assert r.returncode == 0, r.stderr
+    assert box.dest.stat().st_size == box.size
     box.wait_app()
     ready = box.wait_state("man", ("ready", "failed"))
     assert ready["state"] == "ready"
+    # --overlay puts the engine's files (overlay, maps) there instead of the state dir.
+    assert (overlay_dir / "overlay.img").exists() and (overlay_dir / "restored.map").exists()
+    assert not (box.state_root / "man" / "overlay.img").exists()
     time.sleep(0.6)
     assert box.status("man")["state"] == "ready"
     # Still on the pseudo-volume: the loop is over the FUSE file.

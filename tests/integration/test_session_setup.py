@@ -230,3 +230,71 @@ def test_cleanup_after_killed_session(small: Sandbox) -> None:
     assert set(box.loops_under()) == loops_before
     r = box.cli("cleanup", "--dry-run")
     assert str(box.tmp) not in r.stdout
+
+
+def test_foreground_session_runs_to_done(small: Sandbox, fs_tools) -> None:
+    box = small
+    r = box.live_restore("fg", "--foreground")
+    assert r.returncode == 0, r.stderr
+    assert "session fg" in r.stdout  # printed once the application ran
+    s = box.session("fg")
+    assert s["state"] == "done" and s["pid"] is None
+    box.wait_app()
+    box.stop_app()
+    umount(str(box.mnt))
+    box.verify_dest(fs_tools)
+
+
+def test_sigterm_suspends_and_resume_continues(small: Sandbox, fs_tools) -> None:
+    box = small
+    r = box.live_restore("t", env={"DMRECOVER_TEST_RESTORE_DELAY": "0.05"})
+    assert r.returncode == 0, r.stderr
+    box.wait_app()
+    time.sleep(0.5)
+    pid = box.session("t")["pid"]
+    os.kill(pid, signal.SIGTERM)
+    psutil.wait_procs([psutil.Process(pid)], timeout=30)
+    s = box.session("t")
+    assert s["state"] == "restoring" and s["pid"] is None
+    assert mount_at(str(box.mnt)) is None and not box.loops_under()
+    assert mount_at(str(box.state_root / "t" / "fuse")) is None
+    assert not box.app_procs()
+    r = box.cli("resume", "t")
+    assert r.returncode == 0, r.stderr
+    assert box.wait_state("t", ("done", "failed"))["state"] == "done"
+    box.wait_app()
+    box.stop_app()
+    umount(str(box.mnt))
+    box.verify_dest(fs_tools)
+
+
+def test_block_device_destination(small: Sandbox, fs_tools, loop_device) -> None:
+    box = small
+    dev = loop_device(box.dest)  # DEST is a block device now (the zeroed file behind it)
+    r = box.cli("live-restore", "--repo", str(box.repo), box.backup_id, dev, "--mount",
+                str(box.mnt), "--session", "blk", *box.app_args())
+    assert r.returncode == 0, r.stderr
+    assert box.wait_state("blk", ("done", "failed"))["state"] == "done"
+    m = mount_at(str(box.mnt))
+    assert m is not None and m.source == dev  # DEST itself, no extra loop
+    box.wait_app()
+    box.stop_app()
+    umount(str(box.mnt))
+    box.verify_dest(fs_tools)
+
+
+def test_application_that_fails_to_start(small: Sandbox) -> None:
+    box = small
+    r = box.cli("live-restore", "--repo", str(box.repo), box.backup_id, str(box.dest),
+                "--mount", str(box.mnt), "--session", "bad", "--app-start",
+                f"{sys.executable} -c 'import sys; sys.exit(7)'")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "exited with code 7" in lines[0], r.stderr
+    assert box.session("bad")["state"] == "failed"
+    assert mount_at(str(box.mnt)) is None and not box.loops_under()
+    assert mount_at(str(box.state_root / "bad" / "fuse")) is None
+    # The same name is refused until the failed session is dealt with, and says how.
+    r = box.cli("live-restore", "--repo", str(box.repo), box.backup_id, str(box.dest),
+                "--mount", str(box.mnt), "--session", "bad", *box.app_args())
+    assert r.returncode != 0 and "dmrecover resume bad" in r.stderr

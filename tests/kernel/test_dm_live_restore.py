@@ -20,7 +20,7 @@ from livekit import Sandbox  # noqa: E402
 from dmrecover import dm  # noqa: E402
 from dmrecover.mount import mount_at, umount  # noqa: E402
 
-SLOW = {"DMRECOVER_TEST_RESTORE_DELAY": "0.05"}
+SLOW = {"DMRECOVER_TEST_RESTORE_DELAY": "0.25"}
 
 
 def dm_state() -> tuple[str, str]:
@@ -150,3 +150,110 @@ def test_dm_online_cutover(box: Sandbox, fs_tools, request) -> None:
     assert acks > 10 and rows >= acks
     print(f"dm online: {acks} acknowledged writes, longest pause "
           f"{done['timings']['online_max_pause'] * 1000:.0f} ms")
+
+
+STEPS = ["dm-probe", "fuse", "origin-loop", "cow", "cow-loop", "dm-pseudo", "mount", "app"]
+
+
+def test_dm_setup_failure_at_each_step_leaves_nothing(box: Sandbox, fs_tools, request) -> None:
+    """A failure injected at each set-up step: the session fails with the step named, and
+    no dm device, loop, mount or process is left (the undo list ran)."""
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    before = dm_state()
+    for i, step in enumerate(STEPS):
+        name = f"f{i}"
+        # --force: an earlier attempt may have restored the superblock onto DEST already.
+        r = box.live_restore(name, "--backend", "dm", "--force",
+                             env={"DMRECOVER_FAIL_AT": step})
+        assert r.returncode != 0, step
+        assert f"injected failure at step {step}" in r.stderr, (step, r.stderr)
+        assert box.session(name)["state"] == "failed"
+        assert mount_at(str(box.mnt)) is None, step
+        assert not box.loops_under(), step
+        assert not box.app_procs(), step
+        assert dm_state() == before, step
+        assert not dm.list_owned(name), step
+        # A first set-up that failed leaves no COW file either.
+        assert not (box.state_root / name / "cow.img").exists(), step
+
+
+def test_killed_session_then_cleanup(box: Sandbox, fs_tools, request) -> None:
+    """SIGKILL the session process (and its application): `dmrecover cleanup` removes its dm
+    devices, loops and mounts, and `dmsetup ls` / `losetup -a` are as before the session."""
+    import signal
+
+    import psutil
+
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    before = dm_state()
+    r = box.live_restore("k", "--backend", "dm", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    box.wait_app(timeout=120)
+    assert dm.list_owned("k")
+    pid = box.session("k")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    for p in box.app_procs():
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(box.app_procs(), timeout=20)
+    time.sleep(0.5)
+    assert dm.list_owned("k"), "the dead session's devices are still there"
+    r = box.cli("cleanup", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert dm.dm_name("k", "pseudo") in r.stdout
+    r = box.cli("cleanup")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not dm.list_owned("k")
+    assert mount_at(str(box.mnt)) is None
+    assert dm_state() == before
+    r = box.cli("cleanup")
+    assert "nothing to clean up" in r.stdout
+
+
+def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request) -> None:
+    """The repository vanishes for 30 s mid-restore (an empty tmpfs mounted over it): the
+    application's reads of unrestored data wait instead of failing, status shows the wait,
+    the snapshot stays valid, and the session completes with every acknowledged write."""
+    import threading
+
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    r = box.live_restore("out", "--backend", "dm", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    box.wait_app(timeout=120)
+    last = sorted(box.checksums)[-1]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "gone", str(box.repo)], check=True)
+    t0 = time.monotonic()
+    answers: list[dict] = []
+    failures: list[BaseException] = []
+
+    def read_unrestored() -> None:
+        try:
+            answers.append(box.query({"op": "sha256", "path": last}, timeout=180))
+        except BaseException as err:  # reported by the main thread
+            failures.append(err)
+
+    reader = threading.Thread(target=read_unrestored)
+    try:
+        time.sleep(1.0)
+        reader.start()
+        saw_wait = False
+        while time.monotonic() - t0 < 30:
+            st = box.status("out")
+            saw_wait = saw_wait or bool(st.get("waiting_for_repository_since"))
+            assert st["state"] == "restoring", st
+            time.sleep(2)
+        assert saw_wait, "status shows the wait for the repository"
+        assert not dm.snapshot_status(dm.dm_name("out", "pseudo")).invalid
+    finally:
+        subprocess.run(["umount", str(box.repo)], check=True)
+    reader.join(180)
+    assert not failures, failures
+    assert answers == [{"ok": True, "sha256": box.checksums[last]}]
+    done = box.wait_state("out", ("done", "failed"), timeout=600)
+    assert done["state"] == "done", done.get("error")
+    box.wait_app(timeout=120)
+    box.stop_app()
+    umount(str(box.mnt))
+    rows, acks = box.verify_dest(fs_tools)
+    assert acks > 10
+    app_log = (box.state_root / "out" / "app.log").read_text()
+    assert "I/O error" not in app_log and "disk I/O" not in app_log, app_log[-2000:]

@@ -117,3 +117,21 @@ def test_processes_holding(tmp_path: Path) -> None:
         for p in (cwd_holder, file_holder, other):
             p.kill()
             p.wait()
+
+
+def test_stop_command_reaches_a_daemon_that_left_the_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    start = ("import os,time\nif os.fork(): os._exit(0)\nos.setsid()\n"
+             f'open("{pidfile}","w").write(str(os.getpid()))\ntime.sleep(60)')
+    stop = f'import os,signal; os.kill(int(open("{pidfile}").read()), signal.SIGTERM)'
+    app = _app(tmp_path, f"{PY} -c '{start}'", stop=f"{PY} -c '{stop}'")
+    app.start()
+    deadline = time.monotonic() + 5
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    daemon = psutil.Process(int(pidfile.read_text()))
+    assert app.processes() == []  # out of our sight: its own session and group
+    app.stop()
+    daemon.wait(5)
+    assert not daemon.is_running()

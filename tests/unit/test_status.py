@@ -98,3 +98,19 @@ def test_missing_session_is_one_clear_error(root: Path) -> None:
 
     with pytest.raises(SessionError, match="no session nope"):
         Session.load("nope")
+
+
+def test_watch_leaves_on_ctrl_c(root: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    _make(root, "w")
+    env = dict(os.environ, DMRECOVER_STATE_ROOT=str(root), COLUMNS="100")
+    p = subprocess.Popen([sys.executable, "-m", "dmrecover", "status", "w", "--watch"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 0, err
+    assert "dmrecover session w" in out and "25.0%" in out
