@@ -265,8 +265,10 @@ def bench_size(work: Path, size: int, frac: float, overlays: list[int]) -> dict:
             live.start()
             live.wait_ready()
             if ov:
-                command.run(["dd", "if=/dev/urandom", f"of={live.mnt}/overlay.bin", "bs=1M",
-                             f"count={ov // MiB}", "conv=fsync"], timeout=1800)
+                # Overwrite big.bin in place (extending it if shorter): the overlay gets
+                # `ov` bytes without needing that much free space in the filesystem.
+                command.run(["dd", "if=/dev/urandom", f"of={live.mnt}/big.bin", "bs=1M",
+                             f"count={ov // MiB}", "conv=notrunc,fsync"], timeout=1800)
             t = live.cutover()
             downtimes[ov] = {"downtime_s": t.get("cutover_downtime"),
                              "merged_bytes": t.get("merged_bytes")}

@@ -171,6 +171,7 @@ class Fetcher:
         self._changed = threading.Condition(self._lock)
         self._inflight: dict[int, _Inflight] = {}
         self._demand_active = 0
+        self._demand_hint: int | None = None
         self._demand_idle = threading.Condition(self._lock)
         self._waiting: dict[int, float] = {}  # thread id -> wall time it started waiting
         self.failure: BaseException | None = None
@@ -239,21 +240,27 @@ class Fetcher:
 
     # ------------------------------------------------------------------ fetch
 
-    def ensure(self, index: int, *, background: bool = False) -> None:
+    def take_demand_hint(self) -> int | None:
+        """Index after the latest on-demand fetch since the last call (None: none since)."""
+        with self._lock:
+            hint, self._demand_hint = self._demand_hint, None
+            return hint
+
+    def ensure(self, index: int, *, background: bool = False) -> bool:
         """Make chunk `index` present on DEST, fetching it when needed (copy-on-read).
 
         Returns at once when it is restored. Otherwise, if another thread fetches it, waits for
         that fetch; else fetches it here: read from the source (verified), write to DEST, mark
         restored in memory. Transient faults are retried until the deadline; then
         RepositoryUnavailable is raised (and the fetcher is failed). CorruptChunk is raised at
-        once and nothing is marked restored.
+        once and nothing is marked restored. Returns True when this call did the fetch.
         """
         if self.restored.test(index):
-            return
+            return False
         t0 = time.monotonic()
         with self._lock:
             if self.restored.test(index):
-                return
+                return False
             if not background:
                 self._demand_active += 1
             try:
@@ -269,6 +276,9 @@ class Fetcher:
                 raise
         try:
             if owner:
+                if not background:
+                    with self._lock:
+                        self._demand_hint = index + 1
                 try:
                     self._fetch(index, background)
                 except BaseException as err:
@@ -282,6 +292,7 @@ class Fetcher:
                 flight.done.wait()
                 if flight.error is not None:
                     raise flight.error
+            return owner
         finally:
             with self._lock:
                 self._demand_done(background)

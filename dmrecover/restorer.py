@@ -1,8 +1,9 @@
-"""The background restore: every chunk not yet restored, in order, at low priority.
+"""The background restore: every chunk not yet restored, at low priority.
 
 One thread walks the restored map and calls `Fetcher.ensure(index, background=True)` for each
-missing chunk. Before each chunk it yields to on-demand fetches (`Fetcher.yield_to_demand`), so
-an application read never waits behind background work. It syncs DEST and the restored map
+missing chunk, in ascending order from where the application last read (see follow_reads),
+wrapping around. Before each chunk it yields to on-demand fetches (`Fetcher.yield_to_demand`),
+so an application read never waits behind background work. It syncs DEST and the restored map
 every `sync_chunks` chunks or `sync_seconds` seconds, and once more at the end; then it sets
 `completed` and calls `on_complete`.
 """
@@ -26,11 +27,14 @@ class Restorer:
 
     on_complete: called (in the restorer thread) once every chunk is restored and synced.
     progress: optional structured progress (bytes restored by this restorer).
+    follow_reads: after an on-demand fetch of chunk i, continue from i+1 (wrapping around at
+        the end), so an application reading sequentially finds the next chunks restored
+        ahead of it; without it, chunks go in ascending order from 0.
     """
 
     def __init__(self, fetcher: Fetcher, *, on_complete: Callable[[], None] | None = None,
                  sync_chunks: int = 64, sync_seconds: float = 5.0,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, follow_reads: bool = True) -> None:
         self.fetcher = fetcher
         self.on_complete = on_complete
         self.sync_chunks = sync_chunks
@@ -41,6 +45,8 @@ class Restorer:
         self.finished = threading.Event()   # the thread has exited (for whatever reason)
         self.error: str | None = None
         self.corrupt: list[int] = []
+        self._corrupt_set: set[int] = set()
+        self.follow_reads = follow_reads
         self.restored_bytes = 0   # by this restorer (background)
         self.started: float | None = None
         self._start_restored = 0
@@ -81,27 +87,47 @@ class Restorer:
             "corrupt_chunks": list(self.corrupt),
         }
 
+    def _next(self, cursor: int) -> int | None:
+        """The next chunk to restore: the first unrestored one at or after `cursor`, wrapping
+        around to the start; corrupt chunks (already reported) are skipped."""
+        f = self.fetcher
+        for start in (cursor, 0):
+            for index in f.iter_unrestored(start):
+                if index not in self._corrupt_set:
+                    return index
+        return None
+
     def _run(self) -> None:
         f = self.fetcher
         last_sync = time.monotonic()
         since_sync = 0
+        cursor = 0
         try:
-            for index in f.iter_unrestored():
-                if self._stop.is_set():
-                    break
+            while not self._stop.is_set():
                 # On-demand fetches first: wait while any is in flight (bounded, so that a
                 # storm of reads still lets the restore make progress now and then).
                 f.yield_to_demand(timeout=1.0)
                 if self._stop.is_set():
                     break
+                if self.follow_reads:
+                    hint = f.take_demand_hint()
+                    if hint is not None:
+                        cursor = hint
+                index = self._next(cursor)
+                if index is None:
+                    break
+                cursor = index + 1
                 try:
-                    f.ensure(index, background=True)
+                    fetched = f.ensure(index, background=True)
                 except CorruptChunk as err:
                     # Keep restoring the rest: the application may never read this chunk,
                     # but the restore cannot complete; the session reports it.
                     log.error("background restore: %s", err)
                     self.corrupt.append(index)
+                    self._corrupt_set.add(index)
                     continue
+                if not fetched:
+                    continue  # an on-demand fetch got there first
                 n = chunk_length(f.source, index)
                 self.restored_bytes += n
                 if self.progress is not None:

@@ -410,24 +410,7 @@ def _open_volume(sess: Session, on_restored=None):
     volume = PseudoVolume(source, d["dest"], sess.engine_dir,  # type: ignore[arg-type]
                           fetch_deadline=float(d.get("fetch_deadline") or 600.0),
                           read_only=d.get("backend") == "dm", on_restored=on_restored)
-    _serialize_syncs(volume)
     return volume
-
-
-def _serialize_syncs(volume) -> None:
-    """Work-around: Fetcher.sync() saves the restored map through one fixed temp name, so the
-    restorer's periodic sync and an application fsync (FUSE flush) at the same moment race
-    (rename of a vanished temp file -> EIO to the application). Serialise them here until the
-    engine does it itself; harmless once it does."""
-    fetcher = volume.fetcher
-    inner = fetcher.sync
-    lock = threading.Lock()
-
-    def sync() -> None:
-        with lock:
-            inner()
-
-    fetcher.sync = sync
 
 
 class SessionRunner:
@@ -708,7 +691,12 @@ class SessionRunner:
             s.set_state("cutting-over", cutover_phase="unmount", timings=timings)
             try:
                 fault_point("cutover-unmount")
-                self.stack.teardown()
+                leftover = self.stack.teardown()
+                if leftover:
+                    # Unmounted here, but a layer stayed busy (e.g. another mount namespace
+                    # holds a copy of the mount): DEST is safe (nothing writes through it),
+                    # say so and go on.
+                    s.save(warnings=list(s.data.get("warnings") or []) + leftover)
             except StackError as err:
                 handle = self.app.start()
                 s.set_state("ready", cutover_phase=None, app_handle=handle.to_dict())

@@ -238,7 +238,28 @@ class Sandbox:
                 command.run(["losetup", "-d", dev], check=False)
             if not self.mounts_under() and not self.loops_under():
                 break
+            self._unmount_in_other_namespaces()
             time.sleep(0.2)
+
+    def _unmount_in_other_namespaces(self) -> None:
+        """A process that made a private mount namespace while our mount existed (libvirt
+        starts every QEMU so, and the VM suite runs on this machine) keeps a copy of it,
+        which pins our loop device. Unmount our (dead) copies there too."""
+        root = str(self.tmp) + "/"
+        mine = os.readlink("/proc/self/ns/mnt")
+        seen = set()
+        for p in psutil.process_iter():
+            try:
+                ns = os.readlink(f"/proc/{p.pid}/ns/mnt")
+                if ns == mine or ns in seen:
+                    continue
+                seen.add(ns)
+                with open(f"/proc/{p.pid}/mountinfo") as f:
+                    targets = [line.split()[4] for line in f if line.split()[4].startswith(root)]
+            except (OSError, psutil.Error, IndexError):
+                continue
+            for t in reversed(targets):
+                command.run(["nsenter", "-t", str(p.pid), "-m", "umount", "-l", t], check=False)
 
 
 def _fstype(path: Path) -> str:

@@ -129,3 +129,75 @@ def test_sigkill_of_the_engine_loses_no_fsynced_write(ext4_image: Path, tmp_path
                     p.kill()
         command.run(["umount", "-l", str(fuse_mnt)], check=False)
         fs_mnt.rmdir()
+
+
+def test_sigkill_of_the_engine_keeps_every_sqlite_commit(tmp_path: Path) -> None:
+    """A real database committing through the stack. Note synchronous=EXTRA: in DELETE journal
+    mode, FULL does not sync the directory after the journal unlink that commits, and the
+    last commit is lost on a power cut (measured here: 199 of 200 after a kill with FULL,
+    200 of 200 with EXTRA). The engine kills are power cuts for the filesystem above."""
+    import sqlite3
+
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    command.run(["mkfs.ext4", "-q", "-F", str(image)])
+    dest = tmp_path / "dest.img"
+    with open(dest, "wb") as f:
+        f.truncate(32 * MiB)
+    state, fuse_mnt = tmp_path / "state", tmp_path / "fuse"
+    fs_mnt = Path(tempfile.mkdtemp(prefix="dmrtest-crash-mnt."))
+    procs: list[subprocess.Popen] = []
+    loops: list[str] = []
+    mounted: list[Path] = []
+
+    def up() -> None:
+        procs.append(start_server(image, dest, state, fuse_mnt))
+        loops.append(loop_attach(fuse_mnt / "volume"))
+        command.run(["mount", "-t", "ext4", loops[-1], str(fs_mnt)])
+        mounted.append(fs_mnt)
+
+    try:
+        up()
+        db = sqlite3.connect(fs_mnt / "app.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("PRAGMA synchronous=EXTRA")
+        db.execute("create table r (k integer primary key, v blob)")
+        acked = 0
+        for i in range(150):
+            db.execute("insert into r values (?, ?)", (i, os.urandom(500)))
+            acked = i + 1
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(10)
+        try:
+            db.close()
+        except sqlite3.Error:
+            pass
+        command.run(["umount", "-l", str(fs_mnt)])
+        mounted.pop()
+        loop_detach(loops.pop())
+        command.run(["umount", "-l", str(fuse_mnt)])
+        up()
+        db = sqlite3.connect(fs_mnt / "app.db")
+        try:
+            assert db.execute("select count(*) from r").fetchone()[0] == acked
+            assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        finally:
+            db.close()
+    finally:
+        for m in reversed(mounted):
+            command.run(["umount", str(m)], check=False)
+        for dev in reversed(loops):
+            try:
+                loop_detach(dev)
+            except Exception as err:  # keep cleaning up
+                print(f"cleanup: {dev}: {err}")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        command.run(["umount", "-l", str(fuse_mnt)], check=False)
+        fs_mnt.rmdir()
