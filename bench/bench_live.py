@@ -13,7 +13,7 @@ application's SQLite database) is backed up (4 MiB chunks). Then, in one run:
   background restore's throughput (app started -> every chunk restored) against the offline
   restore's; once restored, sequential (1 MiB, O_DIRECT) and random 4 KiB (O_DIRECT) reads of a
   restored file through the pseudo-volume; then the cutover, and the same reads on DEST
-  directly; the session process's peak RSS (VmHWM).
+  directly (best of 3 passes each: the machine is shared); the session process's peak RSS (VmHWM).
 - cutover downtime (application told to stop -> application started on DEST) with 0, 64 MiB
   and 512 MiB written into the overlay before the cutover (at the first size).
 
@@ -88,6 +88,18 @@ def rand_reads(path: Path, count: int = 5000) -> float:
         return count / (time.monotonic() - t0)
     finally:
         os.close(fd)
+
+
+def read_passes(path: Path, dest: Path, passes: int = 3) -> tuple[float, float]:
+    """Best of `passes` sequential and random read passes (DEST's cache dropped before each):
+    this machine is shared (a VM, other benchmarks), the best pass is the least disturbed."""
+    seq, rnd = 0.0, 0.0
+    for _ in range(passes):
+        drop_cache(dest)
+        seq = max(seq, seq_read(path))
+        drop_cache(dest)
+        rnd = max(rnd, rand_reads(path))
+    return seq, rnd
 
 
 def build_image(work: Path, size: int, data_fraction: float) -> Path:
@@ -216,6 +228,48 @@ class Live:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+ENGINE_RSS = r"""
+import sys
+from pathlib import Path
+from dmrecover.pseudovolume import PseudoVolume
+
+class Zero:  # a backup of zeros: the engine's per-size structures without any data
+    def __init__(self, size, cs):
+        self.size, self.chunk_size = size, cs
+        self.chunk_count = (size + cs - 1) // cs
+    def read_chunk(self, i):
+        return bytes(min(self.chunk_size, self.size - i * self.chunk_size))
+    def is_zero(self, i):
+        return True
+
+size, d = int(sys.argv[1]), Path(sys.argv[2])
+with open(d / "dest", "wb") as f:
+    f.truncate(size)
+v = PseudoVolume(Zero(size, 4 << 20), d / "dest", d / "st")
+step = size // 1000 // 4096 * 4096
+for i in range(1000):  # scattered overlay writes, a flush and a checkpoint (map snapshot)
+    v.write(i * step, b"x" * 4096)
+    v.read(i * step + 4096, 4096)
+v.flush()
+v.overlay.checkpoint()
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print(int(line.split()[1]) * 1024)
+v.close()
+"""
+
+
+def engine_rss(work: Path, size: int) -> int:
+    """Peak RSS of a process holding a PseudoVolume of `size` (state dir, 4 MiB chunks)."""
+    d = work / f"engine-{size >> 20}M"
+    d.mkdir()
+    try:
+        r = command.run([PY, "-c", ENGINE_RSS, str(size), str(d)], timeout=1800)
+        return int(r.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def bench_size(work: Path, size: int, frac: float, overlays: list[int]) -> dict:
     from dmrecover.backup import backup
     from dmrecover.repository import Repository
@@ -242,18 +296,12 @@ def bench_size(work: Path, size: int, frac: float, overlays: list[int]) -> dict:
         out["live_restore_s"] = live.wait_ready()
         out["restore_ratio"] = out["offline_restore_s"] / out["live_restore_s"]
         big = live.mnt / "big.bin"
-        drop_cache(live.dest)
-        out["pv_seq_read"] = seq_read(big)
-        drop_cache(live.dest)
-        out["pv_rand_read_iops"] = rand_reads(big)
+        out["pv_seq_read"], out["pv_rand_read_iops"] = read_passes(big, live.dest)
         t = live.cutover()
         out["cutover_downtime_s"] = t.get("cutover_downtime")
         out["peak_rss"] = live.peak_rss
         # DEST directly (now mounted at the same place).
-        drop_cache(live.dest)
-        out["dest_seq_read"] = seq_read(big)
-        drop_cache(live.dest)
-        out["dest_rand_read_iops"] = rand_reads(big)
+        out["dest_seq_read"], out["dest_rand_read_iops"] = read_passes(big, live.dest)
         out["seq_ratio"] = out["pv_seq_read"] / out["dest_seq_read"]
         out["rand_ratio"] = out["pv_rand_read_iops"] / out["dest_rand_read_iops"]
     finally:
@@ -297,17 +345,26 @@ def main() -> int:
         for i, size in enumerate(sizes):
             print(f"size {format_size(size)} ...", file=sys.stderr, flush=True)
             results.append(bench_size(work, size, a.data_fraction, overlays if i == 0 else []))
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    # Peak RSS at 1 TiB: the session's RSS at the largest size measured, plus what the
+    # engine's per-size structures (overlay block map, restored map, their snapshots) add
+    # from that size to 1 TiB, measured on a bare PseudoVolume of both sizes (a sparse
+    # 1 TiB DEST and overlay; no data). A straight fit between two session runs is noise.
+    scaling = None
+    try:
+        big = results[-1]
+        e_small = engine_rss(work, big["size"])
+        e_tib = engine_rss(work, 1 << 40)
+        scaling = {"session_rss_at_largest": big["peak_rss"], "engine_rss_at_largest": e_small,
+                   "engine_rss_at_1tib": e_tib,
+                   "session_rss_1tib_estimate": big["peak_rss"] + (e_tib - e_small)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # Peak RSS scaling: linear fit through the sizes measured, extrapolated to 1 TiB.
-    scaling = None
-    if len(results) >= 2:
-        r0, r1 = results[0], results[-1]
-        slope = (r1["peak_rss"] - r0["peak_rss"]) / (r1["size"] - r0["size"])
-        scaling = r1["peak_rss"] + slope * ((1 << 40) - r1["size"])
     print_table(results, scaling)
     if a.json:
-        Path(a.json).write_text(json.dumps({"results": results, "rss_1tib_estimate": scaling},
+        Path(a.json).write_text(json.dumps({"results": results, "rss_scaling": scaling},
                                            indent=2, default=str))
     return 0
 
@@ -348,8 +405,11 @@ def print_table(results: list[dict], scaling: float | None) -> None:
                   f"{format_size(r['size'])}: {d['downtime_s']:.2f} s "
                   f"({format_size(d['merged_bytes'] or 0)} merged)")
     if scaling is not None:
-        print(f"| session peak RSS extrapolated to 1 TiB (linear in size): "
-              f"{scaling / MiB:.0f} MiB [goal <= 150]")
+        print(f"| engine alone: peak RSS {scaling['engine_rss_at_largest'] / MiB:.1f} MiB at "
+              f"{format_size(results[-1]['size'])}, {scaling['engine_rss_at_1tib'] / MiB:.1f} "
+              f"MiB at 1 TiB")
+        print(f"| session peak RSS estimated at 1 TiB: "
+              f"{scaling['session_rss_1tib_estimate'] / MiB:.0f} MiB [goal <= 150]")
 
 
 if __name__ == "__main__":

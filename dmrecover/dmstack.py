@@ -45,6 +45,7 @@ ORIGIN_FILE = "volume"
 COW_FILE = "cow.img"
 CHUNK_SECTORS = 8  # 4 KiB: a small write never copies more than 4 KiB from the origin
 MERGE_TIMEOUT = 24 * 3600.0
+MERGE_PAUSE_ENV = "DMRECOVER_TEST_MERGE_PAUSE"
 
 
 def cow_size(volume_size: int) -> int:
@@ -423,6 +424,8 @@ def merge_into_dest(volume, state_dir: str, dest: str, session: str = "",
                                                     CHUNK_SECTORS),
                       dm.dm_uuid(session, "merge"))
             undo.push("dm-merge", lambda: dm.remove(name))
+            # Test knob: hold the merge phase open so a test can cut the power during it.
+            time.sleep(float(os.environ.get(MERGE_PAUSE_ENV) or 0))
             st = dm.snapshot_status(name)
             merged_bytes = max(0, st.allocated - st.metadata) * dm.SECTOR
             wait_merged(name, timeout=timeout)

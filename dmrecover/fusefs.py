@@ -203,6 +203,7 @@ class FuseServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._owns_session = False
+        self._initialized = False
 
     @property
     def path(self) -> Path:
@@ -220,13 +221,25 @@ class FuseServer:
                              hint="one pseudo-volume per session process")
         self._owns_session = True
         try:
-            self.mountdir.mkdir(parents=True, exist_ok=True)
+            if _is_mounted(self.mountdir):
+                raise StackError(f"{self.mountdir} is already a mount point",
+                                 hint="a stale mount from a crashed session? run "
+                                 "`dmrecover cleanup`")
+            try:
+                self.mountdir.mkdir(parents=True, exist_ok=True)
+                os.stat(self.mountdir)
+            except OSError as err:
+                raise StackError(f"cannot use {self.mountdir} as the FUSE mount point: "
+                                 f"{err.strerror}",
+                                 hint="a stale mount from a crashed session? run "
+                                 "`dmrecover cleanup`") from err
             options = set(pyfuse3.default_options)
             options |= {"fsname=dmrecover", "subtype=dmrecover"}
             if self.read_only:
                 options.add("ro")
             try:
                 pyfuse3.init(self.ops, str(self.mountdir), options)
+                self._initialized = True
             except Exception as err:
                 raise StackError(f"cannot mount FUSE on {self.mountdir}: {err}",
                                  hint="is /dev/fuse there and the directory not in use?") \
@@ -266,6 +279,7 @@ class FuseServer:
         self._teardown(timeout)
 
     def _teardown(self, timeout: float = 30.0) -> None:
+        ours = self._initialized  # never unmount a mount this server did not make
         try:
             if self._thread is not None and self._thread.is_alive() and self._token is not None:
                 try:
@@ -273,11 +287,13 @@ class FuseServer:
                 except trio.RunFinishedError:
                     pass
                 self._thread.join(timeout)
-            try:
-                pyfuse3.close(unmount=True)
-            except Exception as err:  # fall back to fusermount3 below
-                log.warning("pyfuse3.close: %s", err)
-            if _is_mounted(self.mountdir):
+            if self._initialized:  # pyfuse3.close() without init() crashes the process
+                self._initialized = False
+                try:
+                    pyfuse3.close(unmount=True)
+                except Exception as err:  # fall back to fusermount3 below
+                    log.warning("pyfuse3.close: %s", err)
+            if ours and _is_mounted(self.mountdir):
                 command.run(["fusermount3", "-u", str(self.mountdir)], error=StackError,
                             what=f"unmounting FUSE {self.mountdir}")
         finally:

@@ -149,10 +149,20 @@ class PseudoVolume:
         return n
 
     def flush(self) -> None:
-        """Make every acknowledged write durable (overlay data, then its journal barrier) and
-        persist the restored map (DEST data first). Returns when done."""
+        """Make every write acknowledged before this call durable (overlay data, then its
+        journal barrier); returns when done. This is what an application's fsync waits for.
+
+        DEST is not synced here: it holds only restored chunks, which a crash at worst makes
+        fetch again, and waiting for the background restore's writeback would add to every
+        application fsync (measured through FUSE with a restore running: fsync p50 3.3 ms with
+        a DEST sync, 0.6 ms without). The restored map is persisted by the restorer (every
+        few chunks or seconds, and when it stops), by `sync_restored_map()`, and by `close()`.
+        """
         if self.overlay is not None:
             self.overlay.flush()
+
+    def sync_restored_map(self) -> None:
+        """fsync DEST, then persist the restored map (only chunks written before the sync)."""
         self.fetcher.sync()
 
     # ------------------------------------------------------------------ background restore

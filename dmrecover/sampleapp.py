@@ -184,6 +184,9 @@ def query(state_dir: str, req: dict, timeout: float = 30.0) -> dict:
             if not part:
                 break
             buf += part
+        if not buf.endswith(b"\n"):
+            # the application went away mid-answer (e.g. stopping for the cutover)
+            raise ConnectionError("the application closed the connection without answering")
         return json.loads(buf)
     finally:
         sock.close()

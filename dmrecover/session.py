@@ -308,6 +308,14 @@ def start_live_restore(args) -> int:
         "timings": {"command_started": time.time()},
     })
     sess.set_state("starting")
+    if backend == "dm":
+        # Where systemd runs, a unit resumes the session at boot (dmrecover.boot).
+        from .boot import enable as enable_boot_unit
+
+        try:
+            enable_boot_unit(name)
+        except DmrecoverError as err:
+            log.warning("session %s will not resume at boot: %s", name, err)
     return _launch(sess, foreground=args.foreground, resume=False)
 
 

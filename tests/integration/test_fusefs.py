@@ -221,3 +221,26 @@ def test_fuse_read_errors_and_repository_outage(tmp_path: Path) -> None:
     finally:
         srv.stop()
         pv.close()
+
+
+def test_block_device_dest_gets_zero_chunks_and_data(tmp_path: Path) -> None:
+    """DEST as a real block device: zero chunks via BLKZEROOUT, data chunks written, and the
+    restored map synced; the device then holds the backup exactly."""
+    rnd = random.Random(4)
+    data = bytearray(rnd.randbytes(16 * MiB))
+    for z in (1, 2, 7, 15):
+        data[z * MiB:(z + 1) * MiB] = bytes(MiB)
+    src = MemorySource(bytes(data), MiB)
+    backing = blank(tmp_path / "backing", len(data))
+    dev = loop_attach(backing)
+    try:
+        with PseudoVolume(src, dev, tmp_path / "state") as pv:
+            assert pv.fetcher._is_blockdev
+            pv.start_restore()
+            assert pv.wait_restored(30)
+            assert pv.read(0, len(data)) == bytes(data)
+        assert sorted(set(src.reads)) == [i for i in range(16) if i not in (1, 2, 7, 15)]
+        with open(dev, "rb") as f:
+            assert f.read() == bytes(data)
+    finally:
+        loop_detach(dev)

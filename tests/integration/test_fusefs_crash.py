@@ -201,3 +201,31 @@ def test_sigkill_of_the_engine_keeps_every_sqlite_commit(tmp_path: Path) -> None
                     p.kill()
         command.run(["umount", "-l", str(fuse_mnt)], check=False)
         fs_mnt.rmdir()
+
+
+def test_start_on_a_stale_mount_is_a_clear_error(tmp_path: Path) -> None:
+    from dmrecover.errors import StackError
+    from dmrecover.fetcher import MemorySource
+    from dmrecover.fusefs import FuseServer
+    from dmrecover.pseudovolume import PseudoVolume
+
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(2 * MiB))
+    dest = tmp_path / "dest"
+    dest.write_bytes(bytes(2 * MiB))
+    fuse_mnt = tmp_path / "fuse"
+    proc = start_server(image, dest, tmp_path / "state", fuse_mnt)
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        pv = PseudoVolume(MemorySource(image.read_bytes(), MiB), dest, tmp_path / "state2")
+        try:
+            with pytest.raises(StackError, match="mount point"):
+                FuseServer(pv, fuse_mnt).start()
+        finally:
+            pv.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        command.run(["umount", "-l", str(fuse_mnt)], check=False)

@@ -38,8 +38,12 @@ def box(tmp_path: Path):
         yield sb
     finally:
         sb.teardown()
-        # dm devices of this test's sessions (Sandbox.teardown knows mounts and loops only).
+        # dm devices of this test's sessions (Sandbox.teardown knows mounts and loops only),
+        # and their boot units (a test session must not come back at the VM's next boot).
+        from dmrecover import boot
+
         for sdir in sb.state_root.glob("*"):
+            boot.disable(sdir.name)
             for _ in range(3):
                 try:
                     dm.remove_owned(sdir.name)
@@ -257,3 +261,25 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     assert acks > 10
     app_log = (box.state_root / "out" / "app.log").read_text()
     assert "I/O error" not in app_log and "disk I/O" not in app_log, app_log[-2000:]
+
+
+def test_dm_manual_then_cutover_online_command(box: Sandbox, fs_tools, request) -> None:
+    """`--cutover manual`, then `dmrecover cutover --online`: no application stop."""
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    r = box.live_restore("dmm", "--backend", "dm", "--cutover", "manual")
+    assert r.returncode == 0, r.stderr
+    pid = box.wait_app(timeout=120)["pid"]
+    ready = box.wait_state("dmm", ("ready", "failed"), timeout=600)
+    assert ready["state"] == "ready", ready.get("error")
+    _on_pseudo(box, "dmm")
+    r = box.cli("cutover", "--online", "dmm")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "done" in r.stdout
+    assert box.query({"op": "ping"})["pid"] == pid
+    name = dm.dm_name("dmm", "pseudo")
+    assert dm.table(name).split()[2] == "linear"
+    box.stop_app()
+    umount(str(box.mnt))
+    dm.remove(name)
+    rows, acks = box.verify_dest(fs_tools)
+    assert acks > 10 and rows >= acks

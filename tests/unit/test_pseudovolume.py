@@ -122,7 +122,7 @@ def test_corrupt_chunk_fails_at_once_and_is_not_marked(tmp_path) -> None:
         pv.read(2 * CS + 10, 100)
     assert src.reads == [2]  # not retried
     assert pv.read(0, 100) == data[:100]  # other chunks still served
-    pv.flush()
+    pv.sync_restored_map()
     assert not Bitmap.load(tmp_path / "state" / "restored.map").test(2)
     assert dest.read_bytes()[2 * CS:3 * CS] == b"\xee" * CS  # nothing written
     pv.start_restore()
@@ -311,6 +311,7 @@ def test_concurrent_syncs_do_not_collide(tmp_path) -> None:
         try:
             for _ in range(30):
                 pv.flush()
+                pv.sync_restored_map()
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -358,3 +359,22 @@ def test_concurrent_partial_writes_into_shared_blocks_lose_nothing(tmp_path) -> 
     for s, b in final.items():
         want[s * 512:(s + 1) * 512] = b
     assert got == bytes(want)
+
+
+def test_background_restore_follows_the_application_reads(tmp_path) -> None:
+    data = make_data(100)
+    src = MemorySource(data, CS, delay=0.01)
+    pv = PseudoVolume(src, make_dest(tmp_path, len(data)), tmp_path / "state")
+    pv.start_restore()
+    time.sleep(0.1)
+    assert pv.read(80 * CS, 10) == data[80 * CS:80 * CS + 10]
+    time.sleep(0.1)
+    reads = list(src.reads)
+    pos = reads.index(80)
+    # the chunks after the one the application read come next (one background chunk may
+    # have been in flight already)
+    assert {81, 82, 83} <= set(reads[pos + 1:pos + 5]), reads
+    assert pv.wait_restored(10)  # and it still wraps around to restore everything
+    assert sorted(set(src.reads)) == list(range(100))
+    assert len(src.reads) == 100  # nothing fetched twice
+    pv.close()

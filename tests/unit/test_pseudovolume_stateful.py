@@ -3,7 +3,8 @@
 The model is a bytearray holding what the volume must read as. Steps: writes and reads at any
 offset and length (straddling blocks, chunks and tiers), flushes, background-restore steps,
 syncs of the restored map, a kill (close without flushing: the page cache survives, so every
-acknowledged write must be there after reopening), and a power loss (DEST and the overlay file
+acknowledged write must be there after reopening), the cutover merge (DEST alone must then
+equal the model; later writes are refused), and a power loss (DEST and the overlay file
 revert to their content at their last flush/sync: every flushed write must be there and nothing
 else may be wrong). After every step, the restored map on disk names only chunks whose DEST
 content is right.
@@ -57,15 +58,17 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
         self.model = bytearray(DATA)
         self.flushed_model = bytearray(DATA)
         self.pv = self._open()
-        self._snapshot_durable()
+        self.merged = False
+        self._snapshot_overlay()
+        self.durable_dest = self.dest.read_bytes()
 
     def _open(self) -> PseudoVolume:
         self.source = MemorySource(DATA, CS)
         return PseudoVolume(self.source, self.dest, self.state)
 
-    def _snapshot_durable(self) -> None:
-        """Remember what a power loss would leave: files as of now (just flushed)."""
-        self.durable_dest = self.dest.read_bytes()
+    def _snapshot_overlay(self) -> None:
+        """Remember what a power loss would leave of the overlay (it was just made durable).
+        DEST's durable content is remembered only where DEST is synced: flush() does not."""
         self.durable_img = (self.state / "overlay.img").read_bytes()
 
     def teardown(self) -> None:
@@ -77,6 +80,12 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
     @rule(off=offsets, n=lengths, seed=st.integers(0, 2**16))
     def write(self, off: int, n: int, seed: int) -> None:
         data = random.Random(seed).randbytes(n)
+        if self.merged:
+            try:
+                self.pv.write(off, data)
+            except OSError:
+                return
+            raise AssertionError("a write after the merge was accepted")
         if off + n > SIZE:
             try:
                 self.pv.write(off, data)
@@ -94,7 +103,7 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
     def flush(self) -> None:
         self.pv.flush()
         self.flushed_model = bytearray(self.model)
-        self._snapshot_durable()
+        self._snapshot_overlay()
 
     @rule(steps=st.integers(1, 3))
     def restore_steps(self, steps: int) -> None:
@@ -105,7 +114,7 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
     @rule()
     def sync_restored_map(self) -> None:
         # DEST and the map only: the overlay's durable image does not change here.
-        self.pv.fetcher.sync()
+        self.pv.sync_restored_map()
         self.durable_dest = self.dest.read_bytes()
 
     @rule()
@@ -114,9 +123,9 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
         self.pv = self._open()
         # every acknowledged write survives a kill (it is in the page cache and the log)
         assert self.pv.read(0, SIZE) == bytes(self.model)
-        self._snapshot_durable()  # reopening checkpoints the recovered overlay
+        self._snapshot_overlay()  # reopening checkpoints the recovered overlay
         self.flushed_model = bytearray(self.model)
-        self.durable_dest = self.dest.read_bytes()
+        # DEST was not synced: its durable content is still that of the last sync
 
     @rule()
     def power_loss_and_reopen(self) -> None:
@@ -127,8 +136,7 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
         self.pv = self._open()
         self.model = bytearray(self.flushed_model)
         assert self.pv.read(0, SIZE) == bytes(self.model)
-        self._snapshot_durable()
-        self.durable_dest = self.dest.read_bytes()
+        self._snapshot_overlay()
 
     @precondition(lambda self: self.pv.fetcher.restored_chunks == NCHUNKS + 1)
     @rule()
@@ -137,17 +145,33 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
         assert self.pv.read(0, SIZE) == bytes(self.model)
         assert len(self.source.reads) == before
 
+    @precondition(lambda self: self.pv.fetcher.restored_chunks == NCHUNKS + 1)
+    @rule()
+    def merge_overlay(self) -> None:
+        self.pv.merge_overlay_into_dest()
+        assert self.pv.merged
+        # DEST alone now holds the volume as the application wrote it
+        assert self.dest.read_bytes()[:SIZE] == bytes(self.model)
+        self.merged = True
+        self.flushed_model = bytearray(self.model)
+        self._snapshot_overlay()
+        self.durable_dest = self.dest.read_bytes()  # the merge fsynced DEST
+
     @invariant()
     def restored_map_on_disk_names_only_good_chunks(self) -> None:
         path = self.state / "restored.map"
         if not path.exists():
             return
+        if self.merged:
+            return  # DEST holds the application's writes now, not the backup
         dest = self.dest.read_bytes()
         for i in Bitmap.load(path).iter_set():
             assert dest[i * CS:(i + 1) * CS] == DATA[i * CS:(i + 1) * CS], i
 
     @invariant()
     def in_memory_restored_chunks_are_on_dest(self) -> None:
+        if self.merged:
+            return
         f = self.pv.fetcher
         for i in range(NCHUNKS + 1):
             if f.is_restored(i):
