@@ -18,7 +18,7 @@ SUITE=bookworm
 force=0
 [ "${1:-}" = --force ] && force=1
 
-if [ $force -eq 0 ] && vagrant box list 2>/dev/null | grep -q "^${BOX_NAME} " \
+if [ $force -eq 0 ] && grep -q "^${BOX_NAME} " <<<"$(vagrant box list 2>/dev/null)" \
         && [ -r "$BOOT_DIR/vmlinuz" ] && [ -r "$BOOT_DIR/initrd.img" ]; then
     echo "build-box: box $BOX_NAME already added, boot files in $BOOT_DIR: nothing to do"
     exit 0
@@ -127,7 +127,7 @@ end
 VF
 tar -C "$WORK" -cf "$WORK/dmrecover.box" metadata.json Vagrantfile box.img
 # A re-added box must also replace the copy libvirt's storage pool keeps of the old image.
-if vagrant box list 2>/dev/null | grep -q "^${BOX_NAME} "; then
+if grep -q "^${BOX_NAME} " <<<"$(vagrant box list 2>/dev/null)"; then
     vagrant box remove -f --all "$BOX_NAME" >/dev/null
     for v in $(virsh -c qemu:///system vol-list default 2>/dev/null | awk -v b="${BOX_NAME//\//-VAGRANTSLASH-}" 'index($1, b) == 1 {print $1}'); do
         virsh -c qemu:///system vol-delete --pool default "$v" >/dev/null || true

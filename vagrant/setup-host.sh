@@ -29,7 +29,10 @@ for _ in $(seq 1 30); do
     virsh -c qemu:///system version >/dev/null 2>&1 && break
     sleep 1
 done
-if ! virsh -c qemu:///system capabilities 2>/dev/null | grep -q "domain type='qemu'"; then
+# Read the capabilities whole first: with pipefail, `grep -q` closing the pipe early would make
+# virsh die of SIGPIPE and the check fail at random.
+caps=$(virsh -c qemu:///system capabilities 2>/dev/null || true)
+if ! grep -q "domain type='qemu'" <<<"$caps"; then
     echo "setup-host: libvirt offers no qemu domain type for this host" >&2
     exit 1
 fi
