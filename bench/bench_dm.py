@@ -38,13 +38,14 @@ sys.path.insert(0, str(here))
 
 from bench_engine import measure  # noqa: E402
 
-from dmrecover import command, dm  # noqa: E402
-from dmrecover.device import loop_attach, loop_detach  # noqa: E402
-from dmrecover.dmstack import DmStack  # noqa: E402
-from dmrecover.fetcher import MemorySource  # noqa: E402
-from dmrecover.mount import mount, umount  # noqa: E402
-from dmrecover.pseudovolume import PseudoVolume  # noqa: E402
-from dmrecover.stack import FuseStack  # noqa: E402
+from dmrecover.backends.dm import dmsetup as dm  # noqa: E402
+from dmrecover.backends.dm.stack import DmStack  # noqa: E402
+from dmrecover.backends.fuse.stack import FuseStack  # noqa: E402
+from dmrecover.engine.fetcher import MemorySource  # noqa: E402
+from dmrecover.engine.pseudovolume import PseudoVolume  # noqa: E402
+from dmrecover.system import command  # noqa: E402
+from dmrecover.system.blockdev import loop_attach, loop_detach  # noqa: E402
+from dmrecover.system.mounts import mount, umount  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20

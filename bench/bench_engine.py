@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmrecover import command  # noqa: E402
-from dmrecover.device import loop_attach, loop_detach  # noqa: E402
-from dmrecover.fetcher import MemorySource  # noqa: E402
-from dmrecover.fusefs import FuseServer  # noqa: E402
-from dmrecover.pseudovolume import PseudoVolume  # noqa: E402
+from dmrecover.backends.fuse.server import FuseServer  # noqa: E402
+from dmrecover.engine.fetcher import MemorySource  # noqa: E402
+from dmrecover.engine.pseudovolume import PseudoVolume  # noqa: E402
+from dmrecover.system import command  # noqa: E402
+from dmrecover.system.blockdev import loop_attach, loop_detach  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20

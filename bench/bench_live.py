@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmrecover import command  # noqa: E402
+from dmrecover.system import command  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20
@@ -103,7 +103,7 @@ def read_passes(path: Path, dest: Path, passes: int = 3) -> tuple[float, float]:
 
 
 def build_image(work: Path, size: int, data_fraction: float) -> Path:
-    from dmrecover.sampleapp import seed
+    from dmrecover.demo.sampleapp import seed
 
     img = work / f"vol-{size >> 20}M.img"
     with open(img, "wb") as f:
@@ -173,15 +173,15 @@ class Live:
                 self.peak_rss = max(self.peak_rss, v)
 
     def start(self) -> dict:
-        from dmrecover.sampleapp import query
+        from dmrecover.demo.sampleapp import query
 
         t0 = time.monotonic()
         dmrecover("live-restore", "--repo", str(self.repo), self.backup, str(self.dest),
                   "--mount", str(self.mnt), "--session", f"bench-{self.tag}",
                   "--state-dir", str(self.state), "--cutover", "manual",
-                  "--app-start", f"{PY} -m dmrecover.sampleapp serve --data {self.mnt} "
+                  "--app-start", f"{PY} -m dmrecover.demo.sampleapp serve --data {self.mnt} "
                                  f"--state {self.app} --interval 1.0",
-                  "--app-stop", f"{PY} -m dmrecover.sampleapp stop --state {self.app}")
+                  "--app-stop", f"{PY} -m dmrecover.demo.sampleapp stop --state {self.app}")
         t_cmd = time.monotonic() - t0
         while True:
             try:
@@ -212,7 +212,7 @@ class Live:
         return self.session()["timings"]
 
     def teardown(self) -> None:
-        from dmrecover.sampleapp import query
+        from dmrecover.demo.sampleapp import query
 
         try:
             query(str(self.app), {"op": "stop"}, timeout=10)
@@ -231,7 +231,7 @@ class Live:
 ENGINE_RSS = r"""
 import sys
 from pathlib import Path
-from dmrecover.pseudovolume import PseudoVolume
+from dmrecover.engine.pseudovolume import PseudoVolume
 
 class Zero:  # a backup of zeros: the engine's per-size structures without any data
     def __init__(self, size, cs):
@@ -271,9 +271,9 @@ def engine_rss(work: Path, size: int) -> int:
 
 
 def bench_size(work: Path, size: int, frac: float, overlays: list[int]) -> dict:
-    from dmrecover.backup import backup
-    from dmrecover.repository import Repository
-    from dmrecover.restore import restore
+    from dmrecover.repository.backup import backup
+    from dmrecover.repository.repo import Repository
+    from dmrecover.repository.restore import restore
 
     out: dict = {"size": size}
     img = build_image(work, size, frac)

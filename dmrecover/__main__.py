@@ -1,3 +1,3 @@
-from dmrecover.cli import main
+from dmrecover.cli.main import main
 
 raise SystemExit(main())

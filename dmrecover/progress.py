@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import IO, Protocol
 
-from .units import format_size
+from dmrecover.units import format_size
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import UsageError
+from dmrecover.errors import UsageError
 
 _SUFFIXES = {
     "": 1, "b": 1,

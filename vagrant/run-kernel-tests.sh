@@ -80,7 +80,7 @@ log "pytest exit status $rc"
 rc_pc=0
 powercut() {  # $1: restore or merge (when the power goes)
     local py=/opt/dmrecover/bin/python dom up
-    guest "sudo $py /vagrant/tests/kernel/powercut.py start $1" || return 1
+    guest "cd /vagrant && sudo $py -m tests.kernel.powercut start $1" || return 1
     dom=$(cat "$VAGRANT_DOTFILE_PATH/machines/default/libvirt/id")
     virsh -c qemu:///system destroy "$dom" >/dev/null
     log "power cut during the $1 (virsh destroy); booting again"
@@ -93,7 +93,7 @@ powercut() {  # $1: restore or merge (when the power goes)
         sleep 5
     done
     [ $up = 1 ] || { log "the guest did not come back after the power cut"; return 1; }
-    guest "sudo $py /vagrant/tests/kernel/powercut.py check"
+    guest "cd /vagrant && sudo $py -m tests.kernel.powercut check"
 }
 if [ "${DMRECOVER_POWERCUT:-1}" = 1 ] && [ $# -eq 0 ]; then
     for when in restore merge; do

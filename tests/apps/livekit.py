@@ -20,9 +20,9 @@ from pathlib import Path
 
 import psutil
 
-from dmrecover import command
-from dmrecover.mount import mounts
-from dmrecover.sampleapp import acknowledged, check_database, query
+from dmrecover.demo.sampleapp import acknowledged, check_database, query
+from dmrecover.system import command
+from dmrecover.system.mounts import mounts
 
 MiB = 1 << 20
 ENV_KEYS = ("DMRECOVER_STATE_ROOT", "DMRECOVER_TEST_RESTORE_DELAY", "DMRECOVER_FAIL_AT")
@@ -82,8 +82,8 @@ class Sandbox:
 
     def prepare(self, fs_tools, image: Path, chunk_size: int = 256 << 10) -> None:
         """Copy the shared image, record its content, back it up into a new repository."""
-        from dmrecover.backup import backup
-        from dmrecover.repository import Repository
+        from dmrecover.repository.backup import backup
+        from dmrecover.repository.repo import Repository
 
         src = fs_tools.copy_sparse(image, self.tmp / "src.img")
         opts = "ro,nouuid" if _fstype(src) == "xfs" else "ro"
@@ -104,9 +104,9 @@ class Sandbox:
     def app_args(self, interval: float = 0.01) -> list[str]:
         py = sys.executable
         return ["--app-start",
-                f"{py} -m dmrecover.sampleapp serve --data {self.mnt} --state {self.appstate} "
+                f"{py} -m dmrecover.demo.sampleapp serve --data {self.mnt} --state {self.appstate} "
                 f"--interval {interval}",
-                "--app-stop", f"{py} -m dmrecover.sampleapp stop --state {self.appstate}"]
+                "--app-stop", f"{py} -m dmrecover.demo.sampleapp stop --state {self.appstate}"]
 
     # ------------------------------------------------------------ driving
 
@@ -168,7 +168,7 @@ class Sandbox:
         return out
 
     def stop_app(self) -> None:
-        subprocess.run([sys.executable, "-m", "dmrecover.sampleapp", "stop", "--state",
+        subprocess.run([sys.executable, "-m", "dmrecover.demo.sampleapp", "stop", "--state",
                         str(self.appstate)], capture_output=True, timeout=30)
         _, alive = psutil.wait_procs(self.app_procs(), timeout=30)
         assert not alive, f"application still running: {alive}"

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dmrecover import command
-from dmrecover.device import loop_attach, loop_detach
+from dmrecover.system import command
+from dmrecover.system.blockdev import loop_attach, loop_detach
 
 MiB = 1 << 20
 

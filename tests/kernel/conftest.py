@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernelutil import sh
 
-from dmrecover import dm
+from dmrecover.backends.dm import dmsetup as dm
+from tests.kernel.kernelutil import sh
 
 pytestmark = pytest.mark.kernel
 

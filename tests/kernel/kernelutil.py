@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import uuid as uuidlib
 
-from dmrecover import DM_UUID_PREFIX, dm
+from dmrecover import DM_UUID_PREFIX
+from dmrecover.backends.dm import dmsetup as dm
 
 
 def sh(*argv: str, check: bool = True, input: bytes | None = None) -> str:

@@ -21,26 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-here = Path(__file__).resolve().parent
-sys.path.insert(0, str(here.parent / "apps"))
-sys.path.insert(0, str(here))
-
-from livekit import Sandbox  # noqa: E402
+from tests.apps.livekit import Sandbox
 
 ROOT = Path("/var/tmp/dmrecover-powercut")
 SESSION = "pc"
 
 
 def integration():
-    """The integration suite's conftest (image helpers), loaded by path."""
-    import importlib.util
+    """The integration suite's conftest (image helpers)."""
+    from tests.integration import conftest
 
-    path = here.parent / "integration" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("dmrecover_integration_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return conftest
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -55,7 +46,7 @@ def _write_durably(path: Path, text: str) -> None:
 
 
 def start(during: str) -> int:
-    from dmrecover.sampleapp import acknowledged
+    from dmrecover.demo.sampleapp import acknowledged
 
     if ROOT.exists():
         shutil.rmtree(ROOT)
@@ -105,8 +96,9 @@ def start(during: str) -> int:
 
 
 def check() -> int:
-    from dmrecover import boot, dm
-    from dmrecover.mount import mount_at, umount
+    from dmrecover.backends.dm import dmsetup as dm
+    from dmrecover.session.session import boot
+    from dmrecover.system.mounts import mount_at, umount
 
     before = json.loads((ROOT / "before.json").read_text())
     box = Sandbox(ROOT / "box")

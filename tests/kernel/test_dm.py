@@ -1,4 +1,4 @@
-"""dmrecover.dm on a real kernel: dmsetup wrapper, UUID prefix, udev names and waits, cleanup."""
+"""The dm backend on a real kernel: dmsetup wrapper, UUID prefix, udev names and waits, cleanup."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kernelutil import foreign_uuid, sh
 
-from dmrecover import DM_UUID_PREFIX, dm
+from dmrecover import DM_UUID_PREFIX
+from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.errors import StackError
+from tests.kernel.kernelutil import foreign_uuid, sh
 
 MiB = 1024 * 1024
 

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps"))
-from livekit import Sandbox  # noqa: E402
-
-from dmrecover import dm  # noqa: E402
-from dmrecover.mount import mount_at, umount  # noqa: E402
+from dmrecover.backends.dm import dmsetup as dm  # noqa: E402
+from dmrecover.system.mounts import mount_at, umount  # noqa: E402
+from tests.apps.livekit import Sandbox
 
 SLOW = {"DMRECOVER_TEST_RESTORE_DELAY": "0.25"}
 
@@ -40,7 +37,7 @@ def box(tmp_path: Path):
         sb.teardown()
         # dm devices of this test's sessions (Sandbox.teardown knows mounts and loops only),
         # and their boot units (a test session must not come back at the VM's next boot).
-        from dmrecover import boot
+        from dmrecover.session.session import boot
 
         for sdir in sb.state_root.glob("*"):
             boot.disable(sdir.name)

@@ -37,7 +37,7 @@ def test_roundtrip() -> None:
 
 
 def test_cli_bad_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    from dmrecover.cli import main
+    from dmrecover.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["backup", "x.img", "--repo", "r", "--chunk-size", "4X"])

@@ -1,0 +1,1 @@
+"""Ways of presenting a pseudo-volume at a mount point, each one folder behind one interface."""

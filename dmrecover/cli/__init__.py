@@ -1,0 +1,1 @@
+"""The command line: a parser and thin handlers over typed library calls."""

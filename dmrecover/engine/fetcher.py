@@ -1,0 +1,513 @@
+"""Second data structure and fetch path: the restored map, DEST, on-demand fetch, retries.
+
+A chunk is fetched from a `ChunkSource` (verified there), written to DEST and marked restored
+in memory; from then on reads of it are served from DEST. `sync()` makes DEST durable and only
+then persists the restored map, so the map on disk never names a chunk that is not on DEST.
+
+Priority: on-demand fetches run directly in the calling thread (no queue to wait in). The
+background restorer calls `ensure(..., background=True)` one chunk at a time and, before each
+chunk, `yield_to_demand()` waits while on-demand fetches are in flight, so it never holds one
+up (beyond the one background chunk already in flight). Concurrent ensure() calls of one chunk
+share the one fetch in flight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from dmrecover.engine.bitmap import Bitmap, BitmapError
+from dmrecover.errors import CorruptChunk, DeviceError, RepositoryUnavailable, SessionError
+
+log = logging.getLogger(__name__)
+
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_LATENCY_SAMPLES = 4096
+
+
+@runtime_checkable
+class ChunkSource(Protocol):
+    """Where the pseudo-volume's chunks come from.
+
+    `read_chunk(index)` returns exactly the chunk's bytes (chunk_size, the last one may be
+    shorter), verified; it is thread-safe and raises errors.RepositoryUnavailable (transient:
+    retry later) or errors.CorruptChunk (permanent). `is_zero(index)` is True for a chunk known
+    to be all zeros without reading it.
+    """
+
+    size: int
+    chunk_size: int
+    chunk_count: int
+
+    def read_chunk(self, index: int) -> bytes: ...
+
+    def is_zero(self, index: int) -> bool: ...
+
+
+def chunk_length(source: ChunkSource, index: int) -> int:
+    """Length in bytes of chunk `index` of `source` (the last chunk may be short)."""
+    start = index * source.chunk_size
+    return max(0, min(source.chunk_size, source.size - start))
+
+
+class MemorySource:
+    """An in-memory ChunkSource, for tests and benchmarks, with fault injection.
+
+    zero_chunks: indexes reported by is_zero() (default: every all-zero chunk).
+    transient_failures: the next N read_chunk() calls raise RepositoryUnavailable.
+    unavailable: while True, every read_chunk() raises RepositoryUnavailable.
+    corrupt: indexes whose read raises CorruptChunk.
+    delay: seconds each read_chunk() sleeps (a slow repository).
+    """
+
+    def __init__(self, data: bytes | bytearray, chunk_size: int, *,
+                 zero_chunks: set[int] | None = None, delay: float = 0.0) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.data = bytes(data)
+        self.size = len(self.data)
+        self.chunk_size = chunk_size
+        self.chunk_count = (self.size + chunk_size - 1) // chunk_size
+        if zero_chunks is None:
+            zero_chunks = {i for i in range(self.chunk_count)
+                           if not any(self.data[i * chunk_size:(i + 1) * chunk_size])}
+        self.zero_chunks = zero_chunks
+        self.delay = delay
+        self.transient_failures = 0
+        self.unavailable = False
+        self.corrupt: set[int] = set()
+        self.reads: list[int] = []  # indexes read, in order (tests count fetches)
+        self._lock = threading.Lock()
+
+    def read_chunk(self, index: int) -> bytes:
+        if not 0 <= index < self.chunk_count:
+            raise IndexError(index)
+        with self._lock:
+            self.reads.append(index)
+            if self.unavailable:
+                raise RepositoryUnavailable("test repository unavailable")
+            if self.transient_failures > 0:
+                self.transient_failures -= 1
+                raise RepositoryUnavailable("test repository briefly unavailable")
+        if self.delay:
+            time.sleep(self.delay)
+        if index in self.corrupt:
+            raise CorruptChunk(f"chunk {index} is corrupt (test)", index=index)
+        return self.data[index * self.chunk_size:(index + 1) * self.chunk_size]
+
+    def is_zero(self, index: int) -> bool:
+        return index in self.zero_chunks
+
+
+class RepositorySource:
+    """A ChunkSource over a backup in a `repository.Repository` (helper-1's module).
+
+    Uses `repo.read_chunk(manifest, index)` (verified bytes), `manifest.chunks[i] is None` for
+    an all-zero chunk, `manifest.size` and `manifest.chunk_size`.
+    """
+
+    def __init__(self, repo: Any, manifest: Any) -> None:
+        self.repo = repo
+        self.manifest = manifest
+        self.size = int(manifest.size)
+        self.chunk_size = int(manifest.chunk_size)
+        self.chunk_count = len(manifest.chunks)
+        expected = (self.size + self.chunk_size - 1) // self.chunk_size
+        if self.chunk_count != expected:
+            raise CorruptChunk(f"backup manifest lists {self.chunk_count} chunks, its size "
+                               f"needs {expected}", hint="verify the repository")
+
+    def read_chunk(self, index: int) -> bytes:
+        return self.repo.read_chunk(self.manifest, index)
+
+    def is_zero(self, index: int) -> bool:
+        return self.manifest.chunks[index] is None
+
+
+class _Inflight:
+    """One fetch in flight; waiters block on `done` and then look at `error`."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class Fetcher:
+    """The restored map, DEST, and the fetch path (thread-safe).
+
+    dest_path: DEST, a block device or regular file, at least source.size bytes (checked by the
+        caller; checked here again).
+    map_path: the persisted restored map (loaded when it exists: resume).
+    deadline: seconds a transient fault (RepositoryUnavailable) is retried before the fetch
+        fails; past it the fetcher is failed for good (`failure`), since the session cannot go on.
+    """
+
+    def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
+                 map_path: str | os.PathLike[str], *, deadline: float = 600.0,
+                 backoff_max: float = 5.0) -> None:
+        self.source = source
+        self.dest_path = str(dest_path)
+        self.map_path = Path(map_path)
+        self.deadline = deadline
+        self.backoff_max = backoff_max
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._inflight: dict[int, _Inflight] = {}
+        self._demand_active = 0
+        self._demand_hint: int | None = None
+        self._demand_idle = threading.Condition(self._lock)
+        self._waiting: dict[int, float] = {}  # thread id -> wall time it started waiting
+        self.failure: BaseException | None = None
+        self.errors: deque[str] = deque(maxlen=20)
+        self.demand_fetches = 0
+        self.background_fetches = 0
+        self.fetched_bytes = 0
+        self.retries = 0
+        self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self._latency_max = 0.0
+        self._latency_sum = 0.0
+        self.synced_at: float | None = None
+
+        try:
+            fd = os.open(self.dest_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as err:
+            raise DeviceError(f"cannot open DEST {self.dest_path}: {err.strerror}",
+                              hint="check the path and that nothing holds it open") from err
+        self._fd = fd
+        st = os.fstat(fd)
+        self._is_blockdev = stat.S_ISBLK(st.st_mode)
+        dest_size = os.lseek(fd, 0, os.SEEK_END)
+        if dest_size < source.size:
+            os.close(fd)
+            raise DeviceError(f"DEST {self.dest_path} is {dest_size} bytes, the backup needs "
+                              f"{source.size}", hint="use a larger destination")
+        self.restored = self._load_map()
+        self._restored_count = self.restored.count()
+
+    # ------------------------------------------------------------------ state
+
+    def _load_map(self) -> Bitmap:
+        n = self.source.chunk_count
+        if not self.map_path.exists():
+            return Bitmap(n)
+        try:
+            bm = Bitmap.load(self.map_path)
+        except BitmapError as err:
+            raise SessionError(f"restored map {self.map_path} is unreadable: {err}",
+                               hint="remove it to restore every chunk again") from err
+        if bm.nbits != n:
+            raise SessionError(f"restored map {self.map_path} has {bm.nbits} chunks, the "
+                               f"backup has {n}", hint="the state dir belongs to another backup")
+        return bm
+
+    def is_restored(self, index: int) -> bool:
+        """True when chunk `index` is on DEST (possibly only in its page cache)."""
+        return self.restored.test(index)
+
+    def restored_all(self) -> bool:
+        """True when every chunk is restored."""
+        return self._restored_count == self.source.chunk_count
+
+    @property
+    def restored_chunks(self) -> int:
+        return self._restored_count
+
+    def iter_unrestored(self, start: int = 0) -> Iterator[int]:
+        """Chunk indexes not restored yet, ascending from `start` (evaluated lazily)."""
+        return self.restored.iter_clear(start)
+
+    def wait_change(self, timeout: float) -> None:
+        """Block until a chunk is restored or `timeout` passes."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    # ------------------------------------------------------------------ fetch
+
+    def take_demand_hint(self) -> int | None:
+        """Index after the latest on-demand fetch since the last call (None: none since)."""
+        with self._lock:
+            hint, self._demand_hint = self._demand_hint, None
+            return hint
+
+    def ensure(self, index: int, *, background: bool = False) -> bool:
+        """Make chunk `index` present on DEST, fetching it when needed (copy-on-read).
+
+        Returns at once when it is restored. Otherwise, if another thread fetches it, waits for
+        that fetch; else fetches it here: read from the source (verified), write to DEST, mark
+        restored in memory. Transient faults are retried until the deadline; then
+        RepositoryUnavailable is raised (and the fetcher is failed). CorruptChunk is raised at
+        once and nothing is marked restored. Returns True when this call did the fetch.
+        """
+        if self.restored.test(index):
+            return False
+        t0 = time.monotonic()
+        with self._lock:
+            if self.restored.test(index):
+                return False
+            if not background:
+                self._demand_active += 1
+            try:
+                flight = self._inflight.get(index)
+                owner = flight is None
+                if owner:
+                    if self.failure is not None:
+                        raise self.failure
+                    flight = _Inflight()
+                    self._inflight[index] = flight
+            except BaseException:
+                self._demand_done(background)
+                raise
+        try:
+            if owner:
+                if not background:
+                    with self._lock:
+                        self._demand_hint = index + 1
+                try:
+                    self._fetch(index, background)
+                except BaseException as err:
+                    flight.error = err
+                    raise
+                finally:
+                    with self._lock:
+                        del self._inflight[index]
+                        flight.done.set()
+            else:
+                flight.done.wait()
+                if flight.error is not None:
+                    raise flight.error
+            return owner
+        finally:
+            with self._lock:
+                self._demand_done(background)
+                if not background:
+                    lat = time.monotonic() - t0
+                    self._latencies.append(lat)
+                    self._latency_sum += lat
+                    self._latency_max = max(self._latency_max, lat)
+                    self.demand_fetches += 1
+
+    def _demand_done(self, background: bool) -> None:
+        # caller holds self._lock
+        if not background:
+            self._demand_active -= 1
+            if self._demand_active == 0:
+                self._demand_idle.notify_all()
+
+    def yield_to_demand(self, timeout: float | None = None) -> None:
+        """Block (the background restorer) while on-demand fetches are in flight."""
+        with self._demand_idle:
+            self._demand_idle.wait_for(lambda: self._demand_active == 0, timeout)
+
+    def _fetch(self, index: int, background: bool) -> None:
+        length = chunk_length(self.source, index)
+        offset = index * self.source.chunk_size
+        if self.source.is_zero(index):
+            self._zero_dest(offset, length)
+        else:
+            data = self._read_with_retry(index)
+            if len(data) != length:
+                raise CorruptChunk(f"chunk {index} has {len(data)} bytes, expected {length}",
+                                   index=index, hint="verify the repository")
+            self.write_dest(offset, data)
+        with self._lock:
+            self.restored.set(index)
+            self._restored_count += 1
+            self.fetched_bytes += length
+            if background:
+                self.background_fetches += 1
+            self._changed.notify_all()
+
+    def _read_with_retry(self, index: int) -> bytes:
+        tid = threading.get_ident()
+        first_fault: float | None = None
+        delay = 0.05
+        try:
+            while True:
+                try:
+                    return self.source.read_chunk(index)
+                except RepositoryUnavailable as err:
+                    now = time.monotonic()
+                    if first_fault is None:
+                        first_fault = now
+                        with self._lock:
+                            self._waiting[tid] = time.time()
+                        log.warning("repository unavailable reading chunk %d: %s; retrying "
+                                    "for up to %gs", index, err, self.deadline)
+                    waited = now - first_fault
+                    if waited >= self.deadline:
+                        fail = RepositoryUnavailable(
+                            f"repository unavailable for {waited:.0f}s (deadline "
+                            f"{self.deadline:g}s) fetching chunk {index}: {err}",
+                            hint="bring the repository back and resume the session")
+                        with self._lock:
+                            self.failure = fail
+                            self.errors.append(str(fail))
+                        raise fail from err
+                    with self._lock:
+                        self.retries += 1
+                    time.sleep(min(delay, self.deadline - waited + 0.001))
+                    delay = min(delay * 2, self.backoff_max)
+                except CorruptChunk as err:
+                    with self._lock:
+                        self.errors.append(str(err))
+                    raise
+        finally:
+            if first_fault is not None:
+                with self._lock:
+                    self._waiting.pop(tid, None)
+
+    # ------------------------------------------------------------------ DEST I/O
+
+    def read_dest(self, offset: int, length: int) -> bytes:
+        """pread from DEST (the caller made sure the chunks are restored)."""
+        out = os.pread(self._fd, length, offset)
+        while len(out) < length:  # pread may return short on block devices
+            more = os.pread(self._fd, length - len(out), offset + len(out))
+            if not more:
+                raise DeviceError(f"short read from DEST {self.dest_path} at {offset}")
+            out += more
+        return out
+
+    def write_dest(self, offset: int, data: bytes | memoryview) -> None:
+        """pwrite all of data to DEST at offset."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as err:
+            raise DeviceError(f"writing DEST {self.dest_path} at {offset} failed: "
+                              f"{err.strerror}", hint="check the destination device") from err
+
+    def _zero_dest(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) of DEST read as zeros, cheaply when possible."""
+        if length <= 0:
+            return
+        if self._is_blockdev:
+            if offset % 512 == 0 and length % 512 == 0:
+                try:
+                    fcntl.ioctl(self._fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+                    return
+                except OSError as err:
+                    log.debug("BLKZEROOUT failed (%s); writing zeros", err)
+        elif _punch_hole(self._fd, offset, length):
+            return
+        zeros = bytes(min(length, 1 << 20))
+        pos = offset
+        while pos < offset + length:
+            n = min(len(zeros), offset + length - pos)
+            self.write_dest(pos, zeros[:n] if n < len(zeros) else zeros)
+            pos += n
+
+    def sync_dest(self) -> None:
+        """fsync DEST (a regular file's hole punches are metadata: fsync, not fdatasync)."""
+        if self._is_blockdev:
+            os.fdatasync(self._fd)
+        else:
+            os.fsync(self._fd)
+
+    def sync(self) -> None:
+        """Make DEST durable, then persist the restored map naming only the chunks written
+        before that sync. Data before metadata; safe to call from any thread."""
+        with self._sync_lock:  # one at a time: maps saved in order, one temp file
+            with self._lock:
+                snapshot = self.restored.copy()
+            self.sync_dest()
+            snapshot.save(self.map_path)
+            self.synced_at = time.time()
+
+    # ------------------------------------------------------------------ status
+
+    def stats(self) -> dict:
+        """Counters for status (JSON-ready)."""
+        with self._lock:
+            lats = sorted(self._latencies)
+            waiting = min(self._waiting.values()) if self._waiting else None
+            n = self.demand_fetches
+            total = self.source.size
+            restored_bytes = self._restored_bytes()
+            return {
+                "total_bytes": total,
+                "total_chunks": self.source.chunk_count,
+                "restored_chunks": self._restored_count,
+                "restored_bytes": restored_bytes,
+                "percent": 100.0 * restored_bytes / total if total else 100.0,
+                "fetched_bytes": self.fetched_bytes,
+                "demand_fetches": n,
+                "background_fetches": self.background_fetches,
+                "demand_latency_mean": self._latency_sum / n if n else None,
+                "demand_latency_p50": _percentile(lats, 0.50),
+                "demand_latency_p99": _percentile(lats, 0.99),
+                "demand_latency_max": self._latency_max if n else None,
+                "retries": self.retries,
+                "waiting_for_repository_since": waiting,
+                "failed": str(self.failure) if self.failure is not None else None,
+                "errors": list(self.errors),
+                "synced_at": self.synced_at,
+            }
+
+    def _restored_bytes(self) -> int:
+        cs = self.source.chunk_size
+        last = self.source.chunk_count - 1
+        n = self._restored_count * cs
+        if last >= 0 and self.restored.test(last):
+            n -= cs - chunk_length(self.source, last)
+        return n
+
+    def abandon(self) -> None:
+        """Close DEST without syncing (tests: what a SIGKILL leaves)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        """Sync (DEST, then the map) and close DEST. Idempotent."""
+        if self._fd < 0:
+            return
+        try:
+            self.sync()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+_libc: Any = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE) on a regular file; False when unsupported."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc != 0:
+        e = ctypes.get_errno()
+        if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise DeviceError(f"punching a hole in DEST failed: {os.strerror(e)}")
+    return True

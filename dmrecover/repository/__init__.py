@@ -1,0 +1,1 @@
+"""The backup repository: store, manifests, backup, offline restore, verify."""

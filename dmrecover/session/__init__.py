@@ -1,0 +1,1 @@
+"""Live-restore sessions: record, runner, cutover, control, application, cleanup, status."""

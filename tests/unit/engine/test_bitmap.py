@@ -1,0 +1,117 @@
+"""Bitmap: bit and range ops against a set model, iteration, persistence and its checks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dmrecover.engine.bitmap import Bitmap, BitmapError
+
+
+def _model_runs(bits: set[int], start: int, end: int) -> list[tuple[int, int, bool]]:
+    out: list[tuple[int, int, bool]] = []
+    for i in range(start, end):
+        v = i in bits
+        if out and out[-1][2] == v:
+            out[-1] = (out[-1][0], out[-1][1] + 1, v)
+        else:
+            out.append((i, 1, v))
+    return out
+
+
+ops = st.lists(st.tuples(st.sampled_from(["set", "clear", "set_range", "clear_range"]),
+                         st.integers(0, 299), st.integers(0, 150)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(nbits=st.integers(1, 300), ops=ops, q=st.tuples(st.integers(0, 299), st.integers(0, 300)))
+def test_bitmap_matches_a_set(nbits: int, ops: list, q: tuple[int, int]) -> None:
+    bm = Bitmap(nbits)
+    model: set[int] = set()
+    for op, a, n in ops:
+        a %= nbits
+        n = min(n, nbits - a)
+        if op == "set":
+            bm.set(a)
+            model.add(a)
+        elif op == "clear":
+            bm.clear(a)
+            model.discard(a)
+        elif op == "set_range":
+            bm.set_range(a, n)
+            model.update(range(a, a + n))
+        else:
+            bm.clear_range(a, n)
+            model.difference_update(range(a, a + n))
+    assert bm.count() == len(model)
+    assert list(bm.iter_set()) == sorted(model)
+    assert list(bm.iter_clear()) == [i for i in range(nbits) if i not in model]
+    assert all(bm.test(i) == (i in model) for i in range(nbits))
+    start, count = q
+    start %= nbits
+    end = min(start + count, nbits)
+    want = {i for i in model if start <= i < end}
+    assert bm.any_in(start, count) == bool(want)
+    assert bm.count_range(start, count) == len(want)
+    assert bm.runs(start, count) == _model_runs(model, start, end)
+    ext = [(f, c) for f, c, v in _model_runs(model, 0, nbits) if v]
+    assert list(bm.iter_extents()) == ext
+
+
+def test_iteration_skips_large_empty_regions_and_starts_anywhere() -> None:
+    bm = Bitmap(1 << 22)  # 512 KiB of bits: several scan windows
+    for i in (5, 70_000, 600_001, (1 << 22) - 1):
+        bm.set(i)
+    assert list(bm.iter_set()) == [5, 70_000, 600_001, (1 << 22) - 1]
+    assert list(bm.iter_set(70_001)) == [600_001, (1 << 22) - 1]
+    bm.set_range(0, 1 << 22)
+    bm.clear(3_000_000)
+    assert list(bm.iter_clear()) == [3_000_000]
+    assert bm.count() == (1 << 22) - 1
+
+
+def test_out_of_range_is_an_error() -> None:
+    bm = Bitmap(10)
+    with pytest.raises(IndexError):
+        bm.set(10)
+    with pytest.raises(IndexError):
+        bm.set_range(5, 6)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    bm = Bitmap(1001)
+    bm.set_range(17, 300)
+    bm.set(1000)
+    p = tmp_path / "m"
+    bm.save(p)
+    assert Bitmap.load(p) == bm
+    assert not (tmp_path / "m.tmp").exists()
+    bm.clear(1000)
+    bm.save(p)  # replaces atomically
+    assert Bitmap.load(p) == bm
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "empty"])
+def test_load_rejects_damaged_files(tmp_path, damage: str) -> None:
+    bm = Bitmap(4000)
+    bm.set_range(100, 200)
+    p = tmp_path / "m"
+    bm.save(p)
+    raw = bytearray(p.read_bytes())
+    if damage == "flip":
+        raw[-100] ^= 0x10
+    elif damage == "truncate":
+        raw = raw[:-1]
+    elif damage == "magic":
+        raw[0] ^= 0xFF
+    else:
+        raw = bytearray()
+    p.write_bytes(raw)
+    with pytest.raises(BitmapError):
+        Bitmap.load(p)
+
+
+def test_load_missing_file_is_a_bitmap_error(tmp_path) -> None:
+    with pytest.raises(BitmapError):
+        Bitmap.load(tmp_path / "nope")
