@@ -85,6 +85,12 @@ class CorruptChunk(RepositoryError):
         self.index = index
 
 
+class BackendUnavailable(DmrecoverError):
+    """A backend cannot run on this host (missing tool, kernel target, root)."""
+
+    exit_code = 3
+
+
 class DeviceError(DmrecoverError):
     """A source or destination device is missing, too small, mounted or held open."""
 
