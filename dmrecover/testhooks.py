@@ -1,0 +1,66 @@
+"""Test-only hooks, all in one place.
+
+The test suites need to make a set-up step fail, slow the background restore down so that an
+application really runs during it, and hold the dm merge open long enough to cut the power in
+the middle of it. Each hook is an environment variable, and every one of them is ignored unless
+`DMRECOVER_TEST_HOOKS=1` is set as well, so a stray variable in a unit file or a shell profile
+can never slow down or break a real recovery. The session's boot unit never sets it.
+
+| variable                          | effect                                                   |
+| --------------------------------- | -------------------------------------------------------- |
+| DMRECOVER_FAIL_AT=<step>          | `fault_point(step)` raises StackError before the step    |
+| DMRECOVER_TEST_RESTORE_DELAY=<s>  | the background restorer sleeps s seconds per chunk      |
+| DMRECOVER_TEST_MERGE_PAUSE=<s>    | the dm merge waits s seconds before it starts            |
+
+Steps named by `fault_point`: fuse, loop, mount, app, cutover-unmount, cutover-merge (both
+backends), dm-probe, origin, cow, snapshot (dm backend).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from dmrecover.errors import StackError
+
+log = logging.getLogger(__name__)
+
+ENABLE_ENV = "DMRECOVER_TEST_HOOKS"
+FAIL_AT_ENV = "DMRECOVER_FAIL_AT"
+RESTORE_DELAY_ENV = "DMRECOVER_TEST_RESTORE_DELAY"
+MERGE_PAUSE_ENV = "DMRECOVER_TEST_MERGE_PAUSE"
+
+#: Every variable a test may set; test harnesses pass exactly these to the session process.
+HOOK_ENVS = (ENABLE_ENV, FAIL_AT_ENV, RESTORE_DELAY_ENV, MERGE_PAUSE_ENV)
+
+
+def enabled() -> bool:
+    """True only when the test hooks were switched on explicitly."""
+    return os.environ.get(ENABLE_ENV) == "1"
+
+
+def _seconds(name: str) -> float:
+    if not enabled():
+        return 0.0
+    try:
+        value = float(os.environ.get(name) or 0)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number", name, os.environ.get(name))
+        return 0.0
+    return max(value, 0.0)
+
+
+def fault_point(step: str) -> None:
+    """Raise StackError when the test hooks are on and DMRECOVER_FAIL_AT names this step."""
+    if enabled() and os.environ.get(FAIL_AT_ENV) == step:
+        raise StackError(f"injected failure at step {step} ({FAIL_AT_ENV})")
+
+
+def restore_delay() -> float:
+    """Seconds the background restorer sleeps per chunk (0 unless a test asked)."""
+    return _seconds(RESTORE_DELAY_ENV)
+
+
+def merge_pause() -> float:
+    """Seconds the dm merge waits before it starts (0 unless a test asked)."""
+    return _seconds(MERGE_PAUSE_ENV)
