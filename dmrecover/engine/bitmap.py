@@ -12,9 +12,9 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 
 from dmrecover.errors import DmrecoverError
+from dmrecover.system.files import atomic_write
 
 MAGIC = b"DMRBMAP"
 VERSION = 1
@@ -221,19 +221,9 @@ class Bitmap:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically and durably: temp file, fsync, rename, fsync the directory."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         bits = memoryview(self._bits)
         header = _HEADER.pack(MAGIC, VERSION, self.nbits, zlib.crc32(bits))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, header)
-            _write_all(fd, bits)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
+        atomic_write(path, (header, bits))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Bitmap:
@@ -259,18 +249,3 @@ class Bitmap:
             raise BitmapError(f"bitmap {path} fails its checksum")
         return bm
 
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory (makes a rename or create in it durable)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

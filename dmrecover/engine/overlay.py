@@ -31,8 +31,9 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from dmrecover.engine.bitmap import Bitmap, BitmapError, _write_all
+from dmrecover.engine.bitmap import Bitmap, BitmapError
 from dmrecover.errors import SessionError
+from dmrecover.system.files import write_all
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class Overlay:
             pos += os.pwrite(self._img, view[pos:], off + pos)
         rec = _record(WRITE, first, view)
         with self._lock:
-            _write_all(self._log, rec)
+            write_all(self._log, rec)
             self._log_bytes += len(rec)
             already = self.map.count_range(first, count)
             self.map.set_range(first, count)
@@ -232,7 +233,7 @@ class Overlay:
         if gen != self._log_gen:
             return  # a checkpoint since the mark made those writes durable already
         rec = _record(BARRIER, mark)
-        _write_all(self._log, rec)
+        write_all(self._log, rec)
         self._log_bytes += len(rec)
         os.fdatasync(self._log)
 

@@ -24,6 +24,7 @@ from dmrecover.engine.fetcher import ChunkSource, Fetcher
 from dmrecover.engine.overlay import BLOCK_SIZE, Overlay
 from dmrecover.engine.restorer import Restorer
 from dmrecover.errors import SessionError
+from dmrecover.system.files import atomic_write
 
 MERGED_MARKER = "merged"
 _STRIPES = 64  # striped locks serialising read-modify-write of partial blocks
@@ -264,7 +265,7 @@ class PseudoVolume:
                     if progress is not None:
                         progress(n)
         self.fetcher.sync_dest()
-        _write_marker(self.state_dir / MERGED_MARKER, f"{time.time():.3f}\n")
+        mark_merged(self.state_dir)
         return copied
 
     def discard_overlay(self) -> None:
@@ -318,18 +319,11 @@ class PseudoVolume:
         return self.fetcher.read_dest(start, end - start)
 
 
+def mark_merged(state_dir: str | os.PathLike[str]) -> None:
+    """Write the durable `merged` marker: the overlay is in DEST and DEST is synced."""
+    atomic_write(Path(state_dir) / MERGED_MARKER, f"{time.time():.3f}\n".encode())
+
+
 def _write_marker(path: Path, text: str) -> None:
-    """Write a small file atomically and durably (temp, fsync, rename, fsync dir)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Kept for callers outside the engine until they call `mark_merged` (issue 7)."""
+    atomic_write(path, text.encode())

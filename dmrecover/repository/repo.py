@@ -39,6 +39,7 @@ from dmrecover.errors import (
     RepositoryLocked,
     RepositoryUnavailable,
 )
+from dmrecover.system.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -135,28 +136,14 @@ class LocalStorage(Storage):
 
     def put_atomic(self, key: str, data: bytes, *, sync_dir: bool = True) -> None:
         target = self._path(key)
-        tmp = self.root / "tmp" / f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        os.close(fd)
-        try:
-            os.rename(tmp, target)
-        except FileNotFoundError:
+        if not target.parent.is_dir():
+            # A new key directory: make its own name durable before any object in it.
             target.parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(target.parent.parent)
-            os.rename(tmp, target)
-        if sync_dir:
-            fsync_dir(target.parent)
-        else:
+        # Temp files in REPO/tmp, never in chunks/ or backups/: a crash leaves no stray name
+        # that a listing would take for an object.
+        atomic_write(target, data, mode=0o644, sync_dir=sync_dir, tmp_dir=self.root / "tmp")
+        if not sync_dir:
             with self._pending_lock:
                 self._pending_dirs.add(target.parent)
 
@@ -177,15 +164,6 @@ class LocalStorage(Storage):
             dirs, self._pending_dirs = self._pending_dirs, set()
         for d in sorted(dirs):
             fsync_dir(d)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so the names created in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: str | os.PathLike[str]) -> None:

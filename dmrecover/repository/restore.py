@@ -29,6 +29,7 @@ from dmrecover.errors import CorruptChunk, DeviceError
 from dmrecover.progress import Progress, Renderer
 from dmrecover.repository.repo import Manifest, Repository
 from dmrecover.system import blockdev as device
+from dmrecover.system.files import write_all
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ def _check_chunks_present(repo: Repository, manifest: Manifest) -> None:
                 f"{repo.path}; nothing was written",
                 hint="the repository is damaged; restore from another backup",
                 digest=digest, backup=manifest.id, index=index)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def restore(
@@ -129,7 +122,7 @@ def _copy(repo: Repository, manifest: Manifest, fd: int, dest: str, is_block: bo
             if not device.zero_out(fd, start, end - start):
                 zeros = bytes(cs)
                 for off in range(start, end, cs):
-                    _write_all(fd, zeros[: min(cs, end - off)], off)
+                    write_all(fd, zeros[: min(cs, end - off)], off)
         zero_run.clear()
 
     with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
@@ -179,7 +172,7 @@ def _drain_one(pending: deque[tuple[int, Future[bytes]]], manifest: Manifest, fd
     _zero_until(index, manifest, next_index, zero_run, progress)
     flush_zero_run()
     offset = index * manifest.chunk_size
-    _write_all(fd, data, offset)
+    write_all(fd, data, offset)
     end = offset + len(data)
     if _sync_file_range is not None and end - unsynced_from >= WRITEBACK_EVERY:
         _sync_file_range(fd, unsynced_from, end - unsynced_from, _SYNC_FILE_RANGE_WRITE)
