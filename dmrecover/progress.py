@@ -1,19 +1,16 @@
-"""Structured progress from the engine, rendered separately (rich, plain lines, or JSON lines).
+"""Structured progress: the library emits events, a front-end renders them.
 
-The engine only calls `Progress.update()`; it never prints. The renderer is picked by the CLI:
-rich on a TTY, plain lines otherwise, JSON lines with --json.
+The engine and the repository only call `Progress.update()`; they never print. A renderer is
+anything with `render(event)` and `close()`: the CLI's displays (rich, plain lines, JSON lines)
+live in dmrecover/cli/progress_display.py; the library's default is `NullRenderer`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import IO, Protocol
-
-from dmrecover.units import format_size
+from typing import Protocol
 
 
 @dataclass
@@ -50,107 +47,20 @@ class ProgressEvent:
 
 
 class Renderer(Protocol):
+    """What `Progress` feeds: called under its lock, so one event at a time."""
+
     def render(self, event: ProgressEvent) -> None: ...
     def close(self) -> None: ...
 
 
 class NullRenderer:
+    """Shows nothing (the default)."""
+
     def render(self, event: ProgressEvent) -> None:
         pass
 
     def close(self) -> None:
         pass
-
-
-class PlainRenderer:
-    """One line every `interval` seconds and one at the end; for logs and pipes."""
-
-    def __init__(self, stream: IO[str] | None = None, interval: float = 2.0) -> None:
-        self.stream = stream or sys.stderr
-        self.interval = interval
-        self._last: float | None = None  # the first event always prints
-
-    def render(self, event: ProgressEvent) -> None:
-        now = time.monotonic()
-        if not event.finished and self._last is not None and now - self._last < self.interval:
-            return
-        self._last = now
-        state = "done" if event.finished else f"{event.percent:5.1f}%"
-        print(
-            f"{event.operation}: {state} {format_size(event.done_bytes)}"
-            f"/{format_size(event.total_bytes)} at {format_size(event.rate)}/s"
-            + (f" {event.message}" if event.message else ""),
-            file=self.stream,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        pass
-
-
-class JsonRenderer:
-    """JSON lines, for programs."""
-
-    def __init__(self, stream: IO[str] | None = None, interval: float = 1.0) -> None:
-        self.stream = stream or sys.stderr
-        self.interval = interval
-        self._last: float | None = None  # the first event always prints
-
-    def render(self, event: ProgressEvent) -> None:
-        now = time.monotonic()
-        if not event.finished and self._last is not None and now - self._last < self.interval:
-            return
-        self._last = now
-        print(json.dumps(event.to_dict()), file=self.stream, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class RichRenderer:
-    """A rich progress bar on a TTY."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-        from rich.progress import (
-            Progress as RichProgress,
-        )
-
-        self._bar = RichProgress(
-            "[bold]{task.description}",
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._task = None
-        self._bar.start()
-
-    def render(self, event: ProgressEvent) -> None:
-        if self._task is None:
-            self._task = self._bar.add_task(event.operation, total=event.total_bytes or None)
-        self._bar.update(self._task, completed=event.done_bytes, total=event.total_bytes or None)
-
-    def close(self) -> None:
-        self._bar.stop()
-
-
-def make_renderer(mode: str = "auto") -> Renderer:
-    """mode: auto (rich on a TTY, else plain), rich, plain, json, none."""
-    if mode == "auto":
-        mode = "rich" if sys.stderr.isatty() else "plain"
-    return {
-        "rich": RichRenderer,
-        "plain": PlainRenderer,
-        "json": JsonRenderer,
-        "none": NullRenderer,
-    }[mode]()
 
 
 class Progress:

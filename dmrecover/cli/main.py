@@ -40,7 +40,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from dmrecover.progress import make_renderer
+    from dmrecover.cli.progress_display import make_renderer
     from dmrecover.repository.backup import backup, check_chunk_size
     from dmrecover.repository.repo import Repository
     from dmrecover.system.blockdev import is_block_device
@@ -88,7 +88,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from dmrecover.progress import make_renderer
+    from dmrecover.cli.progress_display import make_renderer
     from dmrecover.repository.repo import Repository
     from dmrecover.repository.verify import verify
 
@@ -104,7 +104,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from dmrecover.progress import make_renderer
+    from dmrecover.cli.progress_display import make_renderer
     from dmrecover.repository.repo import Repository
     from dmrecover.repository.restore import restore
     from dmrecover.system.blockdev import is_block_device
