@@ -145,9 +145,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dmrecover.session.status import status_command
+    from dmrecover.cli import status_display
+    from dmrecover.session.session import Session, list_sessions
+    from dmrecover.session.status import model
 
-    return status_command(args)
+    single = bool(args.session or args.state_dir)
+
+    def models() -> list[dict]:
+        found = [Session.load(args.session, args.state_dir)] if single else list_sessions()
+        return [model(s) for s in found]
+
+    if args.watch:
+        return status_display.watch(models)
+    ms = models()
+    if args.json:
+        print(json.dumps(ms[0] if single else ms, indent=2))
+    elif single:
+        print(status_display.render_text(ms[0]))
+    else:
+        print(status_display.render_list(ms))
+    return 0
 
 
 def cmd_cutover(args: argparse.Namespace) -> int:

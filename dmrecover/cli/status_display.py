@@ -1,0 +1,165 @@
+"""How `dmrecover status` shows a session: plain text, a table of sessions, a rich panel, and
+the `--watch` loop. The data is the status model (`dmrecover.session.status.model`), a
+JSON-ready dict; this module only formats it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from dmrecover.session.session import ACTIVE_STATES
+from dmrecover.units import format_size
+
+
+def _duration(sec: float | None) -> str:
+    if sec is None:
+        return "-"
+    sec = max(0.0, sec)
+    if sec < 60:
+        return f"{sec:.1f} s"
+    m, s = divmod(int(sec), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _ms(sec: float | None) -> str:
+    return "-" if sec is None else f"{sec * 1000:.1f} ms"
+
+
+def _dead(m: dict) -> bool:
+    """An active session whose process is gone (resume brings it back)."""
+    return not m["alive"] and m["state"] in ACTIVE_STATES
+
+
+def _app(m: dict) -> str:
+    return f"{m['app'] or '-'}" + (f" (pid {m['app_pid']})" if m.get("app_pid") else "")
+
+
+def render_text(m: dict) -> str:
+    """One session in plain text, one fact per line."""
+    lines = [f"session {m['session']}: {m['state']}"
+             + (f" ({m['phase']})" if m.get("phase") else "")
+             + (" [process not running]" if _dead(m) else "")]
+    if m.get("note"):
+        lines.append(f"  note:        {m['note']}")
+    if m.get("error"):
+        lines.append(f"  error:       {m['error']}")
+    lines.append(f"  backup:      {m.get('backup_name') or ''} {m['backup']} from {m['repo']}")
+    lines.append(f"  destination: {m['dest']}  mounted at {m['mountpoint']} ({m['fstype']}, "
+                 f"{m['backend']} backend, cutover {m['cutover']})")
+    if m["restored_bytes"] is not None:
+        lines.append(f"  restored:    {format_size(m['restored_bytes'])} of "
+                     f"{format_size(m['total_bytes'])} ({m['percent']:.1f}%)")
+    if m["state"] in ("starting", "restoring"):
+        lines.append(f"  throughput:  {format_size(m['rate'] or 0)}/s   ETA {_duration(m['eta'])}")
+    if m["demand_fetches"] is not None:
+        lines.append(f"  on demand:   {m['demand_fetches']} fetches, latency mean "
+                     f"{_ms(m['demand_latency_mean'])}, p99 {_ms(m['demand_latency_p99'])}, "
+                     f"max {_ms(m['demand_latency_max'])}")
+    if m["overlay_bytes"] is not None:
+        lines.append(f"  overlay:     {format_size(m['overlay_bytes'])} of application writes")
+    waiting = m.get("waiting_for_repository_since")
+    repo_line = f"{m.get('retries') or 0} retries"
+    if waiting:
+        repo_line = f"UNREACHABLE for {_duration(time.time() - waiting)}, " + repo_line
+    lines.append(f"  repository:  {repo_line}")
+    lines.append(f"  application: {_app(m)}")
+    t = m["timings"]
+    if t.get("cutover_downtime") is not None:
+        lines.append(f"  cutover:     downtime {t['cutover_downtime']:.2f} s, "
+                     f"{format_size(t.get('merged_bytes') or 0)} merged")
+    for w in m["warnings"]:
+        lines.append(f"  warning:     {w}")
+    for e in m["engine_errors"][-3:]:
+        lines.append(f"  engine:      {e}")
+    return "\n".join(lines)
+
+
+def render_list(models: Sequence[dict]) -> str:
+    """Every session on one line each ('!' after the state: see its note)."""
+    if not models:
+        return "no sessions"
+    lines = [f"{'SESSION':<20} {'STATE':<14} {'RESTORED':>8} {'APP':<12} MOUNTPOINT"]
+    for m in models:
+        pct = f"{m['percent']:.1f}%" if m["percent"] is not None else "-"
+        state = m["state"] + ("!" if m["note"] else "")
+        lines.append(f"{m['session']:<20} {state:<14} {pct:>8} {str(m['app'] or '-'):<12} "
+                     f"{m['mountpoint']}")
+    return "\n".join(lines)
+
+
+def render_line(m: dict) -> str:
+    """One progress line (the demo prints it every second where there is no TTY)."""
+    return (f"{m['state']:<13} {m['percent'] or 0.0:5.1f}%  {format_size(m['rate'] or 0)}/s"
+            f"  on-demand fetches {m['demand_fetches'] or 0}  overlay "
+            f"{format_size(m['overlay_bytes'] or 0)}  app {m['app']}")
+
+
+def render_rich(m: dict) -> RenderableType:
+    """One session as a rich panel with a progress bar."""
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    state = m["state"] + (f" ({m['phase']})" if m.get("phase") else "")
+    color = {"done": "green", "failed": "red", "aborted": "yellow"}.get(m["state"], "cyan")
+    t.add_row("state", f"[{color}]{state}[/]" + (" [red](not running)[/]" if _dead(m) else ""))
+    if m.get("error"):
+        t.add_row("error", f"[red]{m['error']}[/]")
+    if m["restored_bytes"] is not None:
+        t.add_row("restored", f"{format_size(m['restored_bytes'])} / "
+                  f"{format_size(m['total_bytes'])}  ({m['percent']:.1f}%)")
+    t.add_row("throughput", f"{format_size(m['rate'] or 0)}/s   ETA {_duration(m['eta'])}")
+    t.add_row("on demand", f"{m['demand_fetches'] or 0} fetches, mean "
+              f"{_ms(m['demand_latency_mean'])}, p99 {_ms(m['demand_latency_p99'])}")
+    t.add_row("overlay", format_size(m["overlay_bytes"] or 0))
+    waiting = m.get("waiting_for_repository_since")
+    t.add_row("repository", f"[red]unreachable for {_duration(time.time() - waiting)}[/]"
+              if waiting else f"ok ({m.get('retries') or 0} retries)")
+    t.add_row("application", _app(m))
+    t.add_row("mount", f"{m['mountpoint']}  ->  {m['dest']}")
+    down = m["timings"].get("cutover_downtime")
+    if down is not None:
+        t.add_row("cutover", f"downtime {down:.2f} s")
+    bar = ProgressBar(total=100.0, completed=m["percent"] or 0.0, width=60)
+    return Panel(Group(bar, t), title=f"dmrecover session {m['session']}", expand=False)
+
+
+def _frame(models: Sequence[dict]) -> RenderableType:
+    return Group(*(render_rich(m) for m in models)) if models else "no sessions"
+
+
+class LiveStatus:
+    """A rich display redrawn with each `update(models)`; a context manager."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._live = Live("", console=console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> LiveStatus:
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.stop()
+
+    def update(self, models: Sequence[dict]) -> None:
+        self._live.update(_frame(models))
+
+
+def watch(models: Callable[[], list[dict]], interval: float = 0.5,
+          console: Console | None = None) -> int:
+    """`status --watch`: redraw `models()` every `interval` seconds until Ctrl-C."""
+    try:
+        with LiveStatus(console) as live:
+            while True:
+                live.update(models())
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C leaves the display; the session runs on
+    return 0

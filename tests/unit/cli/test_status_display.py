@@ -1,0 +1,88 @@
+"""The status displays: text for one session, the list, the rich panel (from model dicts)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from dmrecover.cli import status_display as sd
+from dmrecover.units import format_size
+
+MiB = 1 << 20
+
+
+def a_model(**changes: object) -> dict:
+    m = {
+        "session": "a", "state": "restoring", "phase": None, "alive": True, "pid": 7,
+        "note": None, "error": None, "state_dir": "/var/lib/dmrecover/a", "repo": "/r",
+        "backup": "b1", "backup_name": "vol", "dest": "/dev/x", "mountpoint": "/srv/data",
+        "fstype": "ext4", "backend": "fuse", "cutover": "auto", "total_bytes": 100 * MiB,
+        "restored_bytes": 25 * MiB, "percent": 25.0, "rate": 5.0 * MiB, "eta": 15.0,
+        "demand_fetches": 7, "demand_latency_mean": 0.002, "demand_latency_p99": 0.01,
+        "demand_latency_max": 0.02, "background_fetches": 20, "overlay_bytes": 3 * MiB,
+        "retries": 0, "waiting_for_repository_since": None, "engine_errors": [],
+        "app": "running", "app_pid": 42, "timings": {}, "warnings": [], "updated": 0.0,
+    }
+    m.update(changes)
+    return m
+
+
+def test_text_of_a_running_session() -> None:
+    text = sd.render_text(a_model())
+    assert text.splitlines()[0] == "session a: restoring"
+    assert "25.0%" in text and "7 fetches" in text and "ETA 15.0 s" in text
+    assert "running (pid 42)" in text and "0 retries" in text
+
+
+def test_text_of_a_dead_session_names_resume() -> None:
+    text = sd.render_text(a_model(alive=False, note="the session process is not running: "
+                                                    "dmrecover resume a"))
+    assert text.splitlines()[0].endswith("[process not running]")
+    assert "dmrecover resume a" in text
+
+
+def test_text_of_a_done_session_shows_the_downtime() -> None:
+    m = a_model(state="done", alive=False, percent=100.0, restored_bytes=100 * MiB,
+                timings={"cutover_downtime": 0.5, "merged_bytes": 3 * MiB})
+    text = sd.render_text(m)
+    assert "[process not running]" not in text
+    assert f"downtime 0.50 s, {format_size(3 * MiB)} merged" in text
+    assert "throughput" not in text
+
+
+def test_unreachable_repository_is_shouted() -> None:
+    import time
+
+    text = sd.render_text(a_model(waiting_for_repository_since=time.time() - 90, retries=4))
+    assert "UNREACHABLE for 1m3" in text and "4 retries" in text
+
+
+def test_list() -> None:
+    assert sd.render_list([]) == "no sessions"
+    lines = sd.render_list([a_model(note="x"), a_model(session="two", state="ready",
+                                                       percent=100.0)]).splitlines()
+    assert lines[0].startswith("SESSION")
+    assert lines[1].startswith("a") and "restoring!" in lines[1] and "25.0%" in lines[1]
+    assert lines[2].startswith("two") and "100.0%" in lines[2]
+
+
+@pytest.mark.parametrize("changes", [{}, {"error": "boom", "alive": False},
+                                     {"state": "failed", "restored_bytes": None, "percent": None}])
+def test_rich_panel_renders(changes: dict) -> None:
+    out = io.StringIO()
+    Console(file=out, width=100).print(sd.render_rich(a_model(**changes)))
+    text = out.getvalue()
+    assert "dmrecover session a" in text and "/srv/data" in text
+    if changes.get("error"):
+        assert "boom" in text and "not running" in text
+
+
+def test_line_and_live_display() -> None:
+    assert "25.0%" in sd.render_line(a_model())
+    out = io.StringIO()
+    with sd.LiveStatus(Console(file=out, width=100)) as live:
+        live.update([a_model()])
+        live.update([])
+    assert "no sessions" in out.getvalue()
