@@ -44,7 +44,8 @@ from dmrecover.backends.fuse.stack import FuseStack  # noqa: E402
 from dmrecover.engine.fetcher import MemorySource  # noqa: E402
 from dmrecover.engine.pseudovolume import PseudoVolume  # noqa: E402
 from dmrecover.system import command  # noqa: E402
-from dmrecover.system.blockdev import loop_attach, loop_detach  # noqa: E402
+from dmrecover.system.loops import attach as loop_attach  # noqa: E402
+from dmrecover.system.loops import detach as loop_detach  # noqa: E402
 from dmrecover.system.mounts import mount, umount  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 

@@ -32,7 +32,8 @@ from dmrecover.backends.fuse.server import FuseServer  # noqa: E402
 from dmrecover.engine.fetcher import MemorySource  # noqa: E402
 from dmrecover.engine.pseudovolume import PseudoVolume  # noqa: E402
 from dmrecover.system import command  # noqa: E402
-from dmrecover.system.blockdev import loop_attach, loop_detach  # noqa: E402
+from dmrecover.system.loops import attach as loop_attach  # noqa: E402
+from dmrecover.system.loops import detach as loop_detach  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20

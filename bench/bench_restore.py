@@ -33,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dmrecover.system import command  # noqa: E402
-from dmrecover.system.blockdev import loop_attach, loop_detach  # noqa: E402
+from dmrecover.system.loops import attach as loop_attach  # noqa: E402
+from dmrecover.system.loops import detach as loop_detach  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
 GOAL_VS_RESTIC = 1.5

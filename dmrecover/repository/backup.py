@@ -30,7 +30,8 @@ from dmrecover.repository.repo import (
     digest_of,
     new_backup_id,
 )
-from dmrecover.system.blockdev import block_size_of_fd, filesystem_type, mounts_of
+from dmrecover.system.blockdev import block_size_of_fd, filesystem_type
+from dmrecover.system.mounts import mounts_of
 from dmrecover.units import format_size
 
 log = logging.getLogger(__name__)

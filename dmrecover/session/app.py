@@ -6,8 +6,7 @@ process group (pgid = the started pid) names every process it forks unless one o
 setsid itself. Stopping runs the stop command (or sends SIGTERM to the process group), waits for
 the processes to exit, and after a timeout kills them with SIGKILL and says so.
 
-`processes_holding(path)` lists the processes that keep a mount busy (cwd, root, open files,
-memory maps), so that an unmount can refuse and name them.
+Which processes hold a mount is `dmrecover.system.processes`' job.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 import psutil
 
 from dmrecover.errors import AppError, UsageError
-from dmrecover.system import command
+from dmrecover.system import command, processes
+from dmrecover.system.processes import describe
 
 log = logging.getLogger(__name__)
 
@@ -85,72 +85,9 @@ class AppHandle:
                    started_at=d.get("started_at"), exit_code=d.get("exit_code"))
 
 
-def _under(path: str, root: str) -> bool:
-    """True when path is root or inside it (string test on normalised absolute paths)."""
-    if not path:
-        return False
-    path = path.removesuffix(" (deleted)")
-    try:
-        return os.path.commonpath([os.path.abspath(path), root]) == root
-    except ValueError:
-        return False
-
-
 def processes_holding(mountpoint: str) -> list[psutil.Process]:
-    """Processes whose cwd, root, open files or memory maps are on the mount at mountpoint."""
-    root = os.path.abspath(mountpoint)
-    me = os.getpid()
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        try:
-            if _holds(proc, root):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def _holds(proc: psutil.Process, root: str) -> bool:
-    try:
-        if _under(proc.cwd(), root):
-            return True
-    except (psutil.AccessDenied, FileNotFoundError):
-        pass
-    try:
-        if _under(os.readlink(f"/proc/{proc.pid}/root"), root) and root != "/":
-            return True
-    except OSError:
-        pass
-    # Every fd, not only regular files: a directory held open also keeps a mount busy.
-    try:
-        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
-            try:
-                if _under(os.readlink(f"/proc/{proc.pid}/fd/{fd}"), root):
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        pass
-    try:
-        for m in proc.memory_maps(grouped=True):
-            if _under(m.path, root):
-                return True
-    except (psutil.AccessDenied, FileNotFoundError, OSError):
-        pass
-    return False
-
-
-def describe(procs: list[psutil.Process]) -> str:
-    """'123 (python3), 456 (sqlite3)' for messages."""
-    parts = []
-    for p in procs:
-        try:
-            parts.append(f"{p.pid} ({p.name()})")
-        except psutil.Error:
-            parts.append(str(p.pid))
-    return ", ".join(parts)
+    """Thin wrapper: moved to dmrecover.system.processes (kept until its callers move)."""
+    return processes.processes_holding(mountpoint)
 
 
 def group_members(pgid: int) -> list[psutil.Process]:

@@ -589,7 +589,7 @@ class SessionRunner:
 
     def stray_holders(self) -> str | None:
         """Processes other than the application that hold the mount, described, or None."""
-        from dmrecover.session.app import describe, processes_holding
+        from dmrecover.system.processes import describe, processes_holding
 
         mine = {p.pid for p in self.app.processes()}
         others = [p for p in processes_holding(self.sess.data["mountpoint"])
@@ -736,7 +736,7 @@ class SessionRunner:
             mp = s.data["mountpoint"]
             dev = s.data["dest"]
             if stat.S_ISREG(os.stat(dev).st_mode):
-                from dmrecover.system.blockdev import loop_of
+                from dmrecover.system.loops import loop_of
 
                 loops = loop_of(dev)
                 dev = loops[0] if loops else attach_loop(dev)
@@ -747,7 +747,7 @@ class SessionRunner:
             if dev != s.data["dest"]:
                 # Detaching a mounted loop only sets autoclear: it goes away by itself when
                 # DEST is unmounted, so nothing of ours outlives the filesystem.
-                from dmrecover.system.blockdev import loop_detach
+                from dmrecover.system.loops import detach as loop_detach
 
                 loop_detach(dev)
         if start <= 4:

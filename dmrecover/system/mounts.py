@@ -1,58 +1,86 @@
-"""Mount and unmount, with the checks the data agent needs.
+"""Mounts: the one /proc/self/mountinfo parser, mount and unmount.
 
-`umount()` refuses while any process still holds the mount and names those processes: the
-cutover must never pull a filesystem from under a live application.
+Every question about what is mounted where (`mounts`, `mount_at`, `is_mountpoint`, `mounts_of`)
+reads mountinfo through `mounts()`. `umount()` refuses while any process still holds the mount
+and names those processes: the cutover must never pull a filesystem from under a live
+application.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
 from dmrecover.errors import StackError
-from dmrecover.session.app import describe, processes_holding
 from dmrecover.system import command
+from dmrecover.system.loops import loop_of
+from dmrecover.system.processes import describe, processes_holding
+from dmrecover.system.sysfs import devnum, with_partitions
 
 log = logging.getLogger(__name__)
 
+MOUNTINFO = "/proc/self/mountinfo"
 
-@dataclass
+
+@dataclass(frozen=True)
 class MountEntry:
-    """One line of /proc/self/mountinfo."""
+    """One line of mountinfo (proc(5)): ids, device number, root, target, options, fs."""
 
     mount_id: int
-    major_minor: str
+    parent_id: int
+    major: int
+    minor: int
     root: str
     target: str
+    options: str
     fstype: str
     source: str
-    options: str
+    super_options: str
+
+    @property
+    def major_minor(self) -> str:
+        return f"{self.major}:{self.minor}"
 
 
-def _unescape(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal
-    return (s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\ooo octal escapes."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Every well-formed line of a mountinfo text, in order (malformed lines skipped)."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        a = left.split()
+        b = right.split()
+        if not sep or len(a) < 6 or len(b) < 2:
+            continue
+        try:
+            major, minor = (int(x) for x in a[2].split(":"))
+            out.append(MountEntry(
+                mount_id=int(a[0]), parent_id=int(a[1]), major=major, minor=minor,
+                root=_unescape(a[3]), target=_unescape(a[4]), options=a[5],
+                fstype=b[0], source=_unescape(b[1]),
+                super_options=b[2] if len(b) > 2 else ""))
+        except ValueError:
+            continue
+    return out
 
 
 def mounts() -> list[MountEntry]:
     """Every mount in this namespace, in mount order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            a = left.split()
-            b = right.split()
-            if len(a) < 5 or len(b) < 2:
-                continue
-            out.append(MountEntry(int(a[0]), a[2], _unescape(a[3]), _unescape(a[4]),
-                                  b[0], _unescape(b[1]), b[2] if len(b) > 2 else ""))
-    return out
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+        return parse_mountinfo(f.read())
 
 
-def mount_at(target: str) -> MountEntry | None:
+def mount_at(target: str | os.PathLike[str]) -> MountEntry | None:
     """The topmost mount at target, or None."""
     target = os.path.abspath(target)
     found = None
@@ -62,9 +90,18 @@ def mount_at(target: str) -> MountEntry | None:
     return found
 
 
-def is_mountpoint(path: str) -> bool:
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     """True when something is mounted at path (works even if the mount is dead/ENOTCONN)."""
     return mount_at(path) is not None
+
+
+def mounts_of(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points that use the block device (or its partitions), or a loop over the file."""
+    num = devnum(path)
+    if num is None:
+        return sorted({mp for loop in loop_of(path) for mp in mounts_of(loop)})
+    nums = with_partitions(*num)
+    return sorted({m.target for m in mounts() if (m.major, m.minor) in nums})
 
 
 def mount(source: str, target: str, fstype: str | None, options: list[str] | None = None) -> None:

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from dmrecover.system import command
-from dmrecover.system.blockdev import loop_attach, loop_detach
+from dmrecover.system.loops import attach as loop_attach
+from dmrecover.system.loops import detach as loop_detach
 
 MiB = 1 << 20
 

@@ -10,6 +10,7 @@ import os
 import random
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from dmrecover.backends.fuse.server import FuseServer, loops_backed_by
+from dmrecover.backends.fuse.server import FuseServer
 from dmrecover.engine.fetcher import MemorySource, RepositorySource
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.repository.backup import backup
 from dmrecover.repository.repo import Repository
-from dmrecover.system import command
-from dmrecover.system.blockdev import loop_attach, loop_detach
+from dmrecover.system import command, loops
+from dmrecover.system.loops import attach as loop_attach
+from dmrecover.system.loops import detach as loop_detach
 
 pytestmark = pytest.mark.root
 
@@ -106,7 +108,7 @@ def test_live_restore_through_fuse_and_loop(request, tmp_path: Path, fstype: str
     new_files = {f"new/f{i}.bin": rng.randbytes(rng.randint(1, 700_000)) for i in range(8)}
     try:
         with served(pv, tmp_path / "fuse") as (srv, dev), mount_dev(dev, fstype) as live:
-            assert loops_backed_by(srv.path) == [dev]
+            assert loops.loop_of(srv.path) == [dev]
             # reads of data not restored yet: everything is fetched on demand
             assert tree_digests(live) == original
             assert pv.stats()["demand_fetches"] > 0
@@ -194,8 +196,6 @@ def test_stop_refuses_while_a_loop_device_holds_the_file(tmp_path: Path) -> None
 def test_fuse_read_errors_and_repository_outage(tmp_path: Path) -> None:
     """A corrupt chunk is EIO for its reads only; an outage shorter than the deadline is no
     error at all (the read waits), which the dm origin relies on."""
-    import threading
-
     data = random.Random(2).randbytes(8 * MiB)
     src = MemorySource(data, MiB)
     src.corrupt = {2}

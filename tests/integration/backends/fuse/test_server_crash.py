@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from dmrecover.system import command
-from dmrecover.system.blockdev import loop_attach, loop_detach
+from dmrecover.system.loops import attach as loop_attach
+from dmrecover.system.loops import detach as loop_detach
 
 pytestmark = pytest.mark.root
 

@@ -1,0 +1,58 @@
+"""Block device numbers and what sysfs says about them.
+
+A block device is identified by its major:minor number, never by its name, so
+/dev/disk/by-id links, /dev/mapper names and /dev/dm-N all resolve to the same device.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from dmrecover.errors import DeviceError
+
+
+def stat_path(path: str | os.PathLike[str]) -> os.stat_result:
+    """os.stat, with DeviceError naming the path when it is missing or unreadable."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise DeviceError(f"{path} does not exist", hint="check the path") from None
+    except OSError as err:
+        raise DeviceError(f"cannot stat {path}: {err.strerror}") from err
+
+
+def devnum(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(major, minor) of a block device, None for anything else (a regular file...)."""
+    st = stat_path(path)
+    if stat.S_ISBLK(st.st_mode):
+        return os.major(st.st_rdev), os.minor(st.st_rdev)
+    return None
+
+
+def with_partitions(major: int, minor: int) -> set[tuple[int, int]]:
+    """The device and its partitions (a mounted sda1 makes sda busy too)."""
+    nums = {(major, minor)}
+    base = Path(f"/sys/dev/block/{major}:{minor}")
+    try:
+        for child in base.iterdir():
+            dev = child / "dev"
+            if (child / "partition").exists() and dev.exists():
+                ma, mi = dev.read_text().strip().split(":")
+                nums.add((int(ma), int(mi)))
+    except OSError:
+        pass
+    return nums
+
+
+def holders_of(major: int, minor: int) -> list[str]:
+    """Devices stacked on a block device or its partitions (sysfs holders/: dm, md...)."""
+    out: set[str] = set()
+    for ma, mi in with_partitions(major, minor):
+        try:
+            out.update(f"/dev/{h.name}" for h in Path(f"/sys/dev/block/{ma}:{mi}/holders")
+                       .iterdir())
+        except OSError:
+            pass
+    return sorted(out)
