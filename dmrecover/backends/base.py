@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from dmrecover.errors import BackendUnavailable
+from dmrecover.errors import BackendUnavailable, NotRootError
 
 if TYPE_CHECKING:  # typing only: the engine is a lower layer, imported for annotations
     from dmrecover.engine.pseudovolume import PseudoVolume
@@ -155,9 +155,11 @@ class Backend(ABC):
         """Raise BackendUnavailable("... because ...", hint=...) when it cannot run here."""
 
     def available(self) -> bool:
+        """probe() without the error: what `auto` asks (a backend that needs root is not
+        available to a non-root caller)."""
         try:
             self.probe()
-        except BackendUnavailable as err:
+        except (BackendUnavailable, NotRootError) as err:
             log.debug("backend %s unavailable: %s", self.name, err)
             return False
         return True
