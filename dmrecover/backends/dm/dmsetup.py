@@ -24,7 +24,7 @@ from pathlib import Path
 
 import dmrecover
 from dmrecover import DM_UUID_PREFIX
-from dmrecover.errors import NotRootError, StackError
+from dmrecover.errors import BackendUnavailable, NotRootError, StackError
 from dmrecover.system import command
 
 log = logging.getLogger(__name__)
@@ -179,25 +179,31 @@ def probe(required: tuple[str, ...] = ("snapshot",)) -> dict[str, tuple[int, ...
 
     Needs root, dmsetup, the device-mapper driver and each target in `required` (the module is
     loaded first: `snapshot` lives in dm-snapshot, which also provides `snapshot-merge`).
-    Returns the targets.
+    Returns the targets. NotRootError for a non-root caller, BackendUnavailable for a missing
+    piece.
     """
     if os.geteuid() != 0:
         raise NotRootError("the dm backend needs root", hint="run dmrecover as root")
     if not command.have("dmsetup"):
-        raise StackError("the dm backend needs dmsetup, which is not installed",
-                         hint="install the dmsetup package, or use --backend fuse")
+        raise BackendUnavailable("the dm backend needs dmsetup, which is not installed",
+                                 hint="install the dmsetup package, or use --backend fuse")
     _load_module("dm-mod")
     for t in required:
         _load_module(f"dm-{t}")
     if not Path("/dev/mapper/control").exists():
-        raise StackError("this kernel has no device-mapper (/dev/mapper/control is missing)",
-                         hint="load the dm-mod module, or use --backend fuse")
-    have = targets()
+        raise BackendUnavailable("this kernel has no device-mapper "
+                                 "(/dev/mapper/control is missing)",
+                                 hint="load the dm-mod module, or use --backend fuse")
+    try:
+        have = targets()
+    except StackError as err:
+        raise BackendUnavailable(f"device-mapper does not answer: {err.message}",
+                                 hint="see the kernel log, or use --backend fuse") from err
     for t in required:
         if t not in have:
-            raise StackError(f"the kernel has no device-mapper {t!r} target "
-                             f"(have: {', '.join(sorted(have)) or 'none'})",
-                             hint=f"load the dm-{t} module, or use --backend fuse")
+            raise BackendUnavailable(f"the kernel has no device-mapper {t!r} target "
+                                     f"(have: {', '.join(sorted(have)) or 'none'})",
+                                     hint=f"load the dm-{t} module, or use --backend fuse")
     use_udevsync()
     return have
 
