@@ -27,7 +27,8 @@ import trio
 
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.errors import DmrecoverError, StackError
-from dmrecover.system import command
+from dmrecover.system import command, loops
+from dmrecover.system.mounts import is_mountpoint
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +273,9 @@ class FuseServer:
         """Stop serving and unmount. Idempotent. StackError when the mount stays busy."""
         if not self._owns_session:
             return
-        loops = loops_backed_by(self.path)
-        if loops:
-            raise StackError(f"{self.path} is still attached to {', '.join(loops)}",
+        attached = _loops_on(self.path)
+        if attached:
+            raise StackError(f"{self.path} is still attached to {', '.join(attached)}",
                              hint="detach the loop device(s) before stopping the FUSE server")
         self._teardown(timeout)
 
@@ -311,32 +312,11 @@ class FuseServer:
         self.stop()
 
 
-def loops_backed_by(path: str | os.PathLike[str]) -> list[str]:
-    """Loop devices (/dev/loopN) whose backing file is `path`."""
-    target = os.path.realpath(path)
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            if backing.read_text().strip() == target:
-                found.append("/dev/" + backing.parent.parent.name)
-        except OSError:
-            continue
-    return sorted(found)
+def _loops_on(path: Path) -> list[str]:
+    """Loop devices backed by the file at path (read from sysfs: the FUSE file itself is not
+    touched, so this works even when its server is gone)."""
+    return [dev for dev, _ in loops.loops_backed_under(os.path.realpath(path))]
 
 
 def _is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return True
-    except OSError:
-        pass
-    return False
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
+    return is_mountpoint(os.path.realpath(path))

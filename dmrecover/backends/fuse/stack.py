@@ -1,123 +1,42 @@
-"""Building and tearing down the device stack, with an explicit undo list.
-
-Portable (fuse) backend:
+"""The portable backend's stack, with an explicit undo list.
 
     PseudoVolume -> FUSE file STATE/fuse/volume -> losetup (no partition scan) -> mount at MP
 
 Each step that succeeds pushes its undo onto an `UndoStack`; a failure at step N unwinds N-1..1,
 so no mount, loop, FUSE mount or process is left behind. `DMRECOVER_FAIL_AT=<step>` (a test
-hook) makes the named step fail before it acts, to prove that.
+hook, see dmrecover.testhooks) makes the named step fail before it acts, to prove that
+(steps: fuse, loop, mount).
 
 `teardown_leftovers()` removes what a dead session process left (found by looking, not by
-trusting recorded names): the mount at MP if it sits on one of our loops, loops whose backing
-file is under the state dir, and the FUSE mount in the state dir.
+trusting recorded names): mounts of our loops, loops whose backing file is under the state dir,
+and the FUSE mount in the state dir. The dm backend uses it too: its origin is a FUSE file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.errors import StackError
-from dmrecover.system import command
+from dmrecover.system import command, loops
 from dmrecover.system.mounts import is_mountpoint, mount, mount_at, mounts, umount
+from dmrecover.testhooks import fault_point
+
+if TYPE_CHECKING:  # annotations only: server.py needs pyfuse3 (see start_server)
+    from dmrecover.backends.fuse.server import FuseServer
+    from dmrecover.engine.pseudovolume import PseudoVolume
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "DMRECOVER_FAIL_AT"
 FUSE_SUBDIR = "fuse"
 FUSE_FILE = "volume"
 
 
-def fault_point(step: str) -> None:
-    """Test hook: raise StackError when DMRECOVER_FAIL_AT names this step."""
-    if os.environ.get(FAULT_ENV) == step:
-        raise StackError(f"injected failure at step {step} ({FAULT_ENV})")
-
-
-class UndoStack:
-    """Undo actions of the steps done so far; `unwind()` runs them newest first."""
-
-    def __init__(self) -> None:
-        self._undo: list[tuple[str, Callable[[], None]]] = []
-
-    def push(self, name: str, undo: Callable[[], None]) -> None:
-        self._undo.append((name, undo))
-
-    def pop(self, name: str) -> Callable[[], None]:
-        """Remove the newest undo named `name` and return it (to run it at a chosen time)."""
-        for i in range(len(self._undo) - 1, -1, -1):
-            if self._undo[i][0] == name:
-                return self._undo.pop(i)[1]
-        raise KeyError(name)
-
-    def names(self) -> list[str]:
-        return [n for n, _ in self._undo]
-
-    def __len__(self) -> int:
-        return len(self._undo)
-
-    def unwind(self) -> list[str]:
-        """Run every undo, newest first; keep going past failures; return their messages."""
-        errors = []
-        while self._undo:
-            name, undo = self._undo.pop()
-            try:
-                log.info("undo: %s", name)
-                undo()
-            except Exception as err:  # undo must go on: one failure must not strand the rest
-                log.error("undo %s failed: %s", name, err)
-                errors.append(f"undo {name}: {err}")
-        return errors
-
-
-# ---------------------------------------------------------------- loops
-
-
-def loops_backed_under(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """(loop device, backing file) for every loop whose backing file is under directory."""
-    root = os.path.abspath(directory)
-    found = []
-    for loop in sorted(Path("/sys/block").glob("loop*")):
-        try:
-            backing = (loop / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        path = backing.removesuffix(" (deleted)")
-        if path == root or path.startswith(root.rstrip("/") + "/"):
-            found.append((f"/dev/{loop.name}", path))
-    return found
-
-
-def loop_backing(dev: str) -> str | None:
-    """The backing file of loop device dev, or None when not attached."""
-    try:
-        return Path(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read_text().strip()
-    except OSError:
-        return None
-
-
-def attach_loop(path: str) -> str:
-    """losetup --find --show PATH (no partition scan: -P is never passed)."""
-    from dmrecover.system.blockdev import loop_attach
-
-    return loop_attach(path)
-
-
-def detach_loop(dev: str, *, wait: float = 10.0) -> None:
-    """Detach dev and wait until the kernel has let go of its backing file."""
-    from dmrecover.system.blockdev import loop_detach
-
-    if loop_backing(dev) is None:
-        return
-    loop_detach(dev)
-    deadline = time.monotonic() + wait
-    while loop_backing(dev) is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
+# session/cleanup.py still imports this name; it goes when cleanup iterates the registry.
+detach_loop = loops.detach
 
 
 def fuse_unmount(path: str, *, lazy: bool = False) -> None:
@@ -132,22 +51,22 @@ def fuse_unmount(path: str, *, lazy: bool = False) -> None:
 
 
 @dataclass
-class FuseStack:
+class FuseStack(Presentation):
     """The portable backend's presentation of a PseudoVolume at a mount point."""
 
-    volume: object  # PseudoVolume
-    state_dir: str
-    mountpoint: str
-    fstype: str | None
-    mount_options: list[str] = field(default_factory=list)
+    volume: PseudoVolume
+    ctx: BackendContext
     undo: UndoStack = field(default_factory=UndoStack)
-    server: object | None = None  # FuseServer
+    server: FuseServer | None = None
     loop: str | None = None
-    on_change: Callable[[dict], None] | None = None  # persists device names as they appear
 
     @property
     def fuse_dir(self) -> str:
-        return os.path.join(self.state_dir, FUSE_SUBDIR)
+        return os.path.join(self.ctx.state_dir, FUSE_SUBDIR)
+
+    @property
+    def mountpoint(self) -> str:
+        return self.ctx.mountpoint
 
     def devices(self) -> dict:
         return {"fuse_dir": self.fuse_dir if self.server is not None else None,
@@ -155,8 +74,9 @@ class FuseStack:
                 "mounted": self.mountpoint if "mount" in self.undo.names() else None}
 
     def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self.devices())
+        # Persists device names as they appear (the session record), for a later crash.
+        if self.ctx.on_change is not None:
+            self.ctx.on_change(self.devices())
 
     def build(self) -> None:
         """FUSE -> loop -> mount; on failure undo what was done and re-raise."""
@@ -174,12 +94,9 @@ class FuseStack:
             raise
 
     def _start_fuse(self) -> None:
-        from dmrecover.backends.fuse.server import FuseServer
-
         fault_point("fuse")
         os.makedirs(self.fuse_dir, exist_ok=True)
-        server = FuseServer(self.volume, self.fuse_dir, name=FUSE_FILE)
-        server.start()
+        server = start_server(self.volume, self.fuse_dir, FUSE_FILE)
         self.server = server
         self.undo.push("fuse", self._stop_fuse)
         self._changed()
@@ -192,20 +109,20 @@ class FuseStack:
 
     def _attach_loop(self) -> None:
         fault_point("loop")
-        self.loop = attach_loop(os.path.join(self.fuse_dir, FUSE_FILE))
+        self.loop = loops.attach(os.path.join(self.fuse_dir, FUSE_FILE))
         self.undo.push("loop", self._detach_loop)
         self._changed()
 
     def _detach_loop(self) -> None:
         dev, self.loop = self.loop, None
         if dev is not None:
-            detach_loop(dev)
+            loops.detach(dev)
         self._changed()
 
     def _mount(self) -> None:
         fault_point("mount")
         assert self.loop
-        mount(self.loop, self.mountpoint, self.fstype, self.mount_options)
+        mount(self.loop, self.mountpoint, self.ctx.fstype, list(self.ctx.mount_options))
         self.undo.push("mount", self._umount)
         self._changed()
 
@@ -220,17 +137,30 @@ class FuseStack:
         return self.undo.unwind()
 
 
-def teardown_leftovers(state_dir: str, mountpoint: str | None) -> list[str]:
+def start_server(volume: PseudoVolume, mountdir: str, name: str, *,
+                 read_only: bool = False) -> FuseServer:
+    """Serve `volume` as mountdir/name (started: the file answers when this returns)."""
+    # Deferred: pyfuse3 is an optional native dependency; the registry imports this module on
+    # hosts without it, where FuseBackend.probe() says what is missing instead.
+    from dmrecover.backends.fuse.server import FuseServer
+
+    server = FuseServer(volume, mountdir, name=name, read_only=read_only)
+    server.start()
+    return server
+
+
+def teardown_leftovers(state_dir: str, fuse_dir: str | None = None) -> list[str]:
     """Remove the stack a dead session left: returns what was done (for the log).
 
-    The filesystem at MP is unmounted (lazily if a normal unmount fails: on a dead FUSE server
-    its I/O errors), the loops backed by files under state_dir are detached, and the FUSE mount
-    in state_dir is unmounted (lazily if still busy).
+    Mounts of loops backed by files under state_dir (normally just MP) are unmounted (lazily if
+    a normal unmount fails: on a dead FUSE server its I/O errors), those loops are detached,
+    and the FUSE mount at fuse_dir (default: state_dir/fuse) is unmounted (lazily if still
+    busy). MP is not looked at by name: it may hold something else by now.
     """
     done = []
     state_dir = os.path.abspath(state_dir)
-    fuse_dir = os.path.join(state_dir, FUSE_SUBDIR)
-    ours = {dev for dev, _ in loops_backed_under(state_dir)}
+    fuse_dir = os.path.abspath(fuse_dir or os.path.join(state_dir, FUSE_SUBDIR))
+    ours = {dev for dev, _ in loops.loops_backed_under(state_dir)}
     # Mounts of our loops, anywhere (normally just MP), topmost first.
     for m in reversed(mounts()):
         if m.source in ours:
@@ -241,10 +171,9 @@ def teardown_leftovers(state_dir: str, mountpoint: str | None) -> list[str]:
                 log.warning("unmount of %s failed (%s); unmounting lazily", m.target, err)
                 umount(m.target, lazy=True)
                 done.append(f"lazily unmounted {m.target}")
-    del mountpoint  # found through the loops above; MP itself may hold something else
     for dev in sorted(ours):
         try:
-            detach_loop(dev)
+            loops.detach(dev)
             done.append(f"detached {dev}")
         except StackError as err:
             log.warning("detaching %s failed: %s", dev, err)
