@@ -1,4 +1,4 @@
-"""The device-mapper backend's stack, with an undo list (same interface as stack.FuseStack).
+"""The device-mapper backend's stack: build, teardown and online cutover, with an undo list.
 
     PseudoVolume(read_only) -> FUSE file STATE/origin/volume -> losetup -r  (origin)
     sparse file STATE/cow.img -> losetup                                      (COW)
@@ -12,15 +12,16 @@ docs/architecture.md ("dm backend: the origin").
 
 Cutover:
 - restart mode: the session stops the application and calls `teardown()` (unmount, remove the
-  snapshot, detach, stop FUSE), then `merge_into_dest()` merges the COW into DEST with a
+  snapshot, detach, stop FUSE), then `merge.merge_into_dest()` merges the COW into DEST with a
   `snapshot-merge` device, waits until it is merged, removes it; the session mounts DEST.
 - online mode: `online_cutover()` reloads the mounted pseudo-volume's table in place as
   `snapshot-merge <DEST> <cow>` (suspend, reload, resume: the application keeps running), tears
   the origin (loop, FUSE) down, waits for the merge, then reloads it as `linear` on DEST.
 
 Each step pushes its undo on an `UndoStack`; a failure at step N unwinds N-1..1 so that no dm
-device, loop, mount or FUSE mount is left behind. `DMRECOVER_FAIL_AT=<step>` injects a failure
-(steps: dm-probe, fuse, origin-loop, cow, cow-loop, dm-pseudo, mount).
+device, loop, mount or FUSE mount is left behind. `DMRECOVER_FAIL_AT=<step>` (a test hook, see
+dmrecover.testhooks) injects a failure (steps: dm-probe, fuse, origin-loop, cow, cow-loop,
+dm-pseudo, mount; dm-merge in merge.py).
 """
 
 from __future__ import annotations
@@ -31,22 +32,33 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.backends.dm import dmsetup as dm
-from dmrecover.backends.fuse.stack import UndoStack, attach_loop, detach_loop, fault_point
+from dmrecover.backends.dm.merge import (
+    CHUNK_SECTORS,
+    COW_FILE,
+    MERGE_TIMEOUT,
+    fdatasync_path,
+    flush_block_cache,
+    wait_merged,
+)
+from dmrecover.backends.fuse.stack import start_server
 from dmrecover.errors import StackError
-from dmrecover.system import command
+from dmrecover.system import command, loops
+from dmrecover.system.files import fsync_dir
 from dmrecover.system.mounts import mount, umount
+from dmrecover.testhooks import fault_point
+
+if TYPE_CHECKING:  # annotations only: server.py needs pyfuse3 (see fuse.stack.start_server)
+    from dmrecover.backends.fuse.server import FuseServer
+    from dmrecover.engine.pseudovolume import PseudoVolume
 
 log = logging.getLogger(__name__)
 
 ORIGIN_SUBDIR = "origin"
 ORIGIN_FILE = "volume"
-COW_FILE = "cow.img"
-CHUNK_SECTORS = 8  # 4 KiB: a small write never copies more than 4 KiB from the origin
-MERGE_TIMEOUT = 24 * 3600.0
-MERGE_PAUSE_ENV = "DMRECOVER_TEST_MERGE_PAUSE"
 
 
 def cow_size(volume_size: int) -> int:
@@ -62,49 +74,36 @@ def cow_size(volume_size: int) -> int:
     return -(-size // 4096) * 4096
 
 
-def _fdatasync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def flush_block_cache(dev: str) -> None:
-    """Write back and drop a block device's page cache (BLKFLSBUF).
-
-    The engine writes DEST through its page cache while dm writes DEST underneath it: after
-    a merge the cached pages would be stale for whoever reads DEST through its node next.
-    """
-    if stat.S_ISBLK(os.stat(dev).st_mode):
-        command.run(["blockdev", "--flushbufs", dev], error=StackError,
-                    what=f"flushing the cache of {dev}")
-
-
 @dataclass
-class DmStack:
-    """The dm backend's presentation of a read-only PseudoVolume at a mount point."""
+class DmStack(Presentation):
+    """The dm backend's presentation of a read-only PseudoVolume at a mount point.
 
-    volume: object  # PseudoVolume, read_only=True
-    state_dir: str
-    mountpoint: str
-    fstype: str | None
-    mount_options: list[str] = field(default_factory=list)
-    session: str = ""
+    Its files (origin FUSE mount, COW) live in the engine dir, beside the engine's own.
+    """
+
+    volume: PseudoVolume  # read_only=True: the kernel takes the writes
+    ctx: BackendContext
     undo: UndoStack = field(default_factory=UndoStack)
-    on_change: Callable[[dict], None] | None = None
-    server: object | None = None  # FuseServer
+    server: FuseServer | None = None
     origin_loop: str | None = None
     cow_loop: str | None = None
     pseudo: str | None = None  # dm name
     dest_loop: str | None = None  # loop on DEST (a regular file) during an online merge
     mounted: bool = False
 
-    def __post_init__(self) -> None:
-        if not self.session:
-            self.session = os.path.basename(os.path.abspath(self.state_dir))
-
     # ------------------------------------------------------------------ paths
+
+    @property
+    def state_dir(self) -> str:
+        return self.ctx.engine_dir
+
+    @property
+    def session(self) -> str:
+        return self.ctx.session or os.path.basename(os.path.abspath(self.state_dir))
+
+    @property
+    def mountpoint(self) -> str:
+        return self.ctx.mountpoint
 
     @property
     def origin_dir(self) -> str:
@@ -130,8 +129,9 @@ class DmStack:
                 "mounted": self.mountpoint if self.mounted else None}
 
     def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self.devices())
+        # Persists device names as they appear (the session record), for a later crash.
+        if self.ctx.on_change is not None:
+            self.ctx.on_change(self.devices())
 
     # ------------------------------------------------------------------ build
 
@@ -155,13 +155,9 @@ class DmStack:
             raise
 
     def _start_origin(self) -> None:
-        from dmrecover.backends.fuse.server import FuseServer
-
         fault_point("fuse")
         os.makedirs(self.origin_dir, exist_ok=True)
-        server = FuseServer(self.volume, self.origin_dir, name=ORIGIN_FILE, read_only=True)
-        server.start()
-        self.server = server
+        self.server = start_server(self.volume, self.origin_dir, ORIGIN_FILE, read_only=True)
         self.undo.push("fuse", self._stop_origin)
         self._changed()
 
@@ -173,14 +169,16 @@ class DmStack:
 
     def _attach_origin(self) -> None:
         fault_point("origin-loop")
-        self.origin_loop = attach_loop_ro(os.path.join(self.origin_dir, ORIGIN_FILE))
+        # --read-only: the origin is never written through the loop.
+        self.origin_loop = loops.attach(os.path.join(self.origin_dir, ORIGIN_FILE),
+                                        read_only=True)
         self.undo.push("origin-loop", self._detach_origin)
         self._changed()
 
     def _detach_origin(self) -> None:
         dev, self.origin_loop = self.origin_loop, None
         if dev is not None:
-            detach_loop(dev)
+            loops.detach(dev)
         self._changed()
 
     def _make_cow(self) -> None:
@@ -196,24 +194,20 @@ class DmStack:
         finally:
             os.close(fd)
         if created:
-            dfd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.state_dir)
             # A failed first set-up leaves no empty COW behind; a resumed one keeps its data.
             self.undo.push("cow", lambda: os.unlink(self.cow_path))
 
     def _attach_cow(self) -> None:
         fault_point("cow-loop")
-        self.cow_loop = attach_loop(self.cow_path)
+        self.cow_loop = loops.attach(self.cow_path)
         self.undo.push("cow-loop", self._detach_cow)
         self._changed()
 
     def _detach_cow(self) -> None:
         dev, self.cow_loop = self.cow_loop, None
         if dev is not None:
-            detach_loop(dev)
+            loops.detach(dev)
         self._changed()
 
     def _create_pseudo(self) -> None:
@@ -242,7 +236,7 @@ class DmStack:
 
     def _mount(self) -> None:
         fault_point("mount")
-        mount(self.device, self.mountpoint, self.fstype, self.mount_options)
+        mount(self.device, self.mountpoint, self.ctx.fstype, list(self.ctx.mount_options))
         self.mounted = True
         self.undo.push("mount", self._umount)
         self._changed()
@@ -266,17 +260,6 @@ class DmStack:
         except KeyError:
             pass
         return self.undo.unwind()
-
-    def cow_usage(self) -> dict:
-        """Sectors allocated in the COW and its capacity (for status)."""
-        if self.pseudo is None:
-            return {}
-        try:
-            st = dm.snapshot_status(self.pseudo)
-        except StackError as err:
-            return {"error": str(err)}
-        return {"cow_allocated_sectors": st.allocated, "cow_total_sectors": st.total,
-                "cow_metadata_sectors": st.metadata, "cow_invalid": st.invalid}
 
     # ------------------------------------------------------------------ online cutover
 
@@ -316,10 +299,9 @@ class DmStack:
         except KeyError:
             pass
         if self.dest_loop is not None:
-            # Autoclear: the DEST loop goes away by itself when the pseudo-volume is removed.
-            from dmrecover.system.blockdev import loop_detach
-
-            loop_detach(self.dest_loop)
+            # Autoclear: the DEST loop goes away by itself when the pseudo-volume is removed
+            # (the table still holds it, so do not wait for it to go).
+            loops.detach(self.dest_loop, wait=0)
         self._changed()
         return pause
 
@@ -349,215 +331,12 @@ class DmStack:
     def _dest_device(self, dest: str) -> str:
         if stat.S_ISBLK(os.stat(dest).st_mode):
             return dest
-        _fdatasync_path(dest)
-        self.dest_loop = attach_loop(dest)
+        fdatasync_path(dest)
+        self.dest_loop = loops.attach(dest)
         self.undo.push("dest-loop", self._detach_dest)
         return self.dest_loop
 
     def _detach_dest(self) -> None:
         dev, self.dest_loop = self.dest_loop, None
         if dev is not None:
-            detach_loop(dev)
-
-
-def attach_loop_ro(path: str) -> str:
-    """losetup --read-only: the origin is never written through the loop."""
-    from dmrecover.system.blockdev import loop_attach
-
-    return loop_attach(path, read_only=True)
-
-
-def wait_merged(name: str, *, timeout: float = MERGE_TIMEOUT,
-                progress: Callable[[dm.SnapshotStatus], None] | None = None) -> None:
-    """Wait until a snapshot-merge device has merged everything (allocated == metadata)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        st = dm.snapshot_status(name)
-        if st.invalid or st.merge_failed:
-            raise StackError(f"the merge of {name} failed (status: {dm.status(name)})",
-                             hint="the COW is kept; see the kernel log (dmesg)")
-        if progress is not None:
-            progress(st)
-        if st.merged:
-            return
-        if time.monotonic() > deadline:
-            raise StackError(f"the merge of {name} did not finish within {timeout:g}s")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
-
-
-def merge_into_dest(volume, state_dir: str, dest: str, session: str = "",
-                    *, timeout: float = MERGE_TIMEOUT) -> int:
-    """Restart-mode merge: DEST += COW, with the application stopped and nothing mounted.
-
-    A `snapshot-merge <DEST> <cow>` device is created, left to merge, then removed; the COW's
-    own metadata records each merged chunk, so after a crash this runs again and continues.
-    Then the "merged" marker is written (durably) and the COW file removed. Returns the COW's
-    allocated bytes before the merge. Idempotent.
-    """
-    from dmrecover.engine.pseudovolume import MERGED_MARKER, _write_marker
-
-    session = session or os.path.basename(os.path.abspath(state_dir))
-    cow = os.path.join(state_dir, COW_FILE)
-    marker = os.path.join(state_dir, MERGED_MARKER)
-    if os.path.exists(marker):
-        return 0
-    undo = UndoStack()
-    merged_bytes = 0
-    try:
-        if os.path.exists(cow):
-            volume.fetcher.sync_dest()
-            if stat.S_ISBLK(os.stat(dest).st_mode):
-                dest_dev = dest
-            else:
-                _fdatasync_path(dest)
-                dest_dev = attach_loop(dest)
-                undo.push("dest-loop", lambda: detach_loop(dest_dev))
-            flush_block_cache(dest_dev)
-            cow_loop = attach_loop(cow)
-            undo.push("cow-loop", lambda: detach_loop(cow_loop))
-            name = dm.dm_name(session, "merge")
-            if dm.info(name) is not None:
-                dm.remove(name)
-            fault_point("dm-merge")
-            dm.create(name, dm.snapshot_merge_table(dest_dev, cow_loop, volume.size,
-                                                    CHUNK_SECTORS),
-                      dm.dm_uuid(session, "merge"))
-            undo.push("dm-merge", lambda: dm.remove(name))
-            # Test knob: hold the merge phase open so a test can cut the power during it.
-            time.sleep(float(os.environ.get(MERGE_PAUSE_ENV) or 0))
-            st = dm.snapshot_status(name)
-            merged_bytes = max(0, st.allocated - st.metadata) * dm.SECTOR
-            wait_merged(name, timeout=timeout)
-            undo.unwind()
-            if stat.S_ISBLK(os.stat(dest).st_mode):
-                flush_block_cache(dest)  # drop the engine's now stale cached pages of DEST
-            _fdatasync_path(dest)
-    except BaseException:
-        errors = undo.unwind()
-        if errors:
-            log.error("undo after a failed merge left problems: %s", "; ".join(errors))
-        raise
-    _write_marker(Path(marker), f"{time.time():.3f}\n")
-    try:
-        os.unlink(cow)
-    except FileNotFoundError:
-        pass
-    return merged_bytes
-
-
-def discard_cow(state_dir: str) -> None:
-    """Remove the COW file (only once merged)."""
-    try:
-        os.unlink(os.path.join(state_dir, COW_FILE))
-    except FileNotFoundError:
-        pass
-
-
-# ---------------------------------------------------------------------- leftovers (cleanup)
-
-
-def _loop_backing_file(major: int, minor: int) -> str | None:
-    try:
-        name = os.path.basename(os.readlink(f"/sys/dev/block/{major}:{minor}"))
-    except OSError:
-        return None
-    try:
-        with open(f"/sys/block/{name}/loop/backing_file") as f:
-            return f.read().strip().removesuffix(" (deleted)")
-    except OSError:
-        return None
-
-
-def _session_state(info: dm.DmInfo) -> tuple[str | None, bool, str | None]:
-    """(state dir, live, state) of the session owning a device, found by looking: the state
-    dir holding the backing file of a loop under it, else the default state dir."""
-    from dmrecover.session.cleanup import _session_dir_of
-    from dmrecover.session.session import SESSION_FILE, lock_held, read_json, session_dir
-
-    dirs: list[str] = []
-    try:
-        for major, minor in dm.dependencies(info.name):
-            backing = _loop_backing_file(major, minor)
-            d = _session_dir_of(backing) if backing else None
-            if d:
-                dirs.append(d)
-    except StackError:
-        pass
-    parts = dm.split_uuid(info.uuid)
-    if not dirs and parts:
-        d = session_dir(parts[0])
-        if os.path.isfile(os.path.join(d, SESSION_FILE)):
-            dirs.append(d)
-    for d in dirs:
-        if lock_held(d):
-            return d, True, None
-    if not dirs:
-        return None, False, None
-    try:
-        data = read_json(os.path.join(dirs[0], SESSION_FILE)) or {}
-    except Exception:
-        data = {}
-    return dirs[0], False, data.get("state")
-
-
-def leftover_devices(session: str | None = None) -> list[str]:
-    """dmrecover's dm devices that no live session owns, in removal order (top first).
-
-    Left alone: devices of a live session, and the pseudo-volume of a finished online cutover
-    (a `linear` mapping on DEST that the application runs on).
-    """
-    found = []
-    for inf in dm.list_owned(session):
-        _, live, state = _session_state(inf)
-        if live:
-            continue
-        if state == "done":
-            try:
-                if dm.table(inf.name).split()[2:3] == ["linear"]:
-                    continue
-            except StackError:
-                pass
-        found.append(inf)
-    # Top layers (opened by nothing of ours) first: fewer open references first.
-    return [i.name for i in sorted(found, key=lambda i: i.open_count)]
-
-
-def mounts_of_devices(names: list[str]) -> list[str]:
-    """Mount points whose source is one of these dm devices, deepest first."""
-    from dmrecover.system.mounts import mounts
-
-    wanted = set()
-    for n in names:
-        wanted.add(str(dm.mapper_path(n)))
-        inf = dm.info(n)
-        if inf is not None:
-            wanted.add(str(inf.devnode))
-    return [m.target for m in reversed(mounts()) if m.source in wanted]
-
-
-def remove_leftover(name: str) -> None:
-    """Remove one leftover device (resumed first if a crash left it suspended)."""
-    inf = dm.info(name)
-    if inf is None:
-        return
-    if inf.suspended:
-        dm.resume(name)
-    dm.remove(name)
-
-
-def teardown_session_devices(session: str) -> list[str]:
-    """A dead session's dm part: unmount what is mounted from its devices, remove them."""
-    done = []
-    names = [i.name for i in dm.list_owned(session)] if dm.available() else []
-    for mp in mounts_of_devices(names):
-        try:
-            umount(mp, check_holders=False, retries=3)
-            done.append(f"unmounted {mp}")
-        except StackError:
-            umount(mp, lazy=True)
-            done.append(f"lazily unmounted {mp}")
-    if names:
-        done += [f"removed dm device {n}" for n in dm.remove_owned(session)]
-    return done
+            loops.detach(dev)

@@ -1,0 +1,131 @@
+"""What dead sessions of the dm backend left: their device-mapper devices and mounts of them.
+
+Every device dmrecover makes has a UUID with our prefix (dmsetup.DM_UUID_PREFIX), so the
+devices are found by looking; which session owns one is found by looking too (the state dir
+holding the backing file of a loop under it, else the session's default state dir). The session
+layer answers the questions about state dirs through a `SessionLookup`: this module does not
+import it.
+
+Left alone: devices of a live session, and the pseudo-volume of a finished online cutover (a
+`linear` mapping on DEST that the application runs on).
+"""
+
+from __future__ import annotations
+
+from dmrecover.backends.base import Leftover, SessionLookup
+from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.errors import StackError
+from dmrecover.system import loops
+from dmrecover.system.mounts import mounts, umount
+
+BACKEND = "dm"
+MOUNT = "mount"
+DEVICE = "dm"
+
+
+def _session_state(info: dm.DmInfo, sessions: SessionLookup
+                   ) -> tuple[str | None, bool, str | None]:
+    """(state dir, live, state) of the session owning a device, found by looking: the state
+    dir holding the backing file of a loop under it, else the default state dir."""
+    dirs: list[str] = []
+    try:
+        for major, minor in dm.dependencies(info.name):
+            backing = loops.backing_file((major, minor))
+            d = sessions.state_dir_of(backing) if backing else None
+            if d:
+                dirs.append(d)
+    except StackError:
+        pass
+    parts = dm.split_uuid(info.uuid)
+    if not dirs and parts:
+        dirs.append(sessions.state_dir_for(parts[0]))
+    for d in dirs:
+        if sessions.is_live(d):
+            return d, True, None
+    if not dirs:
+        return None, False, None
+    try:
+        state = sessions.state(dirs[0])
+    except Exception:  # an unreadable record: the device is still a dead session's
+        state = None
+    return dirs[0], False, state
+
+
+def leftover_devices(sessions: SessionLookup, session: str | None = None) -> list[str]:
+    """dmrecover's dm devices that no live session owns, in removal order (top first)."""
+    found = []
+    for inf in dm.list_owned(session):
+        _, live, state = _session_state(inf, sessions)
+        if live:
+            continue
+        if state == "done":
+            try:
+                if dm.table(inf.name).split()[2:3] == ["linear"]:
+                    continue
+            except StackError:
+                pass
+        found.append(inf)
+    # Top layers (opened by nothing of ours) first: fewer open references first.
+    return [i.name for i in sorted(found, key=lambda i: i.open_count)]
+
+
+def mounts_of_devices(names: list[str]) -> list[str]:
+    """Mount points whose source is one of these dm devices, deepest first."""
+    wanted = set()
+    for n in names:
+        wanted.add(str(dm.mapper_path(n)))
+        inf = dm.info(n)
+        if inf is not None:
+            wanted.add(str(inf.devnode))
+    return [m.target for m in reversed(mounts()) if m.source in wanted]
+
+
+def find(sessions: SessionLookup) -> list[Leftover]:
+    """The mounts of dead sessions' devices, then the devices: in removal order. Empty where
+    device-mapper is not usable (no dmsetup, no driver, not root)."""
+    if not dm.available("snapshot"):
+        return []
+    names = leftover_devices(sessions)
+    if not names:
+        return []
+    return ([Leftover(BACKEND, MOUNT, mp) for mp in mounts_of_devices(names)]
+            + [Leftover(BACKEND, DEVICE, n) for n in names])
+
+
+def remove_device(name: str) -> None:
+    """Remove one leftover device (resumed first if a crash left it suspended)."""
+    inf = dm.info(name)
+    if inf is None:
+        return
+    if inf.suspended:
+        dm.resume(name)
+    dm.remove(name)
+
+
+def remove(item: Leftover) -> None:
+    """Remove one leftover found by `find()` (a mount lazily where a normal unmount fails)."""
+    if item.kind == MOUNT:
+        try:
+            umount(item.name, check_holders=False, retries=3)
+        except StackError:
+            umount(item.name, lazy=True)
+    elif item.kind == DEVICE:
+        remove_device(item.name)
+    else:
+        raise ValueError(f"not a leftover of the dm backend: {item}")
+
+
+def teardown_session_devices(session: str) -> list[str]:
+    """A dead session's dm part: unmount what is mounted from its devices, remove them."""
+    done = []
+    names = [i.name for i in dm.list_owned(session)] if dm.available() else []
+    for mp in mounts_of_devices(names):
+        try:
+            umount(mp, check_holders=False, retries=3)
+            done.append(f"unmounted {mp}")
+        except StackError:
+            umount(mp, lazy=True)
+            done.append(f"lazily unmounted {mp}")
+    if names:
+        done += [f"removed dm device {n}" for n in dm.remove_owned(session)]
+    return done
