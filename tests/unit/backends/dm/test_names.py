@@ -1,4 +1,4 @@
-"""dm.py and dmstack.py pure logic: names, UUIDs, tables, status parsing, COW sizing."""
+"""dmsetup.py and stack.py pure logic: names, UUIDs, tables, status parsing, COW sizing."""
 
 import subprocess
 
