@@ -12,7 +12,7 @@ buffered sequential writes, re-read of written data):
 
 - dest:   ext4 on loop on DEST;
 - dm:     ext4 on the dm snapshot (origin: loop -r on the read-only FUSE file; COW: loop on a
-          sparse file), i.e. dmstack.DmStack;
+          sparse file), i.e. the dm backend's DmStack;
 - fuse:   ext4 on loop on the read-write FUSE file (the portable backend).
 
 Online cutover pause: an application loop (4 KiB write + fdatasync, timestamps of every
@@ -38,9 +38,10 @@ sys.path.insert(0, str(here))
 
 from bench_engine import measure  # noqa: E402
 
+from dmrecover.backends.base import BackendContext  # noqa: E402
+from dmrecover.backends.dm import DmBackend  # noqa: E402
 from dmrecover.backends.dm import dmsetup as dm  # noqa: E402
-from dmrecover.backends.dm.stack import DmStack  # noqa: E402
-from dmrecover.backends.fuse.stack import FuseStack  # noqa: E402
+from dmrecover.backends.fuse import FuseBackend  # noqa: E402
 from dmrecover.engine.fetcher import MemorySource  # noqa: E402
 from dmrecover.engine.pseudovolume import PseudoVolume  # noqa: E402
 from dmrecover.system import command  # noqa: E402
@@ -138,7 +139,9 @@ def main() -> int:
         pv.flush()
         mnt = tmp / "mnt"
         mnt.mkdir()
-        stack = DmStack(pv, str(sdir), str(mnt), "ext4", session="bench")
+        stack = DmBackend().present(pv, BackendContext(
+            session="bench", state_dir=str(sdir), engine_dir=str(sdir), mountpoint=str(mnt),
+            fstype="ext4", dest=str(dest), size=size))
         stack.build()
         try:
             umount(str(mnt))
@@ -178,7 +181,9 @@ def main() -> int:
         pvf.start_restore()
         pvf.wait_restored()
         pvf.stop_restore()
-        fstack = FuseStack(pvf, str(fdir), str(mnt), "ext4")
+        fstack = FuseBackend().present(pvf, BackendContext(
+            session="fuse", state_dir=str(fdir), engine_dir=str(fdir), mountpoint=str(mnt),
+            fstype="ext4", dest=str(dest), size=size))
         fstack.build()
         try:
             umount(str(mnt))
