@@ -1,0 +1,168 @@
+"""The command line: one parser, one sub-parser per verb, each bound to its handler."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from dmrecover import __version__
+from dmrecover.cli import demo_cmd, repository_cmds, session_cmds
+from dmrecover.cli.progress_display import MODES as PROGRESS_MODES
+from dmrecover.errors import DmrecoverError
+from dmrecover.units import parse_size
+
+Handler = Callable[[argparse.Namespace], int]
+
+# Until the backends register (engineer A's commit), the registry cannot be imported.
+BACKEND_CHOICES = ["auto", "dm", "fuse"]
+FSTYPES = ("ext4", "xfs")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: `dmrecover: error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"dmrecover: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except DmrecoverError as err:  # argparse reports ArgumentTypeError as a usage error
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _progress_opt(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                    help="progress display (default: rich on a TTY, else plain lines)")
+
+
+def _state_dir_opt(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--state-dir", metavar="DIR",
+                    help="the session's state dir (default: /var/lib/dmrecover/SESSION)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; every verb's parser sets `handler`."""
+    p = Parser(prog="dmrecover", description="Instant recovery of a data volume from backup.")
+    p.add_argument("--version", action="version", version=f"dmrecover {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=Parser)
+
+    def verb(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    _repository_verbs(sub, verb)
+    _session_verbs(verb)
+
+    sp = verb("demo", demo_cmd.do_demo, "live-restore a sample database volume, end to end")
+    sp.add_argument("--size", type=_size, default=256 << 20, help="volume size (default 256M)")
+    sp.add_argument("--fstype", choices=FSTYPES, default="ext4")
+    sp.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    sp.add_argument("--workdir", metavar="DIR",
+                    help="work directory (default: a new one under /var/tmp)")
+    sp.add_argument("--keep", action="store_true", help="keep the work directory")
+    return p
+
+
+def _repository_verbs(sub: argparse._SubParsersAction,
+                      verb: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    repo = sub.add_parser("repo", help="manage a backup repository")
+    repo_sub = repo.add_subparsers(dest="repo_verb", metavar="ACTION", required=True)
+    ri = repo_sub.add_parser("init", help="create a new repository")
+    ri.add_argument("repo", metavar="REPO")
+    ri.set_defaults(handler=repository_cmds.do_repo_init)
+
+    sp = verb("backup", repository_cmds.do_backup, "back up a block device or image file")
+    sp.add_argument("source", metavar="SOURCE")
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("--name", default=None, help="a name for the backup (default: source name)")
+    sp.add_argument("--chunk-size", type=_size, default=4 << 20,
+                    help="chunk size, 64K to 16M (default 4M)")
+    _progress_opt(sp)
+
+    sp = verb("list", repository_cmds.do_list, "list the backups in a repository")
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("--json", action="store_true")
+
+    sp = verb("verify", repository_cmds.do_verify, "re-read and re-hash every chunk")
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("backup", nargs="?", metavar="BACKUP", help="one backup (default: all)")
+    _progress_opt(sp)
+
+    sp = verb("restore", repository_cmds.do_restore,
+              "full offline restore to a block device or file")
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("backup", metavar="BACKUP")
+    sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("--force", action="store_true",
+                    help="overwrite a destination that holds a filesystem")
+    _progress_opt(sp)
+
+
+def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    sp = verb("live-restore", session_cmds.do_live_restore,
+              "restore while the application runs on a pseudo-volume")
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("backup", metavar="BACKUP")
+    sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("--mount", required=True, metavar="MOUNTPOINT",
+                    help="where the application finds its volume (an empty directory)")
+    sp.add_argument("--app-start", metavar="CMD", help="command that starts the application")
+    sp.add_argument("--app-stop", metavar="CMD", help="command that stops the application")
+    sp.add_argument("--app-unit", metavar="UNIT", help="a systemd unit instead of commands")
+    sp.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                    help="how the pseudo-volume is presented (default: the best available)")
+    sp.add_argument("--session", metavar="NAME", help="session name (default: the mount "
+                    "point's name)")
+    sp.add_argument("--cutover", choices=["auto", "manual", "online"], default="auto",
+                    help="auto: when restored; manual: on `dmrecover cutover`; online: merge "
+                    "without stopping the application (dm backend)")
+    sp.add_argument("--overlay", metavar="DIR",
+                    help="a directory for the engine's files: the overlay holding the "
+                    "application's writes and the restore map (default: the state dir)")
+    _state_dir_opt(sp)
+    sp.add_argument("--foreground", action="store_true",
+                    help="run the session in this process instead of in the background")
+    sp.add_argument("--fetch-deadline", type=float, default=600.0, metavar="SECONDS",
+                    help="how long a read waits for an unreachable repository before failing")
+    sp.add_argument("--force", action="store_true",
+                    help="overwrite a destination that holds a filesystem")
+
+    sp = verb("resume", session_cmds.do_resume, "continue a session after a crash or reboot")
+    sp.add_argument("session", metavar="SESSION")
+    _state_dir_opt(sp)
+    sp.add_argument("--foreground", action="store_true")
+
+    sp = verb("session-run", session_cmds.do_session_run,
+              "internal: the session process that live-restore and resume start")
+    sp.add_argument("session", metavar="SESSION")
+    _state_dir_opt(sp)
+    sp.add_argument("--resume", action="store_true")
+
+    sp = verb("status", session_cmds.do_status, "show live-restore sessions")
+    sp.add_argument("session", nargs="?", metavar="SESSION")
+    _state_dir_opt(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--watch", action="store_true", help="live display; Ctrl-C leaves")
+
+    sp = verb("cutover", session_cmds.do_cutover,
+              "switch the application to the restored volume")
+    sp.add_argument("session", metavar="SESSION")
+    _state_dir_opt(sp)
+    sp.add_argument("--online", action="store_true", help="merge without stopping the app (dm)")
+    sp.add_argument("--no-wait", action="store_true",
+                    help="return once the request is queued")
+
+    sp = verb("abort", session_cmds.do_abort, "stop the application and tear the session down")
+    sp.add_argument("session", metavar="SESSION")
+    _state_dir_opt(sp)
+
+    sp = verb("cleanup", session_cmds.do_cleanup,
+              "remove stale devices, loops and mounts left by a crash")
+    sp.add_argument("--dry-run", action="store_true")
