@@ -79,7 +79,7 @@ def v1_named_root(entries: Sequence[mounts.MountEntry] | None = None,
                   name: str = V1_NAME) -> str | None:
     """Where the named v1 hierarchy `name=<name>` is mounted, or None."""
     for m in mounts.mounts() if entries is None else entries:
-        if m.fstype == "cgroup" and f"name={name}" in m.options.split(","):
+        if m.fstype == "cgroup" and f"name={name}" in m.super_options.split(","):
             return m.target
     return None
 
