@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from dmrecover import DM_UUID_PREFIX
+from dmrecover.backends import registry
+from dmrecover.backends.base import BackendContext
+from dmrecover.backends.dm import DmBackend
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.errors import StackError
 from tests.kernel.kernelutil import foreign_uuid, sh
@@ -27,6 +31,68 @@ def test_targets_after_probe_include_snapshot_and_merge():
     assert all(isinstance(v, tuple) and v for v in have.values())
     assert dm.available("snapshot")
     assert not dm.available("no-such-target")
+
+
+def test_backend_probe_and_auto_choice():
+    DmBackend().probe()  # raises BackendUnavailable naming the missing piece
+    assert registry.choose("auto").name == "dm"
+    assert registry.choose("dm").kernel_takes_writes
+
+
+class Sessions:
+    """A SessionLookup: the sessions named in `live` run; no state dir holds any file."""
+
+    def __init__(self, root: Path, live: set[str]) -> None:
+        self.root = root
+        self.live = live
+
+    def state_dir_of(self, path: str) -> str | None:
+        return None
+
+    def state_dir_for(self, session: str) -> str:
+        return str(self.root / session)
+
+    def is_live(self, state_dir: str) -> bool:
+        return os.path.basename(state_dir) in self.live
+
+    def state(self, state_dir: str) -> str | None:
+        return None
+
+
+def test_backend_leftovers_and_teardown_dead(loops, owned_cleanup, tmp_path):
+    """A dead session's devices are leftovers (the mount on them first); a live one's are not;
+    teardown_dead removes one session's devices and unmounts what is mounted from them."""
+    session = owned_cleanup
+    backend = DmBackend()
+    name = dm.dm_name(session, "pseudo")
+    path = dm.create(name, dm.linear_table(loops(32 * MiB), 32 * MiB),
+                     dm.dm_uuid(session, "pseudo"))
+    sh("mkfs.ext4", "-q", str(path))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sh("mount", str(path), str(mnt))
+    try:
+        assert not [i for i in backend.leftovers(Sessions(tmp_path, {session}))
+                    if i.name == name]
+        found = [i for i in backend.leftovers(Sessions(tmp_path, set()))
+                 if i.name in (name, str(mnt))]
+        assert [(i.kind, i.name) for i in found] == [("mount", str(mnt)), ("dm", name)]
+        for item in found:
+            backend.remove_leftover(item)
+        assert dm.info(name) is None and not os.path.ismount(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+    path = dm.create(name, dm.linear_table(loops(32 * MiB), 32 * MiB),
+                     dm.dm_uuid(session, "pseudo"))
+    sh("mkfs.ext4", "-q", str(path))
+    sh("mount", str(path), str(mnt))
+    ctx = BackendContext(session=session, state_dir=str(tmp_path / "state"),
+                         engine_dir=str(tmp_path / "state"), mountpoint=str(mnt),
+                         fstype="ext4", dest=str(path), size=32 * MiB)
+    done = backend.teardown_dead(ctx)
+    assert f"unmounted {mnt}" in done and f"removed dm device {name}" in done
+    assert dm.info(name) is None and not os.path.ismount(mnt)
 
 
 def test_snapshot_over_loops(loops, owned_cleanup):
@@ -97,7 +163,6 @@ def test_merge_reload_in_place(loops, owned_cleanup):
     dm.reload(name, dm.snapshot_merge_table(origin, cow, 16 * MiB))
     dm.resume(name)
     assert "snapshot-merge" in dm.table(name)
-    import time
     deadline = time.monotonic() + 60
     while not dm.snapshot_status(name).merged:
         assert time.monotonic() < deadline, dm.status(name)
