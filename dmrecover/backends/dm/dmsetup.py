@@ -239,6 +239,8 @@ class _UdevWaiter:
         self.monitor = None
         if use_udevsync():
             try:
+                # Deferred: only where udevd runs, and optional even then (without it, or
+                # without netlink in this namespace, the node is polled for instead).
                 import pyudev
 
                 context = pyudev.Context()
