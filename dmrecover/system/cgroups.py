@@ -76,8 +76,9 @@ def cgroup2_root(entries: Sequence[mounts.MountEntry] | None = None) -> str | No
 
 
 def v1_named_root(entries: Sequence[mounts.MountEntry] | None = None,
-                  name: str = V1_NAME) -> str | None:
-    """Where the named v1 hierarchy `name=<name>` is mounted, or None."""
+                  name: str | None = None) -> str | None:
+    """Where the named v1 hierarchy `name=<name>` (default V1_NAME) is mounted, or None."""
+    name = name or V1_NAME
     for m in mounts.mounts() if entries is None else entries:
         if m.fstype == "cgroup" and f"name={name}" in m.super_options.split(","):
             return m.target
