@@ -13,17 +13,13 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from dmrecover.errors import DmrecoverError
+from dmrecover.errors import BitmapError
 from dmrecover.system.files import atomic_write
 
 MAGIC = b"DMRBMAP"
 VERSION = 1
 _HEADER = struct.Struct("<7sBQI4x")  # magic, version, nbits, crc32(bits)
 _SCAN = 1 << 16  # bytes per step when scanning for set/clear bits
-
-
-class BitmapError(DmrecoverError):
-    """A bitmap file is missing, torn or not a bitmap."""
 
 
 class Bitmap:

@@ -28,8 +28,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from dmrecover.engine.bitmap import Bitmap, BitmapError
-from dmrecover.errors import CorruptChunk, DeviceError, RepositoryUnavailable, SessionError
+from dmrecover.engine.bitmap import Bitmap
+from dmrecover.errors import (
+    BitmapError,
+    CorruptChunk,
+    DeviceError,
+    EngineError,
+    RepositoryUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +216,10 @@ class Fetcher:
         try:
             bm = Bitmap.load(self.map_path)
         except BitmapError as err:
-            raise SessionError(f"restored map {self.map_path} is unreadable: {err}",
+            raise EngineError(f"restored map {self.map_path} is unreadable: {err}",
                                hint="remove it to restore every chunk again") from err
         if bm.nbits != n:
-            raise SessionError(f"restored map {self.map_path} has {bm.nbits} chunks, the "
+            raise EngineError(f"restored map {self.map_path} has {bm.nbits} chunks, the "
                                f"backup has {n}", hint="the state dir belongs to another backup")
         return bm
 

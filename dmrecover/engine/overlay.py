@@ -31,8 +31,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from dmrecover.engine.bitmap import Bitmap, BitmapError
-from dmrecover.errors import SessionError
+from dmrecover.engine.bitmap import Bitmap
+from dmrecover.errors import BitmapError, OverlayError
 from dmrecover.system.files import write_all
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Overlay:
         try:
             img_size = os.fstat(self._img).st_size
             if existed and img_size != self.nblocks * BLOCK_SIZE:
-                raise SessionError(f"overlay {self.img_path} is {img_size} bytes, expected "
+                raise OverlayError(f"overlay {self.img_path} is {img_size} bytes, expected "
                                    f"{self.nblocks * BLOCK_SIZE}",
                                    hint="the state dir belongs to another volume")
             if not existed:
@@ -115,11 +115,11 @@ class Overlay:
         try:
             bm = Bitmap.load(self.map_path)
         except BitmapError as err:
-            raise SessionError(f"overlay map unreadable: {err}",
+            raise OverlayError(f"overlay map unreadable: {err}",
                                hint="the overlay cannot be trusted; keep overlay.img aside "
                                "and inspect it") from err
         if bm.nbits != self.nblocks:
-            raise SessionError(f"overlay map {self.map_path} has {bm.nbits} blocks, expected "
+            raise OverlayError(f"overlay map {self.map_path} has {bm.nbits} blocks, expected "
                                f"{self.nblocks}", hint="the state dir belongs to another volume")
         return bm
 

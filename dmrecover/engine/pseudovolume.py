@@ -23,7 +23,7 @@ from pathlib import Path
 from dmrecover.engine.fetcher import ChunkSource, Fetcher
 from dmrecover.engine.overlay import BLOCK_SIZE, Overlay
 from dmrecover.engine.restorer import Restorer
-from dmrecover.errors import SessionError
+from dmrecover.errors import EngineError
 from dmrecover.system.files import atomic_write
 
 MERGED_MARKER = "merged"
@@ -240,13 +240,13 @@ class PseudoVolume:
         """Cutover copy (portable backend): copy every overlay block into DEST, fdatasync
         DEST, then record "merged" in the state dir. Idempotent (a crash midway: run it again).
         Needs every chunk restored (else a later fetch would overwrite merged blocks): raises
-        SessionError otherwise. The application must be stopped and nothing must write to the
+        EngineError otherwise. The application must be stopped and nothing must write to the
         volume meanwhile. `progress(nbytes)` is called as blocks are copied. Returns the bytes
         copied."""
         if self.merged:
             return 0
         if not self.fetcher.restored_all():
-            raise SessionError("cannot merge the overlay: the restore is not complete",
+            raise EngineError("cannot merge the overlay: the restore is not complete",
                                hint="wait until every chunk is restored")
         # The restored map must be durable before "merged" is: resume trusts both.
         self.fetcher.sync()
@@ -269,9 +269,9 @@ class PseudoVolume:
         return copied
 
     def discard_overlay(self) -> None:
-        """Remove the overlay files; only allowed once merged (SessionError otherwise)."""
+        """Remove the overlay files; only allowed once merged (EngineError otherwise)."""
         if not self.merged:
-            raise SessionError("refusing to discard the overlay: it is not merged into DEST",
+            raise EngineError("refusing to discard the overlay: it is not merged into DEST",
                                hint="run the cutover first")
         if self.overlay is not None:
             self.overlay.close()

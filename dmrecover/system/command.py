@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from dmrecover.errors import CommandError
+from dmrecover.errors import CommandError, DmrecoverError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def run(
     timeout: float | None = DEFAULT_TIMEOUT,
     check: bool = True,
     input: bytes | str | None = None,
-    error: type[CommandError] = CommandError,
+    error: type[DmrecoverError] = CommandError,
     what: str | None = None,
     env: dict[str, str] | None = None,
     stdin: int | None = None,

@@ -118,7 +118,7 @@ def test_destination_too_small(repo: Path, tmp_path: Path, loop_device,
     rc, out, _ = cli("backup", str(src), "--repo", str(repo))
     dest = loop_device(blank(tmp_path / "d.img", 2 * MiB))
     rc, _, err = cli("restore", "--repo", str(repo), out.strip(), dest)
-    assert rc == 1 and "too small" in cli.error_line(err)
+    assert rc == 74 and "too small" in cli.error_line(err)
     assert sha(tmp_path / "d.img") == sha(blank(tmp_path / "ref", 2 * MiB))
 
 
@@ -130,11 +130,11 @@ def test_destination_mounted(repo: Path, tmp_path: Path, ext4_image: Path, fs_to
     with fs_tools.mounted(dev) as mnt:
         before = sha(dev)
         rc, _, err = cli("restore", "--repo", str(repo), out.strip(), dev, "--force")
-        assert rc == 1 and f"is mounted on {mnt}" in cli.error_line(err)
+        assert rc == 74 and f"is mounted on {mnt}" in cli.error_line(err)
         # the image file behind that mounted loop device is refused too
         rc, _, err = cli("restore", "--repo", str(repo), out.strip(), str(work),
                          "--force")
-        assert rc == 1 and "is mounted on" in cli.error_line(err)
+        assert rc == 74 and "is mounted on" in cli.error_line(err)
         assert sha(dev) == before
 
 
@@ -148,7 +148,7 @@ def test_destination_held(repo: Path, tmp_path: Path, loop_device,
     dev = loop_device(backing)
     # a file attached to a loop device is held by it
     rc, _, err = cli("restore", "--repo", str(repo), bid, str(backing))
-    assert rc == 1 and f"held by {dev}" in cli.error_line(err)
+    assert rc == 74 and f"held by {dev}" in cli.error_line(err)
     # a block device another process has open
     holder = subprocess.Popen(
         [sys.executable, "-c",
@@ -158,7 +158,7 @@ def test_destination_held(repo: Path, tmp_path: Path, loop_device,
         assert holder.stdout.readline().strip() == "open"
         rc, _, err = cli("restore", "--repo", str(repo), bid, dev)
         line = cli.error_line(err)
-        assert rc == 1 and "is open in" in line and f"pid {holder.pid}" in line
+        assert rc == 74 and "is open in" in line and f"pid {holder.pid}" in line
     finally:
         holder.kill()
         holder.wait()
@@ -180,11 +180,11 @@ def test_corrupt_chunk_restore_to_device(repo: Path, tmp_path: Path, loop_device
     raw[100] ^= 0xFF
     chunk.write_bytes(raw)
     rc, _, err = cli("verify", "--repo", str(repo), m.id)
-    assert rc == 1 and f"chunk 5 ({m.chunks[5]})" in err
+    assert rc == 65 and f"chunk 5 ({m.chunks[5]})" in err
     dest = loop_device(blank(tmp_path / "d.img", 8 * MiB))
     rc, _, err = cli("restore", "--repo", str(repo), m.id, dest)
     line = cli.error_line(err)
-    assert rc == 1 and f"chunk 5 ({m.chunks[5]}) of backup {m.id}" in line
+    assert rc == 65 and f"chunk 5 ({m.chunks[5]}) of backup {m.id}" in line
     with open(dest, "rb") as f:
         got = f.read()
     assert got[5 * MiB: 6 * MiB] == b"\xee" * MiB  # the bad chunk was never written
@@ -201,9 +201,9 @@ def test_not_root(repo: Path, tmp_path: Path, loop_device, monkeypatch: pytest.M
     n_backups = len(os.listdir(repo / "backups"))
     monkeypatch.setattr(os, "geteuid", lambda: 65534)
     rc, _, err = cli("restore", "--repo", str(repo), out.strip(), dev)
-    assert rc == 4 and "needs root" in cli.error_line(err)
+    assert rc == 77 and "needs root" in cli.error_line(err)
     rc, _, err = cli("backup", dev, "--repo", str(repo))
-    assert rc == 4 and "needs root" in cli.error_line(err)
+    assert rc == 77 and "needs root" in cli.error_line(err)
     monkeypatch.undo()
     assert sha(dev) == before and len(os.listdir(repo / "backups")) == n_backups
 
@@ -227,9 +227,9 @@ def test_as_nobody_block_device_and_unreadable_source(loop_device) -> None:
         os.chmod(secret, 0o600)
         dev = loop_device(secret, read_only=True)
         res = _as_nobody("backup", dev, "--repo", str(shared / "repo"))
-        assert res.returncode == 4 and "needs root" in CliRunner.error_line(res.stderr)
+        assert res.returncode == 77 and "needs root" in CliRunner.error_line(res.stderr)
         res = _as_nobody("backup", str(secret), "--repo", str(shared / "repo"))
-        assert res.returncode == 1
+        assert res.returncode == 74
         assert "cannot read source" in CliRunner.error_line(res.stderr)
         assert "permission denied" in res.stderr
         assert os.listdir(shared / "repo" / "backups") == []

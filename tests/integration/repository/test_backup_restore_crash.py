@@ -81,7 +81,7 @@ def test_two_writers_at_once(tmp_path: Path) -> None:
         assert first.poll() is None, "the first backup finished too soon"
         second = cli("backup", str(src), "--repo", str(repo), "--progress", "none")
         out, err = second.communicate(timeout=60)
-        assert second.returncode == 1
+        assert second.returncode == 75
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "locked by another writer" in lines[0]
     finally:

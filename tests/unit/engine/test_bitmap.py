@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmrecover.engine.bitmap import Bitmap, BitmapError
+from dmrecover.engine.bitmap import Bitmap
+from dmrecover.errors import BitmapError
 
 
 def _model_runs(bits: set[int], start: int, end: int) -> list[tuple[int, int, bool]]:

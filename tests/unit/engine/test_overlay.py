@@ -7,7 +7,7 @@ import os
 import pytest
 
 from dmrecover.engine.overlay import BLOCK_SIZE, Overlay, record_size
-from dmrecover.errors import SessionError
+from dmrecover.errors import OverlayError
 
 B = BLOCK_SIZE
 SIZE = 64 * B + 1000  # last block short on purpose
@@ -139,7 +139,7 @@ def test_checkpoint_resets_the_log_and_keeps_the_map(tmp_path) -> None:
 
 def test_size_mismatch_is_refused(tmp_path) -> None:
     Overlay(tmp_path, SIZE).close()
-    with pytest.raises(SessionError):
+    with pytest.raises(OverlayError):
         Overlay(tmp_path, SIZE * 2)
 
 
@@ -150,7 +150,7 @@ def test_damaged_map_snapshot_is_refused(tmp_path) -> None:
     raw = bytearray((tmp_path / "overlay.map").read_bytes())
     raw[-1] ^= 1
     (tmp_path / "overlay.map").write_bytes(bytes(raw))
-    with pytest.raises(SessionError):
+    with pytest.raises(OverlayError):
         Overlay(tmp_path, SIZE)
 
 

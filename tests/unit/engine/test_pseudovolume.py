@@ -15,7 +15,7 @@ from dmrecover.engine.bitmap import Bitmap
 from dmrecover.engine.fetcher import Fetcher, MemorySource
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.engine.restorer import Restorer
-from dmrecover.errors import CorruptChunk, RepositoryUnavailable, SessionError
+from dmrecover.errors import CorruptChunk, EngineError, RepositoryUnavailable
 
 CS = 64 * 1024
 
@@ -281,9 +281,9 @@ def test_merge_overlay_into_dest_is_idempotent_and_discard_needs_merge(tmp_path)
         b = rnd.randbytes(min(rnd.randrange(1, 9000), len(data) - off))
         pv.write(off, b)
         model[off:off + len(b)] = b
-    with pytest.raises(SessionError):
+    with pytest.raises(EngineError):
         pv.merge_overlay_into_dest()  # restore not complete
-    with pytest.raises(SessionError):
+    with pytest.raises(EngineError):
         pv.discard_overlay()
     pv.start_restore()
     assert pv.wait_restored(10)
