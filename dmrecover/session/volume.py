@@ -1,0 +1,51 @@
+"""Opening the pseudo-volume (the engine) a session record describes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from dmrecover import testhooks
+from dmrecover.backends.base import Backend
+from dmrecover.engine.fetcher import ChunkSource, RepositorySource
+from dmrecover.engine.pseudovolume import PseudoVolume
+from dmrecover.repository.repo import Repository
+from dmrecover.session.record import SessionRecord
+
+RESTORER_THREAD = "dmrecover-restorer"
+
+
+class _ThrottledSource:
+    """Test hook (testhooks.restore_delay): slows the background restorer's fetches only, so
+    the application really runs during the restore of a small test volume."""
+
+    def __init__(self, inner: ChunkSource, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+        self.size = inner.size
+        self.chunk_size = inner.chunk_size
+        self.chunk_count = inner.chunk_count
+
+    def read_chunk(self, index: int) -> bytes:
+        if threading.current_thread().name == RESTORER_THREAD:
+            time.sleep(self._delay)
+        return self._inner.read_chunk(index)
+
+    def is_zero(self, index: int) -> bool:
+        return self._inner.is_zero(index)
+
+
+def open_volume(record: SessionRecord, backend: Backend,
+                on_restored: Callable[[], None] | None = None) -> PseudoVolume:
+    """The session's PseudoVolume over its backup, DEST and engine dir. Read-only where the
+    backend's kernel side takes the application's writes (the engine then serves an origin)."""
+    repo = Repository.open(record.repo)
+    manifest = repo.manifest(record.backup)
+    source: ChunkSource = RepositorySource(repo, manifest)
+    delay = testhooks.restore_delay()
+    if delay > 0:
+        source = _ThrottledSource(source, delay)
+    return PseudoVolume(source, record.dest, record.engine_path,
+                        fetch_deadline=float(record.fetch_deadline or 600.0),
+                        read_only=backend.kernel_takes_writes, on_restored=on_restored)
