@@ -1,0 +1,190 @@
+"""The cutover: from the pseudo-volume to DEST, as an explicit state machine.
+
+Restart mode, one method per persisted phase, in the order of `RESTART_PHASES`:
+
+    stop-app    stop the application (refused beforehand, with nothing changed, while a
+                process other than the application holds the mount)
+    unmount     tear the presentation down (refused -> the application starts again on the
+                pseudo-volume, the state is back to ready, the reason recorded)
+    merge       finish the restore if needed, merge the overlay into DEST (idempotent)
+    mount-dest  mount DEST at the mount point
+    start-app   start the application on DEST
+    discard     drop the overlay -> done
+
+Each phase is persisted before it runs. A crash before merge resumes as a restore (the stack is
+rebuilt, the application comes back on the pseudo-volume and the cutover runs again later);
+from merge on, `run(resume=phase)` continues at that phase (every later phase is idempotent).
+
+Online mode (`Backend.supports_online_cutover`): one phase, online-merge: DEST takes over under
+the running application; a crash midway resumes as a restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from dmrecover.backends.base import Presentation
+from dmrecover.engine.pseudovolume import mark_merged
+from dmrecover.errors import StackError
+from dmrecover.session.record import Phase, SessionRecord, State
+from dmrecover.session.services import Services
+from dmrecover.testhooks import fault_point
+
+if TYPE_CHECKING:  # typing only
+    from dmrecover.engine.pseudovolume import PseudoVolume
+
+log = logging.getLogger(__name__)
+
+RESTART_PHASES = (Phase.STOP_APP, Phase.UNMOUNT, Phase.MERGE, Phase.MOUNT_DEST,
+                  Phase.START_APP, Phase.DISCARD)
+#: Phases a new session process continues; a crash in an earlier one resumes as a restore.
+RESUMABLE_PHASES = RESTART_PHASES[RESTART_PHASES.index(Phase.MERGE):]
+
+# Refuse(message, **record changes): records a refused request for the CLI waiting on it.
+Refuse = Callable[..., None]
+
+
+class Refused(Exception):
+    """A phase declined to go on; the state was put back (the application runs)."""
+
+
+class Cutover:
+    """One cutover run over the session's record, services, volume and presentation."""
+
+    def __init__(self, record: SessionRecord, services: Services, volume: PseudoVolume,
+                 presentation: Presentation | None, refuse: Refuse) -> None:
+        self.record = record
+        self.services = services
+        self.volume = volume
+        self.presentation = presentation  # None when resumed (the stack is gone)
+        self.refuse = refuse
+        self.timings = dict(record.timings)
+        self._steps: dict[Phase, Callable[[], None]] = {
+            Phase.STOP_APP: self.stop_app,
+            Phase.UNMOUNT: self.unmount,
+            Phase.MERGE: self.merge,
+            Phase.MOUNT_DEST: self.mount_dest,
+            Phase.START_APP: self.start_app,
+            Phase.DISCARD: self.discard,
+        }
+
+    # ------------------------------------------------------------ driver
+
+    def run(self, resume: Phase | None = None) -> bool:
+        """Run the restart cutover from the start, or from a persisted phase (one of
+        RESUMABLE_PHASES). True when done; False when refused (the application runs on)."""
+        if resume is None:
+            stray = self._stray_holders()
+            if stray:
+                # Refuse before stopping anything: the application keeps running.
+                self.refuse(f"cutover refused: {self.record.mountpoint} is held by {stray}",
+                            cutover_requested=False)
+                return False
+            first = 0
+        else:
+            if resume not in RESUMABLE_PHASES:
+                raise ValueError(f"a cutover does not resume at phase {resume}")
+            log.info("resuming the cutover at phase %s", resume)
+            first = RESTART_PHASES.index(resume)
+        for phase in RESTART_PHASES[first:]:
+            extra = {"error": None} if phase == Phase.STOP_APP else {}
+            self.record.set_state(State.CUTTING_OVER, phase=phase, timings=self.timings,
+                                  **extra)
+            try:
+                self._steps[phase]()
+            except Refused:
+                return False
+        self.timings["done"] = time.time()
+        self.record.set_state(State.DONE, phase=None, timings=self.timings, pid=None,
+                              error=None, app_started=True)
+        return True
+
+    # ------------------------------------------------------------ phases
+
+    def stop_app(self) -> None:
+        self.timings["cutover_started"] = time.time()
+        warnings = self.services.app.stop()
+        self.timings["app_stopped"] = time.time()
+        self.record.add_warnings(warnings)
+
+    def unmount(self) -> None:
+        assert self.presentation is not None, "unmount runs in the process that built the stack"
+        try:
+            fault_point("cutover-unmount")
+            # Problems after the unmount (a layer another mount namespace keeps busy): DEST is
+            # safe, nothing writes through it any more; say so and go on.
+            self.record.add_warnings(self.presentation.teardown())
+        except StackError as err:
+            handle = self.services.app.start()
+            self.record.set_state(State.READY, phase=None, app_handle=handle.to_dict())
+            self.refuse(f"cutover refused: {err}", cutover_requested=False)
+            raise Refused(str(err)) from err
+        self.presentation = None
+
+    def merge(self) -> None:
+        v = self.volume
+        self._finish_restore()
+        fault_point("cutover-merge")
+        self.timings["merged_bytes"] = self.services.backend.merge_into_dest(
+            v, self.record.context())
+        self.timings["merged"] = time.time()
+
+    def mount_dest(self) -> None:
+        r = self.record
+        self.services.host.mount_dest(r.dest, r.mountpoint, r.fstype,
+                                      on_loop=lambda dev: r.save(dest_loop=dev))
+
+    def start_app(self) -> None:
+        handle = self.services.app.start()
+        t = self.timings
+        t["app_restarted"] = time.time()
+        if "cutover_started" in t:
+            # downtime: from the moment the application is told to stop until it runs again
+            t["cutover_downtime"] = t["app_restarted"] - t["cutover_started"]
+        self.record.save(app_handle=handle.to_dict(), app_started=True, timings=t)
+
+    def discard(self) -> None:
+        self.volume.discard_overlay()
+
+    # ------------------------------------------------------------ online
+
+    def run_online(self) -> bool:
+        """DEST takes over under the running application (the backend swaps the device in
+        place); the application is never stopped. A crash midway resumes as a restore."""
+        assert self.presentation is not None
+        r = self.record
+        self.timings["cutover_started"] = time.time()
+        r.set_state(State.CUTTING_OVER, phase=Phase.ONLINE_MERGE, error=None,
+                    timings=self.timings)
+        self._finish_restore()
+        self.volume.flush()
+        pause = self.presentation.online_cutover(
+            r.dest, on_phase=lambda p: r.save(online_phase=p))
+        # "merged" before the backend drops what the merge consumed: resume trusts it.
+        mark_merged(r.engine_path)
+        self.services.backend.finish_online_cutover(r.context())
+        t = self.timings
+        t["online_max_pause"] = pause
+        t["merged"] = t["done"] = time.time()
+        t["cutover_downtime"] = 0.0
+        r.set_state(State.DONE, phase=None, timings=t, pid=None, error=None, app_started=True,
+                    devices=self.presentation.devices())
+        return True
+
+    # ------------------------------------------------------------ helpers
+
+    def _finish_restore(self) -> None:
+        v = self.volume
+        v.stop_restore()
+        if not v.restored_all():
+            # Crash right after the restore ended, before its map was synced: finish it.
+            v.start_restore()
+            v.wait_restored()
+            v.stop_restore()
+
+    def _stray_holders(self) -> str | None:
+        mine = {p.pid for p in self.services.app.processes()}
+        return self.services.host.stray_holders(self.record.mountpoint, mine)
