@@ -1,0 +1,419 @@
+"""The session process: brings the stack up, runs the application, restores, cuts over.
+
+States: starting -> restoring -> [ready ->] cutting-over -> done; failed; aborted. The process
+holds the state dir's lock while it lives; it rewrites status.json every STATUS_INTERVAL, takes
+requests from control.json (the CLI sends SIGUSR1 after writing one), and on SIGTERM (shutdown)
+stops the application and takes the stack down, keeping the state for `dmrecover resume`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import psutil
+
+from dmrecover.backends.base import Presentation
+from dmrecover.errors import DmrecoverError, SessionError, StackError
+from dmrecover.session.cutover import RESUMABLE_PHASES, Cutover
+from dmrecover.session.record import (
+    CONTROL_FILE,
+    LOCK_FILE,
+    LOG_FILE,
+    STATUS_FILE,
+    CutoverMode,
+    SessionRecord,
+    State,
+    read_json,
+    write_json_atomic,
+)
+from dmrecover.session.services import Services, ServicesFactory, default_services
+from dmrecover.testhooks import fault_point
+
+if TYPE_CHECKING:  # typing only
+    from dmrecover.engine.pseudovolume import PseudoVolume
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 0.5
+OnStarted = Callable[[SessionRecord], None]
+
+
+class SessionRunner:
+    """One session process's work over a record and its services (fakes in the unit tests)."""
+
+    def __init__(self, record: SessionRecord, services: Services, *,
+                 on_started: OnStarted | None = None) -> None:
+        self.record = record
+        self.services = services
+        self.backend = services.backend
+        self.app = services.app
+        self.on_started = on_started
+        self.volume: PseudoVolume | None = None
+        self.presentation: Presentation | None = None
+        self.wake = threading.Event()
+        self.stop_requested = False
+        self.rates: deque[tuple[float, int]] = deque(maxlen=40)
+        self._app_state = "stopped"
+        self._app_state_at = 0.0
+        self._status_error: str | None = None
+        self.cutover_request_id: str | None = None
+        self.restored_at: float | None = None
+        self.auto_blocked = False
+
+    # ---------------------------------------------------------- main
+
+    def run(self) -> int:
+        """The whole life of the process: 0 when it ended as it should, 1 when it failed."""
+        r = self.record
+        if r.state == State.DONE:
+            log.info("session %s is done; nothing to do", r.name)
+            return 0
+        try:
+            self.open()
+            if r.state == State.CUTTING_OVER and r.phase in RESUMABLE_PHASES:
+                self._cutover().run(resume=r.phase)
+                return 0
+            self.bring_up()
+            return self.loop()
+        except DmrecoverError as err:
+            self.fail(str(err))
+            return 1
+        except Exception as err:
+            log.exception("session failed")
+            self.fail(f"{type(err).__name__}: {err}")
+            return 1
+        finally:
+            self.write_status()
+            if self.volume is not None and r.state in (State.DONE, State.ABORTED, State.FAILED):
+                try:
+                    self.volume.close()
+                except Exception as err:  # closing must not hide the session's outcome
+                    log.error("closing the pseudo-volume: %s", err)
+
+    def open(self) -> None:
+        """Open the pseudo-volume (its restorer reports back through `_on_restored`)."""
+        self.volume = self.services.open_volume(self.record, self.backend, self._on_restored)
+
+    def _on_restored(self) -> None:
+        """Called by the restorer thread once every chunk is restored and synced."""
+        self.restored_at = time.time()
+        self.wake.set()
+
+    def fail(self, message: str) -> None:
+        """Persist failed (with the state it failed in); tear down what this process built."""
+        r = self.record
+        log.error("session %s failed: %s", r.name, message)
+        if self.presentation is not None and r.state != State.CUTTING_OVER:
+            try:
+                self.app.stop()
+            except DmrecoverError as err:
+                log.error("stopping the application: %s", err)
+            for e in self.presentation.undo.unwind():
+                log.error("%s", e)
+            self.presentation = None
+        r.set_state(State.FAILED, error=message, failed_in=r.state, pid=None)
+
+    def bring_up(self) -> None:
+        """Presentation (the backend's stack), application, background restore: undone on
+        failure."""
+        r = self.record
+        assert self.volume is not None
+        if r.state != State.STARTING:
+            r.set_state(State.STARTING, phase=None, error=None)
+        presentation = self.backend.present(self.volume, r.context())
+        presentation.build()  # undoes its own steps when one fails
+        self.presentation = presentation
+        try:
+            fault_point("app")
+            handle = self.app.start()
+        except BaseException:
+            for e in presentation.undo.unwind():
+                log.error("%s", e)
+            self.presentation = None
+            raise
+        timings = dict(r.timings)
+        timings["app_started"] = time.time()
+        r.set_state(State.RESTORING, app_handle=handle.to_dict(), app_started=True,
+                    devices=presentation.devices(), timings=timings)
+        self.volume.start_restore()
+        if self.on_started is not None:
+            self.on_started(r)
+
+    def loop(self) -> int:
+        """`step()` every STATUS_INTERVAL (or when woken) until the session's process ends."""
+        while True:
+            result = self.step()
+            if result is not None:
+                return result
+            self.wake.wait(STATUS_INTERVAL)
+            self.wake.clear()
+
+    def step(self) -> int | None:
+        """Status, requests, the cutover once everything is restored. Returns the process's
+        exit code when it is to end, None to go on."""
+        r = self.record
+        v = self.volume
+        assert v is not None
+        self.write_status()
+        req = self.take_request()
+        if self.stop_requested:
+            return self.suspend()
+        if req.get("request") == "abort":
+            if self.abort(req.get("id")):
+                return 0
+        elif req.get("request") == "cutover":
+            self.cutover_request_id = req.get("id")
+            self.auto_blocked = False
+            changes: dict = {"cutover_requested": True}
+            if req.get("online"):
+                changes["cutover_mode"] = CutoverMode.ONLINE
+            r.save(**changes)
+        rs = v.restorer.stats() if v.restorer is not None else {}
+        if rs.get("error") and r.state == State.RESTORING:
+            # The restore cannot complete (corrupt chunk, repository gone past the deadline).
+            # The application keeps its pseudo-volume; the operator decides.
+            r.save(error=rs["error"])
+        if v.restored_all() and (v.restorer is None or not v.restorer.running):
+            r.timings.setdefault("restored", self.restored_at or time.time())
+            if r.cutover_mode == CutoverMode.ONLINE and self.backend.supports_online_cutover:
+                if self._cutover().run_online():
+                    return 0
+            elif ((r.cutover_mode in (CutoverMode.AUTO, CutoverMode.ONLINE)
+                   and not self.auto_blocked) or r.cutover_requested):
+                cut = self._cutover()
+                try:
+                    done = cut.run()
+                finally:
+                    self.presentation = cut.presentation  # None once torn down
+                if done:
+                    return 0
+                self.auto_blocked = True  # refused: wait for `dmrecover cutover`
+            elif r.state == State.RESTORING:
+                v.flush()
+                r.set_state(State.READY)
+        return None
+
+    def _cutover(self) -> Cutover:
+        assert self.volume is not None
+        return Cutover(self.record, self.services, self.volume, self.presentation,
+                       refuse=lambda msg, **ch: self.refuse(self.cutover_request_id, msg, **ch))
+
+    # ---------------------------------------------------------- requests
+
+    def take_request(self) -> dict:
+        """The pending control request ({} when none), consumed."""
+        path = self.record.file(CONTROL_FILE)
+        try:
+            req = read_json(path)
+        except SessionError:
+            req = None
+        if req is None:
+            return {}
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        log.info("request: %s", req)
+        return req
+
+    def refuse(self, request_id: str | None, message: str, **changes: object) -> None:
+        """Record a refused request (the CLI that sent it waits for its id)."""
+        log.error("%s", message)
+        self.record.save(error=message, request_result={"id": request_id, "ok": False,
+                                                        "error": message}, **changes)
+
+    def suspend(self) -> int:
+        """SIGTERM (e.g. shutdown): stop the app, take the stack down, keep the state."""
+        assert self.volume is not None and self.presentation is not None
+        log.info("stopping for shutdown; `dmrecover resume %s` continues", self.record.name)
+        self.app.stop()
+        self.volume.stop_restore()
+        self.volume.flush()
+        self.presentation.teardown()
+        self.presentation = None
+        self.volume.close()
+        self.record.save(pid=None)
+        return 0
+
+    def abort(self, request_id: str | None = None) -> bool:
+        """Stop the app, tear down, keep the overlay. False (and the reason recorded) when the
+        mount is held by something other than the application."""
+        r = self.record
+        assert self.volume is not None and self.presentation is not None
+        mine = {p.pid for p in self.app.processes()}
+        stray = self.services.host.stray_holders(r.mountpoint, mine)
+        if stray:
+            self.refuse(request_id, f"abort refused: {r.mountpoint} is held by {stray}")
+            return False
+        self.app.stop()
+        self.volume.stop_restore()
+        self.volume.flush()
+        try:
+            self.presentation.teardown()
+        except StackError as err:
+            self.refuse(request_id, f"abort refused: {err}")
+            self.app.start()  # the application must not stay down because of a stray holder
+            self.volume.start_restore()
+            return False
+        self.presentation = None
+        self.volume.close()
+        r.set_state(State.ABORTED, pid=None, error=None)
+        return True
+
+    # ---------------------------------------------------------- status
+
+    def write_status(self) -> None:
+        """status.json for `dmrecover status` (never raises: status must not end a session)."""
+        r = self.record
+        st: dict = {"session": r.name, "state": r.state, "phase": r.phase,
+                    "time": time.time(), "pid": os.getpid(), "error": r.error,
+                    "mountpoint": r.mountpoint, "dest": r.dest, "backup": r.backup,
+                    "cutover": r.cutover_mode, "backend": r.backend, "timings": r.timings,
+                    "warnings": r.warnings}
+        try:
+            if self.volume is not None:
+                try:
+                    stats = self.volume.stats()
+                except Exception as err:  # e.g. closed: the rest of the status still counts
+                    stats = {"error": str(err)}
+                if "restored_bytes" in stats:
+                    now = time.monotonic()
+                    self.rates.append((now, stats["restored_bytes"]))
+                    t0, b0 = self.rates[0]
+                    if now - t0 > 0.5:
+                        stats["rate_recent"] = (stats["restored_bytes"] - b0) / (now - t0)
+                st["stats"] = stats
+            now = time.monotonic()
+            unit = getattr(getattr(self.app, "spec", None), "unit", None)
+            if now - self._app_state_at > (2.0 if unit else STATUS_INTERVAL):
+                self._app_state = self.app.state()
+                self._app_state_at = now
+            st["app"] = {"state": self._app_state, "pid": self.app.handle.pid}
+            write_json_atomic(r.file(STATUS_FILE), st, durable=False)
+        except Exception as err:  # status must never take the session down
+            if str(err) != self._status_error:
+                log.warning("writing status: %s", err)
+                self._status_error = str(err)
+
+
+def run_session(name: str, *, state_dir: str | None = None, resume: bool = False,
+                on_started: OnStarted | None = None,
+                services: ServicesFactory = default_services) -> int:
+    """The session process (`dmrecover session-run`, or in-process with --foreground): holds
+    the lock, logs to session.log, handles SIGTERM (suspend) and SIGUSR1 (a request)."""
+    record = SessionRecord.load(name, state_dir)
+    lock_fd = os.open(record.file(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise SessionError(f"session {record.name} is already running",
+                           hint="`dmrecover status` shows it") from None
+    root = logging.getLogger()
+    handler: logging.Handler | None = None
+    if on_started is not None or sys.stderr.isatty():
+        handler = logging.FileHandler(record.file(LOG_FILE))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = old_usr1 = None
+    try:
+        old_cwd: str | None = os.getcwd()  # a path, not an fd: holding it could pin a mount
+    except OSError:
+        old_cwd = None
+    try:
+        os.chdir("/")  # never hold a mount busy
+        runner = SessionRunner(record, services(record), on_started=on_started)
+
+        def on_term(signum: int, frame: object) -> None:
+            runner.stop_requested = True
+            runner.wake.set()
+
+        if in_main:  # signals can only be handled in the main thread
+            old_term = signal.signal(signal.SIGTERM, on_term)
+            old_usr1 = signal.signal(signal.SIGUSR1, lambda *_: runner.wake.set())
+        me = psutil.Process()
+        record.save(pid=me.pid, pid_create_time=me.create_time())
+        log.info("session %s: process %d (%s)", record.name, me.pid,
+                 "resume" if resume else "start")
+        return runner.run()
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if old_usr1 is not None:
+            signal.signal(signal.SIGUSR1, old_usr1)
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
+        if old_cwd is not None:
+            try:
+                os.chdir(old_cwd)  # in-process callers (--foreground, tests) get theirs back
+            except OSError:
+                pass
+        os.close(lock_fd)
+
+
+# ---------------------------------------------------------------- launching it
+
+START_TIMEOUT = 300.0
+_STARTED_STATES = (State.RESTORING, State.READY, State.CUTTING_OVER, State.DONE)
+
+
+def launch(record: SessionRecord, *, foreground: bool, resume: bool,
+           on_started: OnStarted | None = None,
+           services: ServicesFactory = default_services) -> SessionRecord:
+    """Run the session process: here (foreground: returns when it ends, `on_started` called
+    once the application runs), or detached (returns once the application runs). The record
+    returned is the one persisted at that point; SessionError when the session failed."""
+    if foreground:
+        rc = run_session(record.name, state_dir=record.state_dir, resume=resume,
+                         on_started=on_started, services=services)
+        final = record.reload()
+        if rc != 0 or final.state == State.FAILED:
+            raise SessionError(f"session {record.name} failed: {final.error}",
+                               hint=f"see {record.file(LOG_FILE)}")
+        return final
+    argv = [sys.executable, "-m", "dmrecover", "session-run", record.name,
+            "--state-dir", record.state_dir] + (["--resume"] if resume else [])
+    logf = open(record.file(LOG_FILE), "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = psutil.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                            cwd="/", start_new_session=True, close_fds=True)
+    finally:
+        logf.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        current = record.reload()
+        if current.app_started and current.state in _STARTED_STATES:
+            break
+        if current.state == State.FAILED:
+            raise SessionError(f"session {record.name} failed: {current.error}",
+                               hint=f"see {record.file(LOG_FILE)}")
+        rc = proc.poll()
+        if rc is not None:
+            current = record.reload()
+            if current.app_started:
+                break
+            err = current.error or f"the session process exited with code {rc}"
+            raise SessionError(f"session {record.name} failed: {err}",
+                               hint=f"see {record.file(LOG_FILE)}")
+        if time.monotonic() > deadline:
+            raise SessionError(f"session {record.name} did not start its application within "
+                               f"{START_TIMEOUT:g}s", hint=f"see {record.file(LOG_FILE)}")
+        time.sleep(0.02)
+    if on_started is not None:
+        on_started(current)
+    return current
