@@ -1,0 +1,180 @@
+"""`live-restore`: validate everything, write the session's record, start its process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dmrecover.backends import registry
+from dmrecover.backends.base import Backend
+from dmrecover.errors import DeviceError, DmrecoverError, SessionError, UsageError
+from dmrecover.repository.repo import Repository
+from dmrecover.session import boot
+from dmrecover.session.app import AppSpec
+from dmrecover.session.record import (
+    CONTROL_FILE,
+    SESSION_FILE,
+    STATUS_FILE,
+    CutoverMode,
+    SessionRecord,
+    State,
+    lock_held,
+    read_json,
+    session_dir,
+)
+from dmrecover.session.runner import OnStarted, launch
+from dmrecover.session.services import ServicesFactory, default_services
+from dmrecover.system.blockdev import check_writable_destination
+from dmrecover.system.mounts import is_mountpoint
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class LiveRestoreRequest:
+    """What `dmrecover live-restore` asks for."""
+
+    repo: str
+    backup: str
+    dest: str
+    mountpoint: str
+    app: AppSpec
+    session: str | None = None  # default: from the mount point's name
+    state_dir: str | None = None
+    backend: str = registry.AUTO
+    cutover: str = CutoverMode.AUTO
+    fetch_deadline: float = 600.0
+    overlay: str | None = None  # a directory for the engine's files (default: the state dir)
+    force: bool = False  # overwrite a DEST that holds a filesystem
+
+
+def default_name(mountpoint: str) -> str:
+    """The session name live-restore picks from the mount point (`/srv/db` -> `db`)."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(os.path.abspath(mountpoint)))
+    return base.strip("-.") or "session"
+
+
+def start_live_restore(req: LiveRestoreRequest, *, foreground: bool = False,
+                       on_started: OnStarted | None = None,
+                       choose_backend: Callable[[str], Backend] = registry.choose,
+                       services: ServicesFactory = default_services) -> SessionRecord:
+    """Validate the request, create the session and run its process (detached: returns once
+    the application runs; foreground: runs it here, `on_started` once the application runs).
+    Nothing is changed on the system until every check has passed."""
+    record = prepare(req, choose_backend=choose_backend)
+    return launch(record, foreground=foreground, resume=False, on_started=on_started,
+                  services=services)
+
+
+def prepare(req: LiveRestoreRequest, *,
+            choose_backend: Callable[[str], Backend] = registry.choose) -> SessionRecord:
+    """Every check of start_live_restore, then the state dir, DEST and the record (state
+    starting); the boot unit where the backend resumes at boot."""
+    req.app.validate()
+    cutover = _cutover_mode(req.cutover)
+    backend = choose_backend(req.backend)
+    if cutover == CutoverMode.ONLINE and not backend.supports_online_cutover:
+        raise UsageError(f"--cutover online is not supported by the {backend.name} backend",
+                         hint="use --cutover auto or manual")
+    name = req.session or default_name(req.mountpoint)
+    if not _NAME_RE.match(name):
+        raise UsageError(f"bad session name {name!r}",
+                         hint="letters, digits, '.', '_' and '-', at most 64")
+    repo = Repository.open(req.repo)
+    manifest = repo.manifest(req.backup)
+    if not manifest.fstype:
+        raise UsageError(f"backup {manifest.id} records no filesystem type",
+                         hint="live restore mounts the volume: back up a filesystem")
+    dest = os.path.abspath(req.dest)
+    mp = os.path.abspath(req.mountpoint)
+    d = session_dir(name, req.state_dir)
+    # The session first: a half-done one explains a DEST that already holds a filesystem.
+    _check_state_dir(d)
+    check_writable_destination(dest, manifest.size, force=req.force)
+    _check_mountpoint(mp)
+    if os.path.commonpath([d, mp]) == mp or os.path.commonpath([dest, mp]) == mp:
+        raise UsageError("the state dir and DEST must not be under the mount point")
+    engine_dir = os.path.abspath(req.overlay) if req.overlay else d
+    if req.overlay and os.path.exists(engine_dir) and not os.path.isdir(engine_dir):
+        raise UsageError(f"--overlay {req.overlay}: the overlay is kept in a directory",
+                         hint="name a directory")
+
+    # Validated: from here on things change.
+    os.makedirs(d, exist_ok=True)
+    _clear_done_session(d, engine_dir)
+    if not os.path.exists(dest) or stat.S_ISREG(os.stat(dest).st_mode):
+        with open(dest, "ab") as f:
+            if os.fstat(f.fileno()).st_size < manifest.size:
+                os.truncate(dest, manifest.size)
+            os.fsync(f.fileno())
+    now = time.time()
+    record = SessionRecord(
+        state_dir=d, name=name, created=now, repo=os.path.abspath(req.repo),
+        backup=manifest.id, backup_name=manifest.name, size=manifest.size,
+        chunk_size=manifest.chunk_size, fstype=manifest.fstype, dest=dest, mountpoint=mp,
+        app=req.app, backend=backend.name, cutover_mode=cutover,
+        fetch_deadline=req.fetch_deadline, engine_dir=engine_dir,
+        timings={"command_started": now})
+    record.set_state(State.STARTING)
+    if backend.resume_at_boot:
+        try:
+            boot.enable(name)
+        except DmrecoverError as err:
+            log.warning("session %s will not resume at boot: %s", name, err)
+    return record
+
+
+def _cutover_mode(text: str) -> CutoverMode:
+    try:
+        return CutoverMode(text)
+    except ValueError:
+        raise UsageError(f"unknown cutover mode {text!r}",
+                         hint=", ".join(m.value for m in CutoverMode)) from None
+
+
+def _check_mountpoint(mp: str) -> None:
+    if not os.path.exists(mp):
+        raise UsageError(f"mount point {mp} does not exist", hint="create it (mkdir -p)")
+    if not os.path.isdir(mp):
+        raise UsageError(f"mount point {mp} is not a directory")
+    if is_mountpoint(mp):
+        raise DeviceError(f"{mp} is already a mount point", hint="unmount it or pick another")
+    if os.listdir(mp):
+        raise UsageError(f"mount point {mp} is not empty",
+                         hint="use an empty directory (its files would be hidden)")
+
+
+def _check_state_dir(d: str) -> None:
+    data = read_json(os.path.join(d, SESSION_FILE)) if os.path.isdir(d) else None
+    if lock_held(d):
+        raise SessionError(f"state dir {d} is in use by a running session",
+                           hint="pick another --session or --state-dir")
+    if data is not None and data.get("state") != State.DONE:
+        other = data.get("name")
+        if data.get("state") == State.ABORTED:
+            hint = (f"its overlay is kept there: `dmrecover resume {other}` continues it; "
+                    f"remove {d} to start over")
+        else:
+            hint = (f"`dmrecover resume {other}` continues it, `dmrecover abort {other}` "
+                    "stops it; or pick another --session")
+        raise SessionError(f"session {other} in {d} is {data.get('state')}", hint=hint)
+
+
+def _clear_done_session(d: str, engine_dir: str) -> None:
+    """A finished session's dir is reused: drop its record and engine files, keep the logs."""
+    data = read_json(os.path.join(d, SESSION_FILE))
+    if data is None or data.get("state") != State.DONE:
+        return
+    for name in (SESSION_FILE, STATUS_FILE, CONTROL_FILE, "restored.map", "merged"):
+        for base in (d, engine_dir):
+            try:
+                os.unlink(os.path.join(base, name))
+            except FileNotFoundError:
+                pass
