@@ -1,0 +1,221 @@
+"""What the CLI does to sessions: load, list, resume, request a cutover, abort.
+
+Each returns a typed result and never prints: the CLI words it. A request to a live session
+process goes through control.json plus SIGUSR1; the caller then waits on session.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dmrecover.backends import registry
+from dmrecover.backends.base import Backend
+from dmrecover.errors import SessionError, UsageError
+from dmrecover.session.cutover import RESUMABLE_PHASES
+from dmrecover.session.record import (
+    CONTROL_FILE,
+    LOG_FILE,
+    SESSION_FILE,
+    Phase,
+    SessionRecord,
+    State,
+    read_json,
+    state_root,
+    write_json_atomic,
+)
+from dmrecover.session.runner import OnStarted, launch
+from dmrecover.session.services import Services, ServicesFactory, default_services
+
+log = logging.getLogger(__name__)
+
+GetBackend = Callable[[str], Backend]
+CUTOVER_WAIT = 7 * 24 * 3600.0
+ABORT_WAIT = 300.0
+OVERLAY_FILE = "overlay.img"
+
+
+@dataclass(frozen=True)
+class CutoverResult:
+    record: SessionRecord
+    queued: bool  # the session is still restoring: the cutover runs when the restore ends
+    downtime: float | None  # seconds the application was down (None: not cut over yet)
+    already_done: bool = False
+
+
+@dataclass(frozen=True)
+class AbortResult:
+    record: SessionRecord
+    already: bool  # it was aborted before this call
+    overlay_dir: str  # where the overlay (the application's writes) is kept
+    overlay_bytes: int  # its allocated size
+
+
+def load_session(name: str | None, state_dir: str | None = None) -> SessionRecord:
+    """The record of session `name` (or of the one in state_dir); SessionError if none."""
+    return SessionRecord.load(name, state_dir)
+
+
+def list_sessions() -> list[SessionRecord]:
+    """Every session under the state root (those with a custom --state-dir are not listed)."""
+    root = state_root()
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        d = os.path.join(root, n)
+        try:
+            data = read_json(os.path.join(d, SESSION_FILE))
+            if data is not None:
+                out.append(SessionRecord.from_dict(data, d))
+        except (SessionError, NotADirectoryError, PermissionError, TypeError) as err:
+            log.debug("skipping %s: %s", d, err)
+    return out
+
+
+def teardown_dead(record: SessionRecord, services: Services, *, stop_app: bool = True
+                  ) -> list[str]:
+    """Stop the application a dead session process left, and remove its stack (found by
+    looking at the system, not by trusting the record). Returns what was done."""
+    done: list[str] = []
+    if stop_app and services.app.processes():
+        done += services.app.stop()
+        done.append("stopped the application")
+    done += services.backend.teardown_dead(record.context())
+    for item in done:
+        log.info("teardown: %s", item)
+    return done
+
+
+def resume_session(name: str, *, state_dir: str | None = None, foreground: bool = False,
+                   on_started: OnStarted | None = None,
+                   services: ServicesFactory = default_services) -> SessionRecord:
+    """Tear down what a dead session left, then run it again (as `launch`). A session that
+    is done is returned as it is (nothing to resume)."""
+    record = SessionRecord.load(name, state_dir)
+    if record.alive():
+        raise SessionError(f"session {record.name} is running", hint="nothing to resume")
+    if record.state == State.DONE:
+        return record
+    # In the last phase the application already runs on DEST: leave it alone.
+    last_phase = record.state == State.CUTTING_OVER and record.phase == Phase.DISCARD
+    teardown_dead(record, services(record), stop_app=not last_phase)
+    if record.state in (State.FAILED, State.ABORTED):
+        failed_in = record.failed_in if record.state == State.FAILED else None
+        if failed_in == State.CUTTING_OVER and record.phase in RESUMABLE_PHASES:
+            record.set_state(State.CUTTING_OVER, error=None)
+        else:
+            record.set_state(State.STARTING, phase=None, error=None)
+    try:
+        os.unlink(record.file(CONTROL_FILE))  # a request the dead process never saw is void
+    except FileNotFoundError:
+        pass
+    record.save(app_started=False, resumed=time.time())
+    return launch(record, foreground=foreground, resume=True, on_started=on_started,
+                  services=services)
+
+
+def send_request(record: SessionRecord, request: str, **extra: object) -> str:
+    """Hand a request to the live session process; returns its id."""
+    rid = f"{os.getpid()}-{time.time():.6f}"
+    write_json_atomic(record.file(CONTROL_FILE), {"request": request, "id": rid,
+                                                  "time": time.time(), **extra})
+    if record.pid:
+        try:
+            os.kill(record.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    return rid
+
+
+def wait_state(record: SessionRecord, states: tuple[State, ...], timeout: float,
+               request_id: str | None = None, poll: float = 0.1) -> SessionRecord:
+    """Wait until the session reaches one of states; SessionError when the request is refused,
+    the process ends elsewhere, or the time is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = record.reload()
+        if current.state in states:
+            return current
+        res = current.request_result or {}
+        if request_id and res.get("id") == request_id and not res.get("ok"):
+            raise SessionError(res.get("error") or "request refused")
+        if not record.alive():
+            current = record.reload()  # the process ended: one last read
+            if current.state in states:
+                return current
+            raise SessionError(f"session {record.name} stopped in state {current.state}: "
+                               f"{current.error or 'see ' + record.file(LOG_FILE)}")
+        time.sleep(poll)
+    raise SessionError(f"session {record.name} did not reach {'/'.join(states)} within "
+                       f"{timeout:g}s", hint=f"see {record.file(LOG_FILE)}")
+
+
+def request_cutover(name: str, *, state_dir: str | None = None, online: bool = False,
+                    wait: bool = True, get_backend: GetBackend = registry.get,
+                    timeout: float = CUTOVER_WAIT) -> CutoverResult:
+    """Ask the session to cut over (now if ready, else when restored); with wait, until it
+    is done (SessionError when it fails or is refused)."""
+    record = SessionRecord.load(name, state_dir)
+    if online and not get_backend(record.backend).supports_online_cutover:
+        raise UsageError(f"--online is not supported by the {record.backend} backend",
+                         hint="run it without --online")
+    if record.state == State.DONE:
+        return CutoverResult(record, queued=False, downtime=_downtime(record),
+                             already_done=True)
+    if not record.alive():
+        raise SessionError(f"session {record.name} is not running ({record.state})",
+                           hint=f"dmrecover resume {record.name}")
+    if record.state not in (State.RESTORING, State.READY):
+        raise SessionError(f"session {record.name} is {record.state}; cannot cut over now")
+    rid = send_request(record, "cutover", online=online)
+    queued = record.state == State.RESTORING
+    if not wait:
+        return CutoverResult(record, queued=queued, downtime=None)
+    final = wait_state(record, (State.DONE, State.FAILED), timeout=timeout, request_id=rid)
+    if final.state != State.DONE:
+        raise SessionError(f"cutover of {record.name} failed: {final.error}")
+    return CutoverResult(final, queued=queued, downtime=_downtime(final))
+
+
+def abort_session(name: str, *, state_dir: str | None = None,
+                  services: ServicesFactory = default_services,
+                  timeout: float = ABORT_WAIT) -> AbortResult:
+    """Stop the application, tear the stack down, keep the overlay (resume continues)."""
+    record = SessionRecord.load(name, state_dir)
+    if record.state == State.DONE:
+        raise SessionError(f"session {record.name} is done; nothing to abort")
+    already = record.state == State.ABORTED
+    if record.state == State.CUTTING_OVER:
+        raise SessionError(f"session {record.name} is cutting over; it cannot be aborted now",
+                           hint=f"wait for it, or if its process died: dmrecover resume "
+                                f"{record.name}")
+    if already:
+        pass
+    elif record.alive():
+        rid = send_request(record, "abort")
+        record = wait_state(record, (State.ABORTED,), timeout=timeout, request_id=rid)
+    else:
+        teardown_dead(record, services(record))
+        record.set_state(State.ABORTED, pid=None, error=None)
+    eng = record.engine_path
+    return AbortResult(record, already=already, overlay_dir=eng,
+                       overlay_bytes=_allocated(os.path.join(eng, OVERLAY_FILE)))
+
+
+def _downtime(record: SessionRecord) -> float | None:
+    value = record.timings.get("cutover_downtime")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0

@@ -1,0 +1,101 @@
+"""The CLI-side operations (no root, fakes): typed results for cutover, abort and resume,
+and their refusals."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from dmrecover.errors import SessionError
+from dmrecover.session.control import abort_session, request_cutover, resume_session
+from dmrecover.session.record import State
+from dmrecover.session.runner import SessionRunner
+from tests.unit.session.fakes import make_record, make_world
+
+
+def test_cutover_of_a_done_session_says_so(tmp_path: Path) -> None:
+    w = make_world()
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.DONE, timings={"cutover_downtime": 1.5})
+    res = request_cutover("s", state_dir=rec.state_dir, get_backend=w.get_backend)
+    assert res.already_done and res.downtime == 1.5 and not res.queued
+
+
+def test_cutover_needs_a_running_session(tmp_path: Path) -> None:
+    w = make_world()
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.RESTORING)
+    with pytest.raises(SessionError, match="not running"):
+        request_cutover("s", state_dir=rec.state_dir, get_backend=w.get_backend)
+
+
+def test_cutover_request_reaches_the_session_process(tmp_path: Path) -> None:
+    w = make_world(instant=False)
+    rec = make_record(tmp_path / "s", cutover="manual")
+    runner = SessionRunner(rec, w.services())
+    runner.open()
+    runner.bring_up()
+    lock = os.open(rec.file("lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # what the live session process holds
+    try:
+        res = request_cutover("s", state_dir=rec.state_dir, wait=False,
+                              get_backend=w.get_backend)
+        assert res.queued and res.downtime is None  # still restoring: runs once restored
+        w.volume.restored = True
+        thread = threading.Thread(target=runner.loop)
+        thread.start()
+        res = request_cutover("s", state_dir=rec.state_dir, get_backend=w.get_backend,
+                              timeout=30)
+        thread.join(30)
+        assert res.record.state == State.DONE and res.downtime is not None
+    finally:
+        os.close(lock)
+
+
+def test_abort_of_a_dead_session_tears_down_and_keeps_the_overlay(tmp_path: Path) -> None:
+    w = make_world()
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.RESTORING, pid=999999)
+    with open(rec.file("overlay.img"), "wb") as f:
+        f.write(b"x" * 8192)
+        os.fsync(f.fileno())
+    res = abort_session("s", state_dir=rec.state_dir, services=w.services)
+    assert not res.already and res.record.state == State.ABORTED
+    assert res.overlay_dir == rec.state_dir and res.overlay_bytes >= 8192
+    assert w.backend.dead_torn_down == 1
+    again = abort_session("s", state_dir=rec.state_dir, services=w.services)
+    assert again.already and w.backend.dead_torn_down == 1
+
+
+def test_abort_refusals(tmp_path: Path) -> None:
+    w = make_world()
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.CUTTING_OVER, phase="merge")
+    with pytest.raises(SessionError, match="cutting over"):
+        abort_session("s", state_dir=rec.state_dir, services=w.services)
+    rec.set_state(State.DONE, phase=None)
+    with pytest.raises(SessionError, match="nothing to abort"):
+        abort_session("s", state_dir=rec.state_dir, services=w.services)
+
+
+def test_resume_of_a_done_session_returns_it(tmp_path: Path) -> None:
+    w = make_world()
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.DONE)
+    assert resume_session("s", state_dir=rec.state_dir, services=w.services).state == "done"
+    assert w.events == []
+
+
+def test_resume_after_abort_runs_the_session_again(tmp_path: Path) -> None:
+    w = make_world()
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.ABORTED)
+    seen = []
+    done = resume_session("s", state_dir=rec.state_dir, foreground=True, services=w.services,
+                          on_started=lambda r: seen.append(r.state))
+    assert seen == [State.RESTORING] and done.state == State.DONE
+    assert w.events[0] == "teardown-dead" and done.resumed is not None
