@@ -14,12 +14,21 @@ import os
 import sys
 from pathlib import Path
 
+import dmrecover
+from dmrecover.errors import DmrecoverError, SessionError
+from dmrecover.session.control import load_session, resume_session
+from dmrecover.session.record import ACTIVE_STATES, state_root
 from dmrecover.system import command
 
 log = logging.getLogger(__name__)
 
 UNIT_DIR = Path("/etc/systemd/system")
 TEMPLATE = "dmrecover-session@.service"
+
+
+def packaged_unit() -> Path:
+    """The unit template shipped with the package (systemd/ in the source tree)."""
+    return Path(dmrecover.__file__).with_name("data") / TEMPLATE
 
 
 def systemd_running() -> bool:
@@ -32,37 +41,19 @@ def unit_name(session: str) -> str:
     return f"dmrecover-session@{escaped}.service"
 
 
-def unit_text(python: str, state_root: str) -> str:
-    return f"""[Unit]
-Description=dmrecover live-restore session %I
-Documentation=man:dmrecover(8)
-After=local-fs.target systemd-udevd.service systemd-modules-load.service
-Wants=systemd-udevd.service
-StartLimitIntervalSec=600
-StartLimitBurst=5
-
-[Service]
-Type=simple
-Environment=DMRECOVER_STATE_ROOT={state_root}
-ExecStart={python} -m dmrecover.session.boot %I
-# SIGTERM (shutdown) goes to the session process only: it stops the application and takes
-# the stack down itself. The application it started lives in this unit's cgroup and must keep
-# running when the session process exits after the cutover: so no killing of the cgroup.
-KillMode=process
-TimeoutStopSec=300
-Restart=on-failure
-RestartSec=5
-
-[Install]
-WantedBy=multi-user.target
-"""
+def unit_text(python: str, root: str) -> str:
+    """The shipped template with this interpreter and state root filled in."""
+    try:
+        template = packaged_unit().read_text()
+    except OSError as err:
+        raise SessionError(f"the packaged unit {packaged_unit()} is unreadable: {err}",
+                           hint="reinstall dmrecover") from err
+    return template.replace("@PYTHON@", python).replace("@STATE_ROOT@", root)
 
 
 def enable(session: str) -> bool:
     """Install the unit template (if changed) and enable the session's instance (not start:
     the session process runs already). False where systemd does not run."""
-    from dmrecover.session.session import state_root
-
     if not systemd_running():
         return False
     text = unit_text(sys.executable, state_root())
@@ -90,28 +81,27 @@ def disable(session: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The unit's command: resume the session in the foreground, unless it is finished."""
-    from dmrecover.errors import DmrecoverError
-    from dmrecover.session.session import ACTIVE_STATES, Session, resume_session
-
+    """The unit's command: resume the session in the foreground, unless it is finished.
+    It reports through logging (the journal), like the session process itself."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m dmrecover.session.boot SESSION", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+    if len(argv) != 1:
+        log.error("usage: python -m dmrecover.session.boot SESSION")
+        return 2
     name = argv[0]
     try:
-        sess = Session.load(name)
-        if sess.state not in ACTIVE_STATES:  # done, aborted, failed: the operator decides
-            print(f"session {name} is {sess.state}: disabling its boot unit")
+        record = load_session(name)
+        if record.state not in ACTIVE_STATES:  # done, aborted, failed: the operator decides
+            log.info("session %s is %s: disabling its boot unit", name, record.state)
             disable(name)
             return 0
-        if sess.alive():
-            print(f"session {name} runs already")
+        if record.alive():
+            log.info("session %s runs already", name)
             return 0
-        return resume_session(name, foreground=True)
+        resume_session(name, foreground=True)
+        return 0
     except DmrecoverError as err:
-        print(f"dmrecover: error: {err}", file=sys.stderr)
+        log.error("dmrecover: error: %s", err)
         return err.exit_code
 
 
