@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,11 @@ from tests.kernel.kernelutil import sh
 pytestmark = pytest.mark.kernel
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
     for item in items:
-        item.add_marker(pytest.mark.kernel)
+        if here in item.path.parents:  # the hook sees every test of the run
+            item.add_marker(pytest.mark.kernel)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,7 +38,7 @@ def session_name() -> str:
 
 
 @pytest.fixture
-def loops(tmp_path: Path) -> Iterator[callable]:
+def loops(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """make(size) -> a loop device over a fresh sparse file; all detached at the end."""
     made: list[str] = []
 
@@ -68,23 +70,3 @@ def owned_cleanup(session_name: str) -> Iterator[str]:
             for d in sorted(left, key=lambda d: d.open_count):
                 subprocess.run(["dmsetup", "remove", "--force", "--retry", d.name],
                                capture_output=True)
-
-
-# The integration suite's image fixtures (real ext4/xfs filled with data), reused here: its
-# conftest is loaded by path (conftest modules are not importable by name).
-def _load_integration_conftest():
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "integration" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("dmrecover_integration_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_integration = _load_integration_conftest()
-ext4_image = _integration.ext4_image
-xfs_image = _integration.xfs_image
-fs_tools = _integration.fs_tools

@@ -16,28 +16,25 @@ Runs as root in the VM, with the installed dmrecover. State in /var/tmp/dmrecove
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.demo.sampleapp import acknowledged
+from dmrecover.session import boot
+from dmrecover.system.mounts import mount_at, umount
 from tests.apps.livekit import Sandbox
+from tests.helpers import images
 
 ROOT = Path("/var/tmp/dmrecover-powercut")
 SESSION = "pc"
 
 
-def integration():
-    """The integration suite's conftest (image helpers)."""
-    from tests.integration import conftest
-
-    return conftest
-
-
 def _write_durably(path: Path, text: str) -> None:
     """The power is cut right after `start`: what it records must be on disk."""
-    import os
-
     with open(path, "w") as f:
         f.write(text)
         f.flush()
@@ -46,20 +43,12 @@ def _write_durably(path: Path, text: str) -> None:
 
 
 def start(during: str) -> int:
-    from dmrecover.demo.sampleapp import acknowledged
-
     if ROOT.exists():
         shutil.rmtree(ROOT)
     ROOT.mkdir(parents=True)
-    mod = integration()
-    from types import SimpleNamespace
-
-    tools = SimpleNamespace(make_fs_image=mod.make_fs_image, mkfs=mod.mkfs,
-                            fill_with_data=mod.fill_with_data, mounted=mod.mounted,
-                            attached=mod.attached, copy_sparse=mod.copy_sparse)
-    image = mod.make_fs_image(ROOT / "image.img", "ext4", seed=1)
+    image = images.make_fs_image(ROOT / "image.img", "ext4", seed=1)
     box = Sandbox(ROOT / "box")
-    box.prepare(tools, image)
+    box.prepare(images, image)
     image.unlink()
     # Slow restore before the power cut (the unit resumes it at full speed after the boot);
     # for a cut during the merge, the merge phase is held open for a minute.
@@ -96,20 +85,12 @@ def start(during: str) -> int:
 
 
 def check() -> int:
-    from dmrecover.backends.dm import dmsetup as dm
-    from dmrecover.session.session import boot
-    from dmrecover.system.mounts import mount_at, umount
-
     before = json.loads((ROOT / "before.json").read_text())
     box = Sandbox(ROOT / "box")
     box.checksums = before["checksums"]
     box.seed_digest = before["seed_digest"]
     box.backup_id = before["backup_id"]
     box.fstype = before["fstype"]
-    mod = integration()
-    from types import SimpleNamespace
-
-    tools = SimpleNamespace(mounted=mod.mounted)
     try:
         # The unit brings the session back by itself: the application answers again.
         ping = box.wait_app(timeout=300)
@@ -126,7 +107,7 @@ def check() -> int:
         box.stop_app()
         umount(str(box.mnt))
         assert not dm.list_owned(SESSION)
-        rows, acks = box.verify_dest(tools)
+        rows, acks = box.verify_dest(images)
         assert acks >= before["acks"], (acks, before["acks"])
         print(f"powercut check: PASS: {acks} acknowledged writes on DEST "
               f"({before['acks']} before the power cut), {rows} rows")

@@ -28,8 +28,6 @@ def test_unit_text_fills_the_placeholders() -> None:
 
 def test_main_disables_a_finished_session(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmrecover.session.record import State
-    from tests.unit.session.fakes import make_record
 
     monkeypatch.setenv("DMRECOVER_STATE_ROOT", str(tmp_path))
     rec = make_record(tmp_path / "s")
