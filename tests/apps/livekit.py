@@ -20,12 +20,16 @@ from pathlib import Path
 
 import psutil
 
+from dmrecover import testhooks
 from dmrecover.demo.sampleapp import acknowledged, check_database, query
+from dmrecover.session.record import STATE_ROOT_ENV
 from dmrecover.system import command
 from dmrecover.system.mounts import mounts
 
 MiB = 1 << 20
-ENV_KEYS = ("DMRECOVER_STATE_ROOT", "DMRECOVER_TEST_RESTORE_DELAY", "DMRECOVER_FAIL_AT")
+# What the sandbox decides for the processes it starts: the state root and every test hook
+# (switched on here: a test's DMRECOVER_FAIL_AT / DMRECOVER_TEST_RESTORE_DELAY must act).
+ENV_KEYS = (STATE_ROOT_ENV, *testhooks.HOOK_ENVS)
 
 
 def sha256_file(path: Path) -> str:
@@ -72,7 +76,7 @@ class Sandbox:
         self.repo = tmp / "repo"
         for d in (self.state_root, self.mnt, self.appstate):
             d.mkdir(parents=True, exist_ok=True)
-        self.env = {"DMRECOVER_STATE_ROOT": str(self.state_root)}
+        self.env = {STATE_ROOT_ENV: str(self.state_root), testhooks.ENABLE_ENV: "1"}
         self.checksums: dict[str, str] = {}
         self.seed_digest = ""
         self.backup_id = ""
