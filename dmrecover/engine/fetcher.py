@@ -119,31 +119,6 @@ class MemorySource:
         return index in self.zero_chunks
 
 
-class RepositorySource:
-    """A ChunkSource over a backup in a `repository.Repository` (helper-1's module).
-
-    Uses `repo.read_chunk(manifest, index)` (verified bytes), `manifest.chunks[i] is None` for
-    an all-zero chunk, `manifest.size` and `manifest.chunk_size`.
-    """
-
-    def __init__(self, repo: Any, manifest: Any) -> None:
-        self.repo = repo
-        self.manifest = manifest
-        self.size = int(manifest.size)
-        self.chunk_size = int(manifest.chunk_size)
-        self.chunk_count = len(manifest.chunks)
-        expected = (self.size + self.chunk_size - 1) // self.chunk_size
-        if self.chunk_count != expected:
-            raise CorruptChunk(f"backup manifest lists {self.chunk_count} chunks, its size "
-                               f"needs {expected}", hint="verify the repository")
-
-    def read_chunk(self, index: int) -> bytes:
-        return self.repo.read_chunk(self.manifest, index)
-
-    def is_zero(self, index: int) -> bool:
-        return self.manifest.chunks[index] is None
-
-
 class _Inflight:
     """One fetch in flight; waiters block on `done` and then look at `error`."""
 

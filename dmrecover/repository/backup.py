@@ -21,15 +21,15 @@ from pathlib import Path
 
 from dmrecover.errors import DeviceError, RepositoryError, UsageError
 from dmrecover.progress import Progress, Renderer
-from dmrecover.repository.repo import (
+from dmrecover.repository.manifest import (
     HASH,
     MAX_CHUNK,
     MIN_CHUNK,
     Manifest,
-    Repository,
     digest_of,
     new_backup_id,
 )
+from dmrecover.repository.repo import Repository
 from dmrecover.system.blockdev import block_size_of_fd, filesystem_type
 from dmrecover.system.mounts import mounts_of
 from dmrecover.units import format_size

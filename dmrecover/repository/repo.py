@@ -1,4 +1,4 @@
-"""The backup repository: storage interface, chunks, manifests, writer lock, `read_chunk()`.
+"""The backup repository: format, chunks, the writer lock, `read_chunk()`.
 
 Format (version 1, see docs/architecture.md)::
 
@@ -8,8 +8,9 @@ Format (version 1, see docs/architecture.md)::
     REPO/lock               flock()ed by writers
     REPO/tmp/               temp files, renamed into place after fsync
 
-All storage access goes through `Storage` (keys are '/'-separated relative paths), so an HTTP-range
-or S3 backend only has to implement five methods.
+All storage access goes through `store.Storage` (keys are '/'-separated relative paths), so an
+HTTP-range or S3 store only has to implement its methods; manifests and digests are in
+`manifest.py`.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-import blake3
 import zstandard
 
 from dmrecover.errors import (
@@ -39,17 +35,16 @@ from dmrecover.errors import (
     RepositoryLocked,
     RepositoryUnavailable,
 )
-from dmrecover.system.files import atomic_write, fsync_dir
+from dmrecover.repository.manifest import HASH, Manifest, chunk_key, digest_of
+from dmrecover.repository.store import LocalStorage, Storage
+from dmrecover.system.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dmrecover-repo"
 VERSION = 1
-HASH = "blake3"
 COMPRESSION = "zstd"
 ZSTD_LEVEL = 3
-MIN_CHUNK = 64 << 10
-MAX_CHUNK = 16 << 20
 
 # errnos that mean "the storage cannot be reached right now"; every other OSError on a read is
 # treated the same way (transient), except ENOENT of a named chunk, which means it is missing.
@@ -63,194 +58,6 @@ class _Bad(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def digest_of(data: bytes | bytearray | memoryview) -> str:
-    """The chunk digest: blake3 hex of the uncompressed bytes."""
-    return blake3.blake3(data).hexdigest()
-
-
-def chunk_key(digest: str) -> str:
-    return f"chunks/{digest[:2]}/{digest}"
-
-
-# ---------------------------------------------------------------- storage
-
-
-class Storage(ABC):
-    """Where repository objects live. Keys are relative '/'-separated paths.
-
-    `get` raises FileNotFoundError when the object does not exist (and the storage itself is
-    reachable), RepositoryUnavailable or another OSError when the storage cannot be reached.
-    """
-
-    @abstractmethod
-    def get(self, key: str) -> bytes: ...
-
-    @abstractmethod
-    def put_atomic(self, key: str, data: bytes, *, sync_dir: bool = True) -> None:
-        """Store data under key: whole or not at all, durable before this returns.
-
-        With sync_dir=False the directory entry may not be durable yet; call `sync()` before
-        writing anything that points to the object.
-        """
-
-    @abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def list(self, prefix: str) -> list[str]:
-        """Keys directly under the directory `prefix` (names only)."""
-
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
-
-    @abstractmethod
-    def sync(self) -> None:
-        """Make every put_atomic(sync_dir=False) so far durable."""
-
-
-class LocalStorage(Storage):
-    """A directory on a local or mounted (NFS, CIFS) filesystem."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self._pending_dirs: set[Path] = set()
-        self._pending_lock = threading.Lock()
-
-    def _path(self, key: str) -> Path:
-        return self.root / key
-
-    def get(self, key: str) -> bytes:
-        try:
-            with open(self._path(key), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            # A vanished repository root (unmounted share, ...) is not a missing object.
-            if not (self.root / "config.json").exists():
-                raise RepositoryUnavailable(
-                    f"repository {self.root} is not reachable (config.json is gone)",
-                    hint="check that the repository's filesystem or share is mounted",
-                ) from None
-            raise
-
-    def put_atomic(self, key: str, data: bytes, *, sync_dir: bool = True) -> None:
-        target = self._path(key)
-        if not target.parent.is_dir():
-            # A new key directory: make its own name durable before any object in it.
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fsync_dir(target.parent.parent)
-        # Temp files in REPO/tmp, never in chunks/ or backups/: a crash leaves no stray name
-        # that a listing would take for an object.
-        atomic_write(target, data, mode=0o644, sync_dir=sync_dir, tmp_dir=self.root / "tmp")
-        if not sync_dir:
-            with self._pending_lock:
-                self._pending_dirs.add(target.parent)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).exists()
-
-    def list(self, prefix: str) -> list[str]:
-        try:
-            return sorted(os.listdir(self._path(prefix)))
-        except FileNotFoundError:
-            return []
-
-    def delete(self, key: str) -> None:
-        _unlink_quietly(self._path(key))
-
-    def sync(self) -> None:
-        with self._pending_lock:
-            dirs, self._pending_dirs = self._pending_dirs, set()
-        for d in sorted(dirs):
-            fsync_dir(d)
-
-
-def _unlink_quietly(path: str | os.PathLike[str]) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-# ---------------------------------------------------------------- manifest
-
-
-@dataclass
-class Manifest:
-    """One backup: the volume's size, its chunking, and the digest of every chunk."""
-
-    id: str
-    name: str
-    created: float
-    size: int
-    chunk_size: int
-    hash: str
-    fstype: str | None
-    source: str
-    chunks: list[str | None]
-    # Set by backup() only, not stored: what this backup added to the repository.
-    stats: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def chunk_count(self) -> int:
-        return len(self.chunks)
-
-    def chunk_length(self, index: int) -> int:
-        """Bytes in chunk `index` (the last one may be short)."""
-        if not 0 <= index < self.chunk_count:
-            raise IndexError(f"chunk {index} out of range 0..{self.chunk_count - 1}")
-        return min(self.chunk_size, self.size - index * self.chunk_size)
-
-    @property
-    def created_iso(self) -> str:
-        return datetime.fromtimestamp(self.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    def summary(self) -> dict:
-        """Everything but the digests, for `list --json`."""
-        stored = [d for d in self.chunks if d is not None]
-        return {
-            "id": self.id,
-            "name": self.name,
-            "created": self.created,
-            "created_iso": self.created_iso,
-            "size": self.size,
-            "chunk_size": self.chunk_size,
-            "hash": self.hash,
-            "fstype": self.fstype,
-            "source": self.source,
-            "chunk_count": self.chunk_count,
-            "stored_chunks": len(stored),
-            "unique_chunks": len(set(stored)),
-        }
-
-    def to_json(self) -> bytes:
-        d = {k: getattr(self, k) for k in
-             ("id", "name", "created", "size", "chunk_size", "hash", "fstype", "source",
-              "chunks")}
-        return (json.dumps(d, separators=(",", ":")) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        d = json.loads(data)
-        m = cls(
-            id=str(d["id"]), name=str(d["name"]), created=float(d["created"]),
-            size=int(d["size"]), chunk_size=int(d["chunk_size"]), hash=str(d["hash"]),
-            fstype=d.get("fstype"), source=str(d.get("source", "")), chunks=list(d["chunks"]),
-        )
-        expected = -(-m.size // m.chunk_size) if m.chunk_size > 0 else -1
-        if m.chunk_size <= 0 or len(m.chunks) != expected:
-            raise ValueError(f"{len(m.chunks)} digests for {m.size} bytes in "
-                             f"{m.chunk_size}-byte chunks")
-        return m
-
-
-def new_backup_id() -> str:
-    """16 hex digits: the creation time in seconds (so ids sort by age) plus randomness."""
-    return f"{int(time.time()):08x}{secrets.token_hex(4)}"
-
-
-# ---------------------------------------------------------------- repository
 
 
 class Repository:

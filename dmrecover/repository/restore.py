@@ -27,7 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from dmrecover.errors import CorruptChunk, DeviceError
 from dmrecover.progress import Progress, Renderer
-from dmrecover.repository.repo import Manifest, Repository
+from dmrecover.repository.manifest import Manifest
+from dmrecover.repository.repo import Repository
 from dmrecover.system import blockdev as device
 from dmrecover.system.files import write_all
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from dmrecover.progress import Progress, Renderer
-from dmrecover.repository.repo import Manifest, Repository
+from dmrecover.repository.manifest import Manifest
+from dmrecover.repository.repo import Repository
 from dmrecover.repository.restore import default_workers
 
 

@@ -404,9 +404,9 @@ class _ThrottledSource:
 
 
 def _open_volume(sess: Session, on_restored=None):
-    from dmrecover.engine.fetcher import RepositorySource
     from dmrecover.engine.pseudovolume import PseudoVolume
     from dmrecover.repository.repo import Repository
+    from dmrecover.repository.source import RepositorySource
 
     d = sess.data
     repo = Repository.open(d["repo"])

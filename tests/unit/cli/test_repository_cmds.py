@@ -21,7 +21,8 @@ from dmrecover.errors import (
     RepositoryError,
     RepositoryLocked,
 )
-from dmrecover.repository.repo import Repository, chunk_key
+from dmrecover.repository.manifest import chunk_key
+from dmrecover.repository.repo import Repository
 from tests.helpers.cli import CliRunner
 
 MiB = 1 << 20

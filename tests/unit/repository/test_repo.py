@@ -24,8 +24,10 @@ from dmrecover.errors import (
     UsageError,
 )
 from dmrecover.repository.backup import backup, check_chunk_size
-from dmrecover.repository.repo import LocalStorage, Manifest, Repository, chunk_key
+from dmrecover.repository.manifest import Manifest, chunk_key
+from dmrecover.repository.repo import Repository
 from dmrecover.repository.restore import restore
+from dmrecover.repository.store import LocalStorage, Storage
 from dmrecover.repository.verify import verify
 
 KiB = 1 << 10
@@ -376,7 +378,6 @@ def test_restore_missing_chunk_checked_before_writing(repo: Repository, tmp_path
 def test_storage_interface_is_enough(tmp_path: Path) -> None:
     """Backup, read_chunk, verify and restore work on any Storage (here: a dict), so an
     HTTP-range or S3 backend only implements the six methods."""
-    from dmrecover.repository.repo import Storage
 
     class MemStorage(Storage):
         def __init__(self) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from dmrecover.backends.fuse.server import FuseServer
-from dmrecover.engine.fetcher import MemorySource, RepositorySource
+from dmrecover.engine.fetcher import MemorySource
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.repository.backup import backup
 from dmrecover.repository.repo import Repository
+from dmrecover.repository.source import RepositorySource
 from dmrecover.system import command, loops
 from dmrecover.system.loops import attach as loop_attach
 from dmrecover.system.loops import detach as loop_detach
