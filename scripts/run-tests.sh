@@ -6,6 +6,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 .venv/bin/ruff check dmrecover tests bench
 rc_lint=$?
+# The layering contract (.importlinter): a lower layer never imports a higher one.
+.venv/bin/lint-imports --no-cache
+rc_layers=$?
+[ $rc_layers -eq 0 ] || rc_lint=$rc_layers
 .venv/bin/python -m pytest -q tests/unit tests/integration "$@"
 rc_host=$?
 rc_vm=0
