@@ -35,11 +35,3 @@ def test_roundtrip() -> None:
     for n in (KiB, 3 * MiB, 7 * GiB):
         assert parse_size(format_size(n).replace(" ", "").replace("i", "")) == n
 
-
-def test_cli_bad_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    from dmrecover.cli.main import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["backup", "x.img", "--repo", "r", "--chunk-size", "4X"])
-    assert exc.value.code == 2
-    assert "bad size '4X'" in capsys.readouterr().err
