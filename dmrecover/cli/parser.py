@@ -8,16 +8,15 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from dmrecover import __version__
+from dmrecover.backends import registry
 from dmrecover.cli import demo_cmd, repository_cmds, session_cmds
 from dmrecover.cli.progress_display import MODES as PROGRESS_MODES
+from dmrecover.demo.volume import FSTYPES
 from dmrecover.errors import DmrecoverError
 from dmrecover.units import parse_size
 
 Handler = Callable[[argparse.Namespace], int]
 
-# Until the backends register (engineer A's commit), the registry cannot be imported.
-BACKEND_CHOICES = ["auto", "dm", "fuse"]
-FSTYPES = ("ext4", "xfs")
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,6 +37,12 @@ def _size(text: str) -> int:
 def _progress_opt(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                     help="progress display (default: rich on a TTY, else plain lines)")
+
+
+def _backend_opt(sp: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--backend: "auto" or a registered backend (a new backend shows up by itself)."""
+    sp.add_argument("--backend", choices=[registry.AUTO, *registry.names()],
+                    default=registry.AUTO, help=help)
 
 
 def _state_dir_opt(sp: argparse.ArgumentParser) -> None:
@@ -63,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("demo", demo_cmd.do_demo, "live-restore a sample database volume, end to end")
     sp.add_argument("--size", type=_size, default=256 << 20, help="volume size (default 256M)")
     sp.add_argument("--fstype", choices=FSTYPES, default="ext4")
-    sp.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    _backend_opt(sp)
     sp.add_argument("--workdir", metavar="DIR",
                     help="work directory (default: a new one under /var/tmp)")
     sp.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -116,8 +121,7 @@ def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser])
     sp.add_argument("--app-start", metavar="CMD", help="command that starts the application")
     sp.add_argument("--app-stop", metavar="CMD", help="command that stops the application")
     sp.add_argument("--app-unit", metavar="UNIT", help="a systemd unit instead of commands")
-    sp.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                    help="how the pseudo-volume is presented (default: the best available)")
+    _backend_opt(sp, "how the pseudo-volume is presented (default: the best available)")
     sp.add_argument("--session", metavar="NAME", help="session name (default: the mount "
                     "point's name)")
     sp.add_argument("--cutover", choices=["auto", "manual", "online"], default="auto",

@@ -1,33 +1,68 @@
 """The live-restore verbs: `live-restore`, `session-run`, `resume`, `status`, `cutover`,
-`abort`, `cleanup`."""
+`abort`, `cleanup`. Each builds the typed call, and words what it returns."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from dmrecover.cli import status_display
 from dmrecover.cli.common import require_root
-from dmrecover.session import session
-from dmrecover.session.cleanup import find_leftovers, remove_leftovers
+from dmrecover.session import cleanup, control
+from dmrecover.session.app import AppSpec
+from dmrecover.session.record import SessionRecord, State, session_dir
+from dmrecover.session.runner import run_session
+from dmrecover.session.start import LiveRestoreRequest, start_live_restore
 from dmrecover.session.status import model
+
+
+def print_started(record: SessionRecord) -> None:
+    """What live-restore and resume say once the application runs on the pseudo-volume."""
+    extra = (f" --state-dir {record.state_dir}"
+             if record.state_dir != session_dir(record.name) else "")
+    print(f"session {record.name}: the application runs on {record.mountpoint} while "
+          f"{record.backup_name or record.backup} is restored to {record.dest}")
+    print(f"watch it:  dmrecover status {record.name}{extra} --watch")
+    sys.stdout.flush()
+
+
+def live_restore_request(args: argparse.Namespace) -> LiveRestoreRequest:
+    """The typed request the live-restore arguments stand for."""
+    return LiveRestoreRequest(
+        repo=args.repo, backup=args.backup, dest=args.dest, mountpoint=args.mount,
+        app=AppSpec(start=args.app_start, stop=args.app_stop, unit=args.app_unit),
+        session=args.session, state_dir=args.state_dir, backend=args.backend,
+        cutover=args.cutover, fetch_deadline=args.fetch_deadline, overlay=args.overlay,
+        force=args.force)
 
 
 def do_live_restore(args: argparse.Namespace) -> int:
     require_root("live-restore")
-    return session.start_live_restore(args)
+    start_live_restore(live_restore_request(args), foreground=args.foreground,
+                       on_started=print_started)
+    return 0
 
 
 def do_session_run(args: argparse.Namespace) -> int:
     """Internal: the session process itself (run in the background or by systemd)."""
     require_root("session")
-    return session.run_session(args.session, state_dir=args.state_dir, resume=args.resume)
+    return run_session(args.session, state_dir=args.state_dir, resume=args.resume)
 
 
 def do_resume(args: argparse.Namespace) -> int:
     require_root("resume")
-    return session.resume_session(args.session, state_dir=args.state_dir,
-                                  foreground=args.foreground)
+    started: list[SessionRecord] = []
+
+    def on_started(record: SessionRecord) -> None:
+        started.append(record)
+        print_started(record)
+
+    record = control.resume_session(args.session, state_dir=args.state_dir,
+                                    foreground=args.foreground, on_started=on_started)
+    if not started and record.state == State.DONE:
+        print(f"session {record.name} is done; nothing to resume")
+    return 0
 
 
 def do_status(args: argparse.Namespace) -> int:
@@ -35,8 +70,8 @@ def do_status(args: argparse.Namespace) -> int:
 
     def models() -> list[dict]:
         if single:
-            return [model(session.Session.load(args.session, args.state_dir))]
-        return [model(s) for s in session.list_sessions()]
+            return [model(control.load_session(args.session, args.state_dir))]
+        return [model(r) for r in control.list_sessions()]
 
     if args.watch:
         return status_display.watch(models)
@@ -52,34 +87,49 @@ def do_status(args: argparse.Namespace) -> int:
 
 def do_cutover(args: argparse.Namespace) -> int:
     require_root("cutover")
-    return session.request_cutover(args.session, state_dir=args.state_dir, online=args.online,
-                                   wait=not args.no_wait)
+    res = control.request_cutover(args.session, state_dir=args.state_dir, online=args.online,
+                                  wait=not args.no_wait)
+    name = res.record.name
+    if res.already_done:
+        print(f"session {name} is already done")
+        return 0
+    if res.queued:
+        print(f"cutover requested: it runs when the restore of {name} completes")
+    if res.record.state == State.DONE:
+        down = f" (downtime {res.downtime:.2f} s)" if res.downtime is not None else ""
+        print(f"session {name}: done; the application runs on {res.record.dest} at "
+              f"{res.record.mountpoint}{down}")
+    return 0
 
 
 def do_abort(args: argparse.Namespace) -> int:
     require_root("abort")
-    return session.abort_session(args.session, state_dir=args.state_dir)
+    res = control.abort_session(args.session, state_dir=args.state_dir)
+    name = res.record.name
+    if res.already:
+        print(f"session {name} is already aborted")
+        return 0
+    print(f"session {name} aborted; the application is stopped and {res.record.mountpoint}"
+          f" unmounted")
+    print(f"the overlay (application writes, {res.overlay_bytes} bytes allocated) is kept in "
+          f"{res.overlay_dir} (overlay.img, overlay.map, overlay.log); "
+          f"`dmrecover resume {name}` continues")
+    return 0
 
 
 def do_cleanup(args: argparse.Namespace) -> int:
     """Remove what dead sessions left (mounts, device-mapper devices, loops, FUSE mounts)."""
     require_root("cleanup")
-    found = find_leftovers()
-    if found.empty():
+    found = cleanup.find_leftovers()
+    if not found:
         print("nothing to clean up")
         return 0
     verb = "would remove" if args.dry_run else "removing"
-    for mp in found.mounts:
-        print(f"{verb} mount {mp}")
-    for dm in found.dm:
-        print(f"{verb} device-mapper device {dm}")
-    for dev in found.loops:
-        print(f"{verb} loop device {dev}")
-    for path in found.fuse:
-        print(f"{verb} FUSE mount {path}")
+    for f in found:
+        print(f"{verb} {f}")
     if args.dry_run:
         return 0
-    problems = remove_leftovers(found)
+    problems = cleanup.remove_leftovers(found)
     for p in problems:
-        print(f"dmrecover: cleanup: {p}")
+        print(f"dmrecover: cleanup: {p}", file=sys.stderr)
     return 1 if problems else 0

@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from dmrecover.session.session import ACTIVE_STATES
+from dmrecover.session.record import ACTIVE_STATES
 from dmrecover.units import format_size
 
 
@@ -93,13 +93,6 @@ def render_list(models: Sequence[dict]) -> str:
         lines.append(f"{m['session']:<20} {state:<14} {pct:>8} {str(m['app'] or '-'):<12} "
                      f"{m['mountpoint']}")
     return "\n".join(lines)
-
-
-def render_line(m: dict) -> str:
-    """One progress line (the demo prints it every second where there is no TTY)."""
-    return (f"{m['state']:<13} {m['percent'] or 0.0:5.1f}%  {format_size(m['rate'] or 0)}/s"
-            f"  on-demand fetches {m['demand_fetches'] or 0}  overlay "
-            f"{format_size(m['overlay_bytes'] or 0)}  app {m['app']}")
 
 
 def render_rich(m: dict) -> RenderableType:

@@ -79,8 +79,7 @@ def test_rich_panel_renders(changes: dict) -> None:
         assert "boom" in text and "not running" in text
 
 
-def test_line_and_live_display() -> None:
-    assert "25.0%" in sd.render_line(a_model())
+def test_live_display() -> None:
     out = io.StringIO()
     with sd.LiveStatus(Console(file=out, width=100)) as live:
         live.update([a_model()])
