@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dmrecover.cli.common import require_root
-from dmrecover.demo.demo import run_demo
+from dmrecover.cli.status_display import LiveStatus
+from dmrecover.demo.demo import DemoOptions, run_demo
 
 
 def do_demo(args: argparse.Namespace) -> int:
     require_root("demo")
-    return run_demo(args)
+    options = DemoOptions(size=args.size, fstype=args.fstype, backend=args.backend,
+                          workdir=args.workdir, keep=args.keep)
+    return run_demo(options, LiveStatus() if sys.stdout.isatty() else None)

@@ -14,44 +14,80 @@ Exit status 0 only if every check passes.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import random
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from dmrecover.errors import DmrecoverError
-from dmrecover.system import command
+from dmrecover.backends import registry
+from dmrecover.demo.sampleapp import acknowledged, check_database, query, seed
+from dmrecover.demo.volume import build_sample_volume, file_digest, mounted_image
+from dmrecover.errors import DmrecoverError, StackError, UsageError
+from dmrecover.progress import NullRenderer
+from dmrecover.repository.backup import backup
+from dmrecover.repository.repo import Repository
+from dmrecover.session.app import AppSpec
+from dmrecover.session.control import abort_session, load_session
+from dmrecover.session.record import SessionRecord, State
+from dmrecover.session.start import LiveRestoreRequest, start_live_restore
+from dmrecover.session.status import model
+from dmrecover.system import loops
+from dmrecover.system.mounts import mounts, umount
 from dmrecover.units import MiB, format_size
 
-XFS_SMALL_ENV = {"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}  # mkfs.xfs < 300 MB
+MIN_SIZE = 64 * MiB  # the sample data and xfs need room
+SESSION = "demo"
+FINAL_STATES = (State.DONE, State.FAILED, State.ABORTED)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What `dmrecover demo` was asked for."""
+
+    size: int = 256 * MiB
+    fstype: str = "ext4"
+    backend: str = registry.AUTO
+    workdir: str | None = None  # default: a new directory under /var/tmp
+    keep: bool = False  # keep the work directory
+
+
+class StatusView(Protocol):
+    """A live display of session status models (the CLI's, on a TTY)."""
+
+    def __enter__(self) -> StatusView: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def update(self, models: Sequence[dict]) -> None: ...
 
 
 class DemoFailed(Exception):
     """A check failed (the demo's exit status is 1)."""
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _line(m: dict) -> str:
+    """One progress line, every second where there is no live display."""
+    return (f"      {m['state']:<13} {m['percent'] or 0.0:5.1f}%  "
+            f"{format_size(m['rate'] or 0)}/s  on-demand fetches {m['demand_fetches'] or 0}  "
+            f"overlay {format_size(m['overlay_bytes'] or 0)}  app {m['app']}")
+
+
 class Demo:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.size = int(args.size)
-        self.fstype = args.fstype
-        base = args.workdir or tempfile.mkdtemp(prefix="dmrecover-demo.", dir="/var/tmp")
+    """The demo's steps, in order; `cleanup` takes down whatever is left."""
+
+    def __init__(self, options: DemoOptions, view: StatusView | None = None) -> None:
+        self.options = options
+        self.view = view
+        self.size = options.size
+        self.fstype = options.fstype
+        base = options.workdir or tempfile.mkdtemp(prefix="dmrecover-demo.", dir="/var/tmp")
         self.work = Path(base).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.image = self.work / "volume.img"
@@ -63,69 +99,40 @@ class Demo:
         self.checksums: dict[str, str] = {}
         self.seed_rows = 0
         self.results: dict[str, float | int | str] = {}
-        self.tty = sys.stdout.isatty()
-
-    # ------------------------------------------------------------ helpers
-
-    def _mount_tmp(self, image: Path, target: Path, ro: bool = False) -> None:
-        from dmrecover.system.mounts import mount
-
-        target.mkdir(parents=True, exist_ok=True)
-        opts = ["loop"] + (["ro"] if ro else [])
-        mount(str(image), str(target), self.fstype, opts)
-
-    def _umount(self, target: Path) -> None:
-        from dmrecover.system.mounts import umount
-
-        umount(str(target))
 
     # ------------------------------------------------------------ steps
 
-    def build_volume(self) -> None:
-        from dmrecover.demo.sampleapp import seed
+    def _fill(self, mnt: Path) -> None:
+        """The sample data: a SQLite database, text documents, random blobs (~40%)."""
+        rng = random.Random(1)
+        rows = max(1000, self.size // (10 * 1024) // 2)  # ~5% of the volume in rows
+        self.seed_rows = seed(str(mnt), rows=rows)
+        (mnt / "docs").mkdir()
+        (mnt / "blobs").mkdir()
+        words = ["restore", "backup", "volume", "overlay", "chunk", "query", "commit"]
+        for i in range(20):
+            text = "\n".join(" ".join(rng.choices(words, k=10)) for _ in range(2000))
+            (mnt / "docs" / f"doc{i:02d}.txt").write_text(text)
+        budget = int(self.size * 0.35)
+        i = 0
+        while budget > 0:
+            n = min(budget, rng.randint(1, 8) * MiB)
+            (mnt / "blobs" / f"blob{i:03d}.bin").write_bytes(rng.randbytes(n))
+            budget -= n
+            i += 1
+        for p in sorted(mnt.rglob("*")):
+            rel = p.relative_to(mnt).as_posix()
+            if p.is_file() and not rel.startswith(("app.db", "lost+found")):
+                self.checksums[rel] = file_digest(p)
 
+    def build_volume(self) -> None:
         _say(f"[1/5] building a {format_size(self.size)} {self.fstype} volume with a SQLite "
              f"database in {self.work}")
-        with open(self.image, "wb") as f:
-            f.truncate(self.size)
-        if self.fstype == "xfs":
-            command.run(["mkfs.xfs", "-q", "-f", "-L", "demo", str(self.image)],
-                        env=XFS_SMALL_ENV)
-        else:
-            command.run(["mkfs.ext4", "-q", "-F", "-L", "demo", str(self.image)])
-        build = self.work / "build"
-        self._mount_tmp(self.image, build)
-        try:
-            rng = random.Random(1)
-            rows = max(1000, self.size // (10 * 1024) // 2)  # ~5% of the volume in rows
-            self.seed_rows = seed(str(build), rows=rows)
-            (build / "docs").mkdir()
-            (build / "blobs").mkdir()
-            words = ["restore", "backup", "volume", "overlay", "chunk", "query", "commit"]
-            for i in range(20):
-                text = "\n".join(" ".join(rng.choices(words, k=10)) for _ in range(2000))
-                (build / "docs" / f"doc{i:02d}.txt").write_text(text)
-            budget = int(self.size * 0.35)
-            i = 0
-            while budget > 0:
-                n = min(budget, rng.randint(1, 8) * MiB)
-                (build / "blobs" / f"blob{i:03d}.bin").write_bytes(rng.randbytes(n))
-                budget -= n
-                i += 1
-            for p in sorted(build.rglob("*")):
-                rel = p.relative_to(build).as_posix()
-                if p.is_file() and not rel.startswith(("app.db", "lost+found")):
-                    self.checksums[rel] = _sha(p)
-        finally:
-            self._umount(build)
-            build.rmdir()
+        build_sample_volume(self.image, self.size, self._fill, fstype=self.fstype,
+                            label="demo")
         _say(f"      {self.seed_rows} database rows, {len(self.checksums)} files")
 
     def backup(self) -> str:
-        from dmrecover.progress import NullRenderer
-        from dmrecover.repository.backup import backup
-        from dmrecover.repository.repo import Repository
-
         _say("[2/5] backing it up into a new repository")
         repo = Repository.init(self.repo)
         t = time.monotonic()
@@ -137,25 +144,21 @@ class Demo:
         return manifest.id
 
     def live_restore(self, backup_id: str) -> None:
-        from dmrecover.demo.sampleapp import query
-        from dmrecover.session.session import Session, start_live_restore
-
         _say("[3/5] the volume is gone; live-restoring it onto a fresh, empty destination")
         with open(self.dest, "wb") as f:
             f.truncate(self.size)
         self.mnt.mkdir(exist_ok=True)
         self.appstate.mkdir(exist_ok=True)
         py = sys.executable
-        ns = argparse.Namespace(
-            repo=str(self.repo), backup=backup_id, dest=str(self.dest), mount=str(self.mnt),
-            app_start=f"{py} -m dmrecover.demo.sampleapp serve --data {self.mnt} "
-                      f"--state {self.appstate} --interval 0.01",
-            app_stop=f"{py} -m dmrecover.demo.sampleapp stop --state {self.appstate}",
-            app_unit=None, backend=self.args.backend, session="demo", cutover="auto",
-            overlay=None, state_dir=str(self.state_dir), foreground=False,
-            fetch_deadline=600.0, force=False)
+        app = AppSpec(
+            start=f"{py} -m dmrecover.demo.sampleapp serve --data {self.mnt} "
+                  f"--state {self.appstate} --interval 0.01",
+            stop=f"{py} -m dmrecover.demo.sampleapp stop --state {self.appstate}")
+        req = LiveRestoreRequest(repo=str(self.repo), backup=backup_id, dest=str(self.dest),
+                                 mountpoint=str(self.mnt), app=app, session=SESSION,
+                                 state_dir=str(self.state_dir), backend=self.options.backend)
         t0 = time.monotonic()
-        start_live_restore(ns)
+        record = start_live_restore(req)
         t_started = time.monotonic() - t0
         while True:
             try:
@@ -169,71 +172,55 @@ class Demo:
         self.results.update(live_restore_returned=t_started, first_query=t_first)
         _say(f"      the application answered its first query after {t_first:.2f} s "
              f"({rows} rows) while the restore runs")
-        sess = Session.load(None, str(self.state_dir))
-        self.watch(sess)
+        self.watch(record)
 
-    def watch(self, sess) -> None:
-        """Query the application and show the status until the session is done."""
-        from dmrecover.demo.sampleapp import query
-        from dmrecover.session.status import model, render_rich
-
+    def _check_reads(self, record: SessionRecord) -> SessionRecord:
+        """Read files through the application until the session ends; count the answers."""
         names = sorted(self.checksums)
         rng = random.Random(2)
         answered = failed = 0
-        last_plain = 0.0
-        live = None
-        if self.tty:
-            from rich.live import Live
+        last_line = 0.0
+        while (record := record.reload()).state not in FINAL_STATES:
+            try:
+                rel = rng.choice(names)
+                r = query(str(self.appstate), {"op": "sha256", "path": rel}, timeout=30)
+                if r.get("sha256") != self.checksums[rel]:
+                    raise DemoFailed(f"the application read wrong data from {rel}")
+                answered += 1
+            except OSError:
+                failed += 1  # during the cutover the application is briefly down
+            m = model(record)
+            if self.view is not None:
+                self.view.update([m])
+            elif time.monotonic() - last_line >= 1.0:
+                last_line = time.monotonic()
+                _say(_line(m))
+            time.sleep(0.1)
+        self.results["reads_checked"] = answered
+        return record
 
-            live = Live(render_rich(model(sess)), refresh_per_second=4)
-            live.start()
-        try:
-            while True:
-                sess.data = sess.load(None, sess.state_dir).data
-                state = sess.state
-                if state in ("done", "failed", "aborted"):
-                    break
-                try:
-                    rel = rng.choice(names)
-                    r = query(str(self.appstate), {"op": "sha256", "path": rel}, timeout=30)
-                    if r.get("sha256") != self.checksums[rel]:
-                        raise DemoFailed(f"the application read wrong data from {rel}")
-                    answered += 1
-                except OSError:
-                    failed += 1  # during the cutover the application is briefly down
-                m = model(sess)
-                if live is not None:
-                    live.update(render_rich(m))
-                elif time.monotonic() - last_plain >= 1.0:
-                    last_plain = time.monotonic()
-                    pct = m["percent"] or 0.0
-                    _say(f"      {m['state']:<13} {pct:5.1f}%  {format_size(m['rate'] or 0)}/s"
-                         f"  on-demand fetches {m['demand_fetches'] or 0}  overlay "
-                         f"{format_size(m['overlay_bytes'] or 0)}  app {m['app']}")
-                time.sleep(0.1)
-        finally:
-            if live is not None:
-                live.stop()
-        if sess.state != "done":
-            raise DemoFailed(f"the session ended {sess.state}: {sess.data.get('error')}")
-        t = sess.data.get("timings") or {}
+    def watch(self, record: SessionRecord) -> None:
+        """Query the application and show the status until the session is done."""
+        if self.view is not None:
+            with self.view:
+                record = self._check_reads(record)
+        else:
+            record = self._check_reads(record)
+        if record.state != State.DONE:
+            raise DemoFailed(f"the session ended {record.state}: {record.error}")
+        t = record.timings
         self.results.update(
-            reads_checked=answered,
             restore_time=(t.get("restored") or t.get("cutover_started", 0))
             - t.get("app_started", 0),
             cutover_downtime=t.get("cutover_downtime", 0.0),
             merged_bytes=t.get("merged_bytes", 0))
-        st = sess.status() or {}
-        stats = st.get("stats") or {}
+        stats = (record.status() or {}).get("stats") or {}
         self.results.update(demand_fetches=stats.get("demand_fetches") or 0,
                             demand_latency_p99=stats.get("demand_latency_p99") or 0.0)
         _say(f"[4/5] restore complete; cut over to the destination in "
              f"{self.results['cutover_downtime']:.2f} s of application downtime")
 
     def verify(self) -> None:
-        from dmrecover.demo.sampleapp import acknowledged, check_database, query
-        from dmrecover.session.session import Session
-
         _say("[5/5] checking the destination")
         # The application now runs on DEST; it must answer and keep writing.
         deadline = time.monotonic() + 30
@@ -249,22 +236,16 @@ class Demo:
         time.sleep(0.3)
         if query(str(self.appstate), {"op": "count"})["rows"] <= before:
             raise DemoFailed("the application does not write after the cutover")
-        sess = Session.load(None, str(self.state_dir))
-        app = sess.application()
+        app = load_session(None, str(self.state_dir)).application()
         app.stop()
         if app.processes():
             raise DemoFailed("the application did not stop")
-        self._umount(self.mnt)
+        umount(str(self.mnt))
         acks = acknowledged(str(self.appstate))
-        check = self.work / "check"
-        self._mount_tmp(self.dest, check, ro=True)
-        try:
+        with mounted_image(self.dest, self.fstype, read_only=True) as check:
             bad = [rel for rel, digest in self.checksums.items()
-                   if not (check / rel).is_file() or _sha(check / rel) != digest]
+                   if not (check / rel).is_file() or file_digest(check / rel) != digest]
             rows, problems = check_database(str(check / "app.db"), acks)
-        finally:
-            self._umount(check)
-            check.rmdir()
         if bad:
             raise DemoFailed(f"{len(bad)} file(s) differ on the destination, e.g. {bad[0]}")
         if problems:
@@ -300,49 +281,43 @@ class Demo:
             _say(f"  {k:<{w}}  {v}")
 
     def cleanup(self) -> None:
-        """Take down whatever is left (the app, mounts, loops under the work dir)."""
-        from dmrecover.session.session import Session
-        from dmrecover.system.mounts import mounts
-
+        """Take down whatever is left (the session, the app, mounts and loops under the work
+        dir), then remove the work dir unless asked to keep it."""
         try:
-            sess = Session.load(None, str(self.state_dir))
-            if sess.alive():
-                from dmrecover.session.session import abort_session
-
+            record = load_session(None, str(self.state_dir))
+            if record.alive():
                 try:
-                    abort_session("demo", state_dir=str(self.state_dir))
+                    abort_session(SESSION, state_dir=str(self.state_dir))
                 except DmrecoverError:
                     pass
-            sess.application().stop(timeout=10)
+            record.application().stop(timeout=10)
         except DmrecoverError:
             pass
         root = str(self.work) + "/"
         for m in reversed(mounts()):
             if m.target.startswith(root):
-                command.run(["umount", "-l", m.target], check=False)
-        for dev in Path("/sys/block").glob("loop*"):
+                try:
+                    umount(m.target, lazy=True)
+                except StackError:
+                    pass
+        for dev, _backing in loops.loops_backed_under(self.work):
             try:
-                b = (dev / "loop" / "backing_file").read_text().strip()
-            except OSError:
-                continue
-            if b.startswith(root):
-                command.run(["losetup", "-d", f"/dev/{dev.name}"], check=False)
-        if not self.args.keep:
+                loops.detach(dev)
+            except StackError:
+                pass
+        if not self.options.keep:
             shutil.rmtree(self.work, ignore_errors=True)
         else:
             _say(f"kept {self.work}")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """The demo; 0 only if every check passed."""
-    from dmrecover.session.session import choose_backend
-
-    choose_backend(args.backend)  # one-line error before anything is built
-    if args.size < 64 * MiB:
-        from dmrecover.errors import UsageError
-
+def run_demo(options: DemoOptions, view: StatusView | None = None) -> int:
+    """The demo; 0 only if every check passed. `view`: a live status display (else one plain
+    line a second)."""
+    registry.choose(options.backend)  # one-line error before anything is built
+    if options.size < MIN_SIZE:
         raise UsageError("--size must be at least 64M")
-    demo = Demo(args)
+    demo = Demo(options, view)
     t = time.monotonic()
     try:
         demo.build_volume()
