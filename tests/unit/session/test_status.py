@@ -1,19 +1,18 @@
-"""status: the model computed from session.json + status.json, text and JSON output, the
-list of sessions, and the 'process not running' note (no root: files only)."""
+"""status: the model computed from session.json + status.json, and the 'process not running'
+note (no root: files only). The rendering is the CLI's (tests/unit/cli/test_status_display.py)."""
 
 from __future__ import annotations
 
-import argparse
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from dmrecover.session.session import Session, write_json_atomic
-from dmrecover.session.status import model, render_text, status_command
+from dmrecover.session.control import list_sessions, load_session
+from dmrecover.session.record import write_json_atomic
+from dmrecover.session.status import model
 
 MiB = 1 << 20
 
@@ -45,14 +44,13 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_model_numbers_and_dead_process_note(root: Path) -> None:
     _make(root, "a")
-    m = model(Session.load("a"))
+    m = model(load_session("a"))
     assert m["percent"] == pytest.approx(25.0)
     assert m["eta"] == pytest.approx(75 * MiB / (5 * MiB))
     assert m["demand_fetches"] == 7 and m["overlay_bytes"] == 3 * MiB
     assert not m["alive"]
     assert "dmrecover resume a" in m["note"]
-    text = render_text(m)
-    assert "25.0%" in text and "resume a" in text and "7 fetches" in text
+    assert m["state"] == "restoring" and m["phase"] is None and m["backend"] == "fuse"
 
 
 def test_live_process_has_no_note(root: Path) -> None:
@@ -61,7 +59,7 @@ def test_live_process_has_no_note(root: Path) -> None:
     try:
         # flock from another open file description: what the session process holds.
         fcntl.flock(fd, fcntl.LOCK_EX)
-        m = model(Session.load("b"))
+        m = model(load_session("b"))
         assert m["alive"] and m["note"] is None
         assert m["app"] == "running" and m["app_pid"] == 42
     finally:
@@ -70,47 +68,16 @@ def test_live_process_has_no_note(root: Path) -> None:
 
 def test_done_is_full(root: Path) -> None:
     _make(root, "c", state="done", restored=10 * MiB)
-    m = model(Session.load("c"))
+    m = model(load_session("c"))
     assert m["percent"] == 100.0 and m["note"] is None
-    assert "downtime 0.50 s" in render_text(m)
+    assert m["timings"]["cutover_downtime"] == 0.5
 
 
-def test_status_command_json_and_list(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_sessions(root: Path) -> None:
     _make(root, "one")
     _make(root, "two", state="ready", restored=100 * MiB)
-    ns = argparse.Namespace(session="one", state_dir=None, json=True, watch=False)
-    assert status_command(ns) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["session"] == "one" and out["state"] == "restoring"
-    ns = argparse.Namespace(session=None, state_dir=None, json=False, watch=False)
-    assert status_command(ns) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("SESSION")
-    assert any(line.startswith("one") and "restoring!" in line for line in lines)
-    assert any(line.startswith("two") and "100.0%" in line for line in lines)
-    ns = argparse.Namespace(session=None, state_dir=None, json=True, watch=False)
-    status_command(ns)
-    assert [m["session"] for m in json.loads(capsys.readouterr().out)] == ["one", "two"]
-
-
-def test_missing_session_is_one_clear_error(root: Path) -> None:
-    from dmrecover.errors import SessionError
-
-    with pytest.raises(SessionError, match="no session nope"):
-        Session.load("nope")
-
-
-def test_watch_leaves_on_ctrl_c(root: Path) -> None:
-    import signal
-    import subprocess
-    import sys
-
-    _make(root, "w")
-    env = dict(os.environ, DMRECOVER_STATE_ROOT=str(root), COLUMNS="100")
-    p = subprocess.Popen([sys.executable, "-m", "dmrecover", "status", "w", "--watch"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    time.sleep(1.5)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=10)
-    assert p.returncode == 0, err
-    assert "dmrecover session w" in out and "25.0%" in out
+    (root / "not-a-session").mkdir()
+    (root / "stray-file").write_text("x")
+    models = [model(r) for r in list_sessions()]
+    assert [m["session"] for m in models] == ["one", "two"]
+    assert models[0]["note"] and models[1]["percent"] == 100.0
