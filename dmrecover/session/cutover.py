@@ -24,17 +24,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import Presentation
-from dmrecover.engine.pseudovolume import mark_merged
+from dmrecover.engine.pseudovolume import PseudoVolume, mark_merged
 from dmrecover.errors import StackError
 from dmrecover.session.record import Phase, SessionRecord, State
 from dmrecover.session.services import Services
 from dmrecover.testhooks import fault_point
-
-if TYPE_CHECKING:  # typing only
-    from dmrecover.engine.pseudovolume import PseudoVolume
 
 log = logging.getLogger(__name__)
 

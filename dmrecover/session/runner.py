@@ -18,11 +18,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import psutil
 
 from dmrecover.backends.base import Presentation
+from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.errors import DmrecoverError, SessionError, StackError
 from dmrecover.session.cutover import RESUMABLE_PHASES, Cutover
 from dmrecover.session.record import (
@@ -38,9 +38,6 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.services import Services, ServicesFactory, default_services
 from dmrecover.testhooks import fault_point
-
-if TYPE_CHECKING:  # typing only
-    from dmrecover.engine.pseudovolume import PseudoVolume
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
+from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.session import volume
 from dmrecover.session.app import AppHandle
 from dmrecover.session.record import SessionRecord
@@ -24,9 +25,6 @@ from dmrecover.system.loops import detach as loop_detach
 from dmrecover.system.loops import loop_of
 from dmrecover.system.mounts import mount, mount_at
 from dmrecover.system.processes import describe, processes_holding
-
-if TYPE_CHECKING:  # typing only
-    from dmrecover.engine.pseudovolume import PseudoVolume
 
 
 class AppControl(Protocol):
@@ -54,7 +52,7 @@ class Host(Protocol):
         """Mount DEST at mountpoint (through a loop device when DEST is a file)."""
 
 
-OpenVolume = Callable[[SessionRecord, Backend, Callable[[], None] | None], "PseudoVolume"]
+OpenVolume = Callable[[SessionRecord, Backend, Callable[[], None] | None], PseudoVolume]
 
 
 @dataclass
