@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import dd, drop_cache, random_reads, seq_read  # noqa: E402
 
 from dmrecover.backends.fuse.server import FuseServer  # noqa: E402
 from dmrecover.engine.fetcher import MemorySource  # noqa: E402
@@ -37,39 +38,6 @@ from dmrecover.system.loops import detach as loop_detach  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20
-
-
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def dd(args: list[str]) -> float:
-    """Run dd, return bytes/s from its last line."""
-    r = command.run(["dd", *args], timeout=600)
-    m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", r.stderr)
-    assert m, r.stderr
-    return int(m.group(1)) / float(m.group(2))
-
-
-def random_reads(path: Path, size: int, count: int = 4000) -> float:
-    """4 KiB O_DIRECT random reads per second."""
-    import mmap
-
-    buf = mmap.mmap(-1, 4096)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    rnd = random.Random(3)
-    try:
-        t0 = time.monotonic()
-        for _ in range(count):
-            os.preadv(fd, [buf], rnd.randrange(size // 4096) * 4096)
-        return count / (time.monotonic() - t0)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -87,7 +55,7 @@ def measure(dev: str, file_size: int, drop: Path, write_size: int) -> dict[str, 
     out: dict[str, float] = {}
     with mounted(dev) as mnt:
         drop_cache(drop)
-        out["seq_read"] = dd([f"if={mnt}/data.bin", "of=/dev/null", "bs=1M", "iflag=direct"])
+        out["seq_read"] = seq_read(mnt / "data.bin")
         drop_cache(drop)
         out["rand_read_4k_iops"] = random_reads(mnt / "data.bin", file_size)
         out["seq_write"] = dd(["if=/dev/zero", f"of={mnt}/new.bin", "bs=1M",

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import drop_cache, random_reads, seq_read  # noqa: E402
+
+from dmrecover.demo.sampleapp import seed  # noqa: E402
+from dmrecover.demo.volume import build_sample_volume  # noqa: E402
 from dmrecover.system import command  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
@@ -58,38 +60,6 @@ def dmrecover(*args: str, env: dict | None = None, check: bool = True
     return r
 
 
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def seq_read(path: Path) -> float:
-    r = command.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct"],
-                    timeout=1800)
-    m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", r.stderr)
-    assert m, r.stderr
-    return int(m.group(1)) / float(m.group(2))
-
-
-def rand_reads(path: Path, count: int = 5000) -> float:
-    """4 KiB O_DIRECT random reads per second over the file."""
-    size = path.stat().st_size
-    buf = mmap.mmap(-1, 4096)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    rnd = random.Random(7)
-    try:
-        t0 = time.monotonic()
-        for _ in range(count):
-            os.preadv(fd, [buf], rnd.randrange(size // 4096) * 4096)
-        return count / (time.monotonic() - t0)
-    finally:
-        os.close(fd)
-
-
 def read_passes(path: Path, dest: Path, passes: int = 3) -> tuple[float, float]:
     """Best of `passes` sequential and random read passes (DEST's cache dropped before each):
     this machine is shared (a VM, other benchmarks), the best pass is the least disturbed."""
@@ -98,40 +68,36 @@ def read_passes(path: Path, dest: Path, passes: int = 3) -> tuple[float, float]:
         drop_cache(dest)
         seq = max(seq, seq_read(path))
         drop_cache(dest)
-        rnd = max(rnd, rand_reads(path))
+        rnd = max(rnd, random_reads(path, count=5000, seed=7))
     return seq, rnd
 
 
-def build_image(work: Path, size: int, data_fraction: float) -> Path:
-    from dmrecover.demo.sampleapp import seed
+def fill_volume(mnt: Path, size: int, data_fraction: float) -> None:
+    """The sample application's database, then `data_fraction` of the volume in random data
+    (the first 512 MiB of it in big.bin, the file the read passes use)."""
+    seed(str(mnt), rows=20000)
+    data = int(size * data_fraction)
+    rng = random.Random(size)
+    with open(mnt / "big.bin", "wb") as f:
+        left = min(data, 512 * MiB)
+        while left > 0:
+            n = min(left, 16 * MiB)
+            f.write(rng.randbytes(n))
+            left -= n
+    rest = data - min(data, 512 * MiB)
+    i = 0
+    while rest > 0:
+        n = min(rest, 64 * MiB)
+        with open(mnt / f"fill{i:03d}.bin", "wb") as f:
+            f.write(os.urandom(n))
+        rest -= n
+        i += 1
 
+
+def build_image(work: Path, size: int, data_fraction: float) -> Path:
     img = work / f"vol-{size >> 20}M.img"
-    with open(img, "wb") as f:
-        f.truncate(size)
-    command.run(["mkfs.ext4", "-q", "-F", str(img)], timeout=600)
-    mnt = work / "build"
-    mnt.mkdir(exist_ok=True)
-    command.run(["mount", "-o", "loop", str(img), str(mnt)])
-    try:
-        seed(str(mnt), rows=20000)
-        data = int(size * data_fraction)
-        rng = random.Random(size)
-        with open(mnt / "big.bin", "wb") as f:  # the file the read passes use
-            left = min(data, 512 * MiB)
-            while left > 0:
-                n = min(left, 16 * MiB)
-                f.write(rng.randbytes(n))
-                left -= n
-        rest = data - min(data, 512 * MiB)
-        i = 0
-        while rest > 0:
-            n = min(rest, 64 * MiB)
-            with open(mnt / f"fill{i:03d}.bin", "wb") as f:
-                f.write(os.urandom(n))
-            rest -= n
-            i += 1
-    finally:
-        command.run(["umount", str(mnt)])
+    build_sample_volume(img, size, lambda mnt: fill_volume(mnt, size, data_fraction),
+                        label="bench")
     return img
 
 
