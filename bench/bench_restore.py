@@ -18,7 +18,6 @@ the goals (dmrecover restore >= 1.5x restic's and >= 0.7x dd's throughput).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -32,9 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dmrecover.demo.volume import build_sample_volume, file_digest  # noqa: E402
 from dmrecover.system import command  # noqa: E402
-from dmrecover.system.loops import attach as loop_attach  # noqa: E402
-from dmrecover.system.loops import detach as loop_detach  # noqa: E402
 from dmrecover.units import format_size, parse_size  # noqa: E402
 
 GOAL_VS_RESTIC = 1.5
@@ -56,14 +54,6 @@ def du(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fsync_file(path: Path) -> None:
@@ -117,20 +107,7 @@ def fill(mnt: Path, seed: int) -> None:
 
 
 def make_image(path: Path, size: int, seed: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    command.run(["mkfs.ext4", "-q", "-F", "-L", "bench", str(path)])
-    mnt = Path(tempfile.mkdtemp(prefix="mnt.", dir=path.parent))
-    dev = loop_attach(path)
-    try:
-        command.run(["mount", dev, str(mnt)])
-        try:
-            fill(mnt, seed)
-        finally:
-            command.run(["umount", str(mnt)])
-    finally:
-        loop_detach(dev)
-        mnt.rmdir()
+    build_sample_volume(path, size, lambda mnt: fill(mnt, seed), label="bench")
 
 
 def timed(fn) -> float:
