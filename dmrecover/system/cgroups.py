@@ -190,7 +190,10 @@ class AppCgroup:
     leader: int | None = None    # pid of the start command (pgroup: the group and session id)
     warning: str | None = None   # set when tracking is weaker than a cgroup
     exit_codes: dict[int, int] = field(default_factory=dict)  # our reaped children
-    _popens: list[subprocess.Popen] = field(default_factory=list, repr=False)
+    _popens: list[subprocess.Popen] = field(default_factory=list, repr=False, compare=False)
+    # reap_children runs in the reaping() thread and in the caller's: one at a time
+    _reap_lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                       compare=False)
 
     # ------------------------------------------------------------ construction
 
@@ -484,6 +487,10 @@ class AppCgroup:
         """Reap our own exited children that belong to the application; {pid: exit code}
         (negative: killed by that signal), also kept in exit_codes. waitpid on each such pid
         only, never -1."""
+        with self._reap_lock:
+            return self._reap_children()
+
+    def _reap_children(self) -> dict[int, int]:
         reaped: dict[int, int] = {}
         for proc in list(self._popens):
             rc = proc.poll()  # Popen's own waitpid(pid, WNOHANG), so Popen stays consistent

@@ -76,7 +76,15 @@ def _owned_dir(path: str, user: str, mode: int = 0o700) -> str:
 
 def make_traversable(path: str) -> None:
     """Give 'others' search (x) permission on path's ancestors that lack it, so the server's
-    own user reaches a data directory under, say, pytest's 0700 temporary directories."""
+    own user (postgres, mysql) reaches its data directory.
+
+    Not under pytest's tmp_path: every pytest run starting on the machine (another engineer's
+    too) chmods /tmp/pytest-of-root back to 0700, and the server then loses its files mid-run
+    (seen as initdb "Permission denied" and Aria tables turning read only). Use scratch_dir().
+    """
+    if "/pytest-of-" in os.path.abspath(path):
+        raise DatabaseError(f"{path}: a database cannot live under pytest's tmp_path: "
+                            "use databases.scratch_dir()")
     p = os.path.dirname(os.path.abspath(path))
     while p != "/":
         st = os.stat(p)
@@ -85,8 +93,10 @@ def make_traversable(path: str) -> None:
         p = os.path.dirname(p)
 
 
-def private_runtime_dir(prefix: str) -> str:
-    """A fresh directory under /tmp for sockets, pid files and server logs."""
+def scratch_dir(prefix: str) -> str:
+    """A fresh directory under /tmp that the servers' users can traverse (0711): for data
+    directories, volumes' mount points, sockets, pid files and server logs. The caller
+    removes it."""
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.chmod(d, 0o711)
     return d
@@ -120,7 +130,7 @@ class Postgres:
     @classmethod
     def create(cls, directory: str, *, rundir: str | None = None) -> Postgres:
         """initdb a new cluster in directory/pgdata as the postgres user."""
-        pg = cls(os.path.join(directory, "pgdata"), rundir or private_runtime_dir("dmr-pg-"))
+        pg = cls(os.path.join(directory, "pgdata"), rundir or scratch_dir("dmr-pg-"))
         make_traversable(pg.datadir)
         _owned_dir(pg.rundir, PG_USER, 0o700)
         _owned_dir(pg.datadir, PG_USER, 0o700)
@@ -229,7 +239,7 @@ class MariaDB:
     @classmethod
     def create(cls, directory: str, *, rundir: str | None = None) -> MariaDB:
         """mariadb-install-db into directory/mysql, owned by the mysql user."""
-        my = cls(os.path.join(directory, "mysql"), rundir or private_runtime_dir("dmr-my-"))
+        my = cls(os.path.join(directory, "mysql"), rundir or scratch_dir("dmr-my-"))
         make_traversable(my.datadir)
         _owned_dir(my.rundir, MY_USER, 0o755)
         _owned_dir(my.datadir, MY_USER, 0o750)
@@ -308,8 +318,17 @@ class MariaDB:
                and not line.startswith(("note", "Note"))
                and re.search(r"error|corrupt|warning", line, re.I)]
         if bad:
-            raise DatabaseError("mariadb-check found problems:\n" + "\n".join(bad))
+            raise DatabaseError("mariadb-check found problems:\n" + "\n".join(bad) +
+                                "\nserver log (tail):\n" + self.log_tail())
         return out
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server's error log (for failure messages)."""
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except FileNotFoundError:
+            return "(no error log)"
 
     def recording_client(self, record_file: str, **kw: Any) -> RecordingClient:
         return RecordingClient(lambda: self.connect("recdb"), record_file, dialect="mariadb",

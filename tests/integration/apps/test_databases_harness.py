@@ -36,11 +36,14 @@ def cg() -> Iterator[AppCgroup]:
 
 
 @pytest.fixture
-def volume(tmp_path) -> str:
-    """A plain directory standing in for the volume."""
-    d = tmp_path / "volume"
-    d.mkdir()
-    return str(d)
+def volume() -> Iterator[str]:
+    """A plain directory standing in for the volume (not under tmp_path: see
+    databases.make_traversable)."""
+    d = databases.scratch_dir("dmr-vol-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _children(pid: int) -> set[int]:
