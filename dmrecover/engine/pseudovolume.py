@@ -323,7 +323,3 @@ def mark_merged(state_dir: str | os.PathLike[str]) -> None:
     """Write the durable `merged` marker: the overlay is in DEST and DEST is synced."""
     atomic_write(Path(state_dir) / MERGED_MARKER, f"{time.time():.3f}\n".encode())
 
-
-def _write_marker(path: Path, text: str) -> None:
-    """Kept for callers outside the engine until they call `mark_merged` (issue 7)."""
-    atomic_write(path, text.encode())
