@@ -131,12 +131,17 @@ class Postgres:
     def create(cls, directory: str, *, rundir: str | None = None) -> Postgres:
         """initdb a new cluster in directory/pgdata as the postgres user."""
         pg = cls(os.path.join(directory, "pgdata"), rundir or scratch_dir("dmr-pg-"))
-        make_traversable(pg.datadir)
-        _owned_dir(pg.rundir, PG_USER, 0o700)
-        _owned_dir(pg.datadir, PG_USER, 0o700)
-        _run(["runuser", "-u", PG_USER, "--", f"{PG_BIN}/initdb", "-D", pg.datadir,
-              "--auth=trust", "-U", PG_USER, "-E", "UTF8", "--locale=C.UTF-8"],
-             what="initdb", timeout=120)
+        try:
+            make_traversable(pg.datadir)
+            _owned_dir(pg.rundir, PG_USER, 0o700)
+            _owned_dir(pg.datadir, PG_USER, 0o700)
+            _run(["runuser", "-u", PG_USER, "--", f"{PG_BIN}/initdb", "-D", pg.datadir,
+                  "--auth=trust", "-U", PG_USER, "-E", "UTF8", "--locale=C.UTF-8"],
+                 what="initdb", timeout=120)
+        except BaseException:
+            if rundir is None:  # ours: nobody else will remove it
+                shutil.rmtree(pg.rundir, ignore_errors=True)
+            raise
         return pg
 
     @property
@@ -240,13 +245,18 @@ class MariaDB:
     def create(cls, directory: str, *, rundir: str | None = None) -> MariaDB:
         """mariadb-install-db into directory/mysql, owned by the mysql user."""
         my = cls(os.path.join(directory, "mysql"), rundir or scratch_dir("dmr-my-"))
-        make_traversable(my.datadir)
-        _owned_dir(my.rundir, MY_USER, 0o755)
-        _owned_dir(my.datadir, MY_USER, 0o750)
-        _run(["mariadb-install-db", "--no-defaults", f"--user={MY_USER}",
-              f"--datadir={my.datadir}", "--auth-root-authentication-method=normal",
-              "--skip-test-db", "--skip-name-resolve", *my.options],
-             what="mariadb-install-db", timeout=180)
+        try:
+            make_traversable(my.datadir)
+            _owned_dir(my.rundir, MY_USER, 0o755)
+            _owned_dir(my.datadir, MY_USER, 0o750)
+            _run(["mariadb-install-db", "--no-defaults", f"--user={MY_USER}",
+                  f"--datadir={my.datadir}", "--auth-root-authentication-method=normal",
+                  "--skip-test-db", "--skip-name-resolve", *my.options],
+                 what="mariadb-install-db", timeout=180)
+        except BaseException:
+            if rundir is None:
+                shutil.rmtree(my.rundir, ignore_errors=True)
+            raise
         return my
 
     @property
