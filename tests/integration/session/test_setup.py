@@ -220,7 +220,9 @@ def test_cleanup_after_killed_session(small: Sandbox) -> None:
     psutil.wait_procs(box.app_procs(), timeout=10)
     r = box.cli("cleanup", "--dry-run")
     assert r.returncode == 0
-    assert str(box.mnt) in r.stdout and "FUSE mount" in r.stdout
+    # The mount, the loop under it and the dead FUSE mount under that, each named.
+    assert str(box.mnt) in r.stdout and "/dev/loop" in r.stdout
+    assert str(box.state_root / "k") in r.stdout and "fuse" in r.stdout.lower()
     assert box.mounts_under()  # dry run touched nothing
     r = box.cli("cleanup")
     assert r.returncode == 0, r.stdout + r.stderr
