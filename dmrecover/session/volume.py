@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 from dmrecover import testhooks
 from dmrecover.backends.base import Backend
-from dmrecover.engine.fetcher import ChunkSource, RepositorySource
+from dmrecover.engine.fetcher import ChunkSource
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.repository.repo import Repository
+from dmrecover.repository.source import RepositorySource
 from dmrecover.session.record import SessionRecord
 
 RESTORER_THREAD = "dmrecover-restorer"
