@@ -15,12 +15,14 @@ log() { echo "kernel-tests [$(( $(date +%s) - t_start ))s]: $*"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "kernel-tests: run as root (libvirt, box build)" >&2; exit 1; }
 
-# One VM at a time on this machine: the host has 2 cores and the guest is emulated.
-exec 9>/var/lock/dmrecover-vagrant.lock
+# One VM at a time on this machine: the host has 2 cores and the guest is emulated. Nothing
+# long-lived may inherit the lock's descriptor: setup-host.sh may start libvirtd and virtlogd,
+# which would then hold the lock for ever (it happened: every later run waited on it).
+exec 9>/var/lock/dmrecover-kernel-tests.lock
 flock 9
 
-vagrant/setup-host.sh
-vagrant/build-box.sh
+vagrant/setup-host.sh 9>&-
+vagrant/build-box.sh 9>&-
 log "host and box ready"
 
 # Each run gets its own Vagrant state and domain name, so runs from several work trees (and a
@@ -56,7 +58,7 @@ py=python3
 "$py" -m pip wheel -q --wheel-dir "$wheelhouse" ".[test]" >/dev/null
 log "wheelhouse: $(ls "$wheelhouse" | wc -l) wheels"
 
-vagrant up --provider libvirt
+vagrant up --provider libvirt 9>&-
 log "VM up"
 
 guest() { vagrant ssh -c "$*" -- -o LogLevel=ERROR; }

@@ -22,8 +22,9 @@ fi
 if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
     systemctl start virtlogd libvirtd
 else
-    pgrep -x virtlogd >/dev/null || virtlogd -d
-    pgrep -x libvirtd >/dev/null || libvirtd -d
+    # Daemons keep no descriptor of the caller (a lock held by run-kernel-tests.sh, say).
+    pgrep -x virtlogd >/dev/null || virtlogd -d 9>&- 8>&-
+    pgrep -x libvirtd >/dev/null || libvirtd -d 9>&- 8>&-
 fi
 for _ in $(seq 1 30); do
     virsh -c qemu:///system version >/dev/null 2>&1 && break
