@@ -26,7 +26,6 @@ from dmrecover.repository.manifest import (
     MAX_CHUNK,
     MIN_CHUNK,
     Manifest,
-    digest_of,
     new_backup_id,
 )
 from dmrecover.repository.repo import Repository
@@ -104,7 +103,7 @@ class _ChunkWriter:
             with self.lock:
                 self.zero_chunks += 1
             return None
-        digest = digest_of(data)
+        digest = self.repo.chunk_id(data)  # keyed when the repository is encrypted
         with self.lock:
             if digest in self.claimed:
                 self.dedup_chunks += 1

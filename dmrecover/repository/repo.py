@@ -8,6 +8,11 @@ Format (version 1, see docs/architecture.md)::
     REPO/lock               flock()ed by writers
     REPO/tmp/               temp files, renamed into place after fsync
 
+Format 2 adds "id" (random) and "encryption" ("aes-256-gcm" by default, or "none") to
+config.json and REPO/keys/<key id>.json; encrypted, chunk digests are keyed BLAKE3 and chunks
+and manifests are sealed with AES-256-GCM (crypto.py). Format 1 repositories still open.
+REPO is a directory or s3://BUCKET/PREFIX (s3.py; locking by lock objects there).
+
 All storage access goes through `store.Storage` (keys are '/'-separated relative paths), so an
 HTTP-range or S3 store only has to implement its methods; manifests and digests are in
 `manifest.py`.
@@ -20,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -35,14 +41,26 @@ from dmrecover.errors import (
     RepositoryLocked,
     RepositoryUnavailable,
 )
-from dmrecover.repository.manifest import HASH, Manifest, chunk_key, digest_of
+from dmrecover.repository import keys
+from dmrecover.repository.crypto import (
+    ENCRYPTION,
+    AeadCodec,
+    MasterKey,
+    PlainCodec,
+    Tampered,
+    password_from_env,
+)
+from dmrecover.repository.manifest import HASH, Manifest, chunk_key
+from dmrecover.repository.s3 import S3Storage, is_s3_url
 from dmrecover.repository.store import LocalStorage, Storage
 from dmrecover.system.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dmrecover-repo"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ENCRYPTIONS = (ENCRYPTION, "none")
 COMPRESSION = "zstd"
 ZSTD_LEVEL = 3
 
@@ -63,74 +81,120 @@ class _Bad(Exception):
 class Repository:
     """A backup repository. Readers need no lock; writers hold `lock()`."""
 
-    def __init__(self, path: str | os.PathLike[str], storage: Storage | None = None) -> None:
-        self.path = Path(path)
-        self.storage = storage or LocalStorage(self.path)
+    def __init__(self, path: str | os.PathLike[str], storage: Storage | None = None,
+                 codec: PlainCodec | None = None) -> None:
+        # An s3:// URL stays a string (Path would fold its '//').
+        self.path: Path | str = str(path) if is_s3_url(path) else Path(path)
+        self.storage = storage or _storage_for(self.path)
         self.config: dict = {}
+        self.codec = codec or PlainCodec()
+        self.key_id: str | None = None  # the key file that unlocked it (encrypted only)
         self._local = threading.local()
+
+    @property
+    def encryption(self) -> str:
+        """"aes-256-gcm" or "none" (format 1 is "none")."""
+        return self.codec.encryption
+
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
+        """The digest a chunk with these bytes is stored under (keyed when encrypted)."""
+        return self.codec.chunk_id(data)
 
     # -- creating and opening
 
     @classmethod
-    def init(cls, path: str | os.PathLike[str]) -> Repository:
-        """Create an empty repository at path (which must not exist or be an empty directory)."""
-        p = Path(path)
-        if p.exists():
-            if not p.is_dir():
-                raise RepositoryError(f"cannot create repository {p}: it exists and is not a "
-                                      "directory", hint="choose a new path")
-            if any(p.iterdir()):
-                raise RepositoryError(f"cannot create repository {p}: directory is not empty",
-                                      hint="choose a new or empty directory")
-        elif not p.parent.is_dir():
-            raise RepositoryError(f"cannot create repository {p}: {p.parent} does not exist",
-                                  hint="create the parent directory first")
+    def init(cls, path: str | os.PathLike[str], *, encryption: str | None = None,
+             password: str | None = None, kdf: dict | None = None) -> Repository:
+        """Create an empty repository at path (a new or empty directory, or an s3:// URL
+        with nothing under it). encryption None: encrypted when a password is given, else
+        "none" (the CLI always says which). An encrypted repository's password defaults to
+        DMRECOVER_PASSWORD(_FILE)."""
+        if encryption is None:
+            encryption = ENCRYPTION if password else "none"
+        if encryption not in ENCRYPTIONS:
+            raise RepositoryError(f"unknown encryption {encryption!r}",
+                                  hint=f"use one of: {', '.join(ENCRYPTIONS)}")
+        if encryption != "none":
+            password = password or password_from_env()
+            if not password:
+                raise RepositoryError("a new encrypted repository needs a password",
+                                      hint="give --password-file, DMRECOVER_PASSWORD or "
+                                      "DMRECOVER_PASSWORD_FILE (or --encryption none)")
+        if is_s3_url(path):
+            storage: Storage = S3Storage(str(path))
+            if not storage.is_empty():
+                raise RepositoryError(f"cannot create repository {path}: objects exist under "
+                                      "that prefix", hint="choose a new prefix")
+            shown = str(path)
+        else:
+            p = Path(path)
+            _make_local_layout(p)
+            storage = LocalStorage(p)
+            shown = str(p)
+        repo_id = secrets.token_hex(16)
+        config = {"format": FORMAT, "version": VERSION, "id": repo_id,
+                  "hash": HASH if encryption == "none" else AeadCodec.hash_name,
+                  "compression": COMPRESSION, "encryption": encryption,
+                  "created": time.time()}
         try:
-            p.mkdir(exist_ok=True)
-            for sub in ("chunks", "backups", "tmp"):
-                (p / sub).mkdir()
-            for i in range(256):
-                (p / "chunks" / f"{i:02x}").mkdir()
-            (p / "lock").touch()
-            for d in (p / "chunks", p / "backups", p / "tmp", p):
-                fsync_dir(d)
-            config = {"format": FORMAT, "version": VERSION, "hash": HASH,
-                      "compression": COMPRESSION, "created": time.time()}
-            LocalStorage(p).put_atomic("config.json",
-                                       (json.dumps(config, indent=2) + "\n").encode())
+            if encryption != "none":
+                assert password is not None
+                keys.add_key(storage, MasterKey.generate(repo_id), password, kdf)
+            # config.json last: a repository is one once it has a config.
+            storage.put_atomic("config.json", (json.dumps(config, indent=2) + "\n").encode())
         except OSError as err:
-            raise RepositoryError(f"cannot create repository {p}: {err.strerror}") from err
-        return cls.open(p)
+            raise RepositoryError(f"cannot create repository {shown}: "
+                                  f"{err.strerror or err}") from err
+        return cls.open(path, password=password)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Repository:
-        """Open an existing repository; clear errors when it is missing or not one."""
-        p = Path(path)
-        if not p.exists():
-            raise RepositoryError(f"repository {p} does not exist",
-                                  hint=f"create it with: dmrecover repo init {p}")
-        if not p.is_dir():
-            raise RepositoryError(f"{p} is not a repository (not a directory)",
-                                  hint="give the path of a directory made by dmrecover repo init")
-        try:
-            raw = (p / "config.json").read_bytes()
-        except FileNotFoundError:
-            raise RepositoryError(f"{p} is not a dmrecover repository (no config.json)",
-                                  hint="create one with: dmrecover repo init NEWPATH") from None
-        except OSError as err:
-            raise RepositoryUnavailable(f"cannot read repository {p}: {err.strerror}") from err
+    def open(cls, path: str | os.PathLike[str], *, password: str | None = None) -> Repository:
+        """Open an existing repository; clear errors when it is missing or not one, or the
+        password does not open it. The password defaults to DMRECOVER_PASSWORD(_FILE)."""
+        if is_s3_url(path):
+            storage: Storage = S3Storage(str(path))
+            p: Path | str = str(path)
+            try:
+                raw = storage.get("config.json")
+            except FileNotFoundError:
+                raise RepositoryError(f"{p} is not a dmrecover repository (no config.json)",
+                                      hint=f"create one with: dmrecover repo init {p}") \
+                    from None
+        else:
+            p = Path(path)
+            storage = LocalStorage(p)
+            raw = _read_local_config(p)
         try:
             config = json.loads(raw)
         except ValueError:
             config = {}
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise RepositoryError(f"{p} is not a dmrecover repository (config.json is foreign)")
-        if config.get("version") != VERSION or config.get("hash") != HASH:
+        version = config.get("version")
+        encryption = config.get("encryption", "none")
+        expected_hash = AeadCodec.hash_name if encryption == ENCRYPTION else HASH
+        if version not in READABLE_VERSIONS or config.get("hash") != expected_hash \
+                or encryption not in ENCRYPTIONS or (version == 1 and encryption != "none"):
             raise RepositoryError(f"repository {p} has unsupported format version "
-                                  f"{config.get('version')} / hash {config.get('hash')}",
+                                  f"{version} / hash {config.get('hash')} / encryption "
+                                  f"{encryption}",
                                   hint="use the dmrecover version that created it")
-        repo = cls(p)
+        repo = cls(p, storage)
         repo.config = config
+        if encryption == "none":
+            if version >= 2 and keys.key_ids(storage):
+                # A downgrade: someone rewrote config.json to make the client skip the crypto.
+                raise RepositoryError(f"repository {p} says it is not encrypted but holds key "
+                                      "files: config.json was tampered with",
+                                      hint="restore config.json or use another copy")
+            return repo
+        password = password or password_from_env()
+        if not password:
+            raise RepositoryError(f"repository {p} is encrypted: its password is needed",
+                                  hint="give --password-file, DMRECOVER_PASSWORD or "
+                                  "DMRECOVER_PASSWORD_FILE")
+        master, repo.key_id = keys.unlock(storage, str(p), password, str(config.get("id")))
+        repo.codec = AeadCodec(master, master.repo_id)
         return repo
 
     # -- writer lock
@@ -138,6 +202,11 @@ class Repository:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the writer lock; a second writer gets RepositoryLocked at once."""
+        if isinstance(self.storage, S3Storage):
+            with self.storage.writer_lock():
+                yield
+            return
+        assert isinstance(self.path, Path)
         try:
             fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
@@ -167,11 +236,22 @@ class Repository:
         """All readable manifests (oldest first) and a problem line per unreadable one."""
         manifests: list[Manifest] = []
         problems: list[str] = []
+        names: dict[str, list[str]] = {}  # authenticated: backup id -> backups before it
         for name in self.storage.list("backups"):
             if not name.endswith(".json"):
                 continue
             try:
-                manifests.append(Manifest.from_json(self.storage.get(f"backups/{name}")))
+                payload, prev = self.codec.open_manifest(name[:-5],
+                                                         self.storage.get(f"backups/{name}"))
+                m = Manifest.from_json(payload)
+                if m.id != name[:-5]:
+                    raise ValueError(f"it holds backup {m.id}")
+                manifests.append(m)
+                if prev is not None:
+                    names[m.id] = prev
+            except Tampered as err:
+                problems.append(f"manifest backups/{name} is tampered with: {err}; it is "
+                                "ignored")
             except (ValueError, KeyError, TypeError) as err:
                 problems.append(f"manifest backups/{name} is unreadable: {err}")
             except FileNotFoundError:
@@ -180,6 +260,15 @@ class Repository:
                 raise RepositoryUnavailable(f"cannot read backups/{name} in {self.path}: "
                                             f"{err.strerror}") from err
         manifests.sort(key=lambda m: (m.created, m.id))
+        present = {m.id for m in manifests}
+        missing: dict[str, str] = {}
+        for m in manifests:
+            for gone in names.get(m.id, ()):
+                if gone not in present:
+                    missing.setdefault(gone, m.id)
+        for gone, by in sorted(missing.items()):
+            problems.append(f"backup {gone} is missing or unreadable but the later backup {by} "
+                            "names it: a manifest was deleted or the repository rolled back")
         return manifests, problems
 
     def backups(self) -> list[Manifest]:
@@ -211,7 +300,9 @@ class Repository:
     def save_manifest(self, manifest: Manifest) -> None:
         """Write a manifest (after every chunk it names is durable)."""
         self.storage.sync()
-        self.storage.put_atomic(f"backups/{manifest.id}.json", manifest.to_json())
+        prev = [n[:-5] for n in self.storage.list("backups") if n.endswith(".json")]
+        blob = self.codec.seal_manifest(manifest.id, manifest.to_json(), prev)
+        self.storage.put_atomic(f"backups/{manifest.id}.json", blob)
 
     # -- chunks
 
@@ -220,7 +311,7 @@ class Repository:
 
     def put_chunk(self, digest: str, data: bytes | memoryview, *, sync_dir: bool = False) -> int:
         """Compress and store a chunk; returns the stored size. Caller checks dedup first."""
-        frame = self._compressor().compress(data)
+        frame = self.codec.seal_chunk(digest, self._compressor().compress(data))
         self.storage.put_atomic(chunk_key(digest), frame, sync_dir=sync_dir)
         return len(frame)
 
@@ -252,13 +343,17 @@ class Repository:
                 hint="check the repository's storage; the read will be retried",
             ) from err
         try:
+            frame = self.codec.open_chunk(digest, frame)
+        except Tampered as err:
+            raise _Bad(f"tampered with or swapped ({err})") from None
+        try:
             # A damaged header could claim a huge size: refuse before allocating it.
             if zstandard.frame_content_size(frame) not in (length, -1):
                 raise _Bad("corrupt (frame size does not match the chunk)")
             data = self._decompressor().decompress(frame, max_output_size=length)
         except zstandard.ZstdError as err:
             raise _Bad(f"corrupt (cannot decompress: {err})") from None
-        if len(data) != length or digest_of(data) != digest:
+        if len(data) != length or self.codec.chunk_id(data) != digest:
             raise _Bad("corrupt (content does not match its digest)")
         return data
 
@@ -299,3 +394,48 @@ class Repository:
         for sub in self.storage.list("chunks"):
             out.extend(self.storage.list(f"chunks/{sub}"))
         return out
+
+
+def _storage_for(location: Path | str) -> Storage:
+    return S3Storage(location) if isinstance(location, str) else LocalStorage(location)
+
+
+def _make_local_layout(p: Path) -> None:
+    """The directories of a new local repository (p new or an empty directory)."""
+    if p.exists():
+        if not p.is_dir():
+            raise RepositoryError(f"cannot create repository {p}: it exists and is not a "
+                                  "directory", hint="choose a new path")
+        if any(p.iterdir()):
+            raise RepositoryError(f"cannot create repository {p}: directory is not empty",
+                                  hint="choose a new or empty directory")
+    elif not p.parent.is_dir():
+        raise RepositoryError(f"cannot create repository {p}: {p.parent} does not exist",
+                              hint="create the parent directory first")
+    try:
+        p.mkdir(exist_ok=True)
+        for sub in ("chunks", "backups", "tmp", "keys"):
+            (p / sub).mkdir()
+        for i in range(256):
+            (p / "chunks" / f"{i:02x}").mkdir()
+        (p / "lock").touch()
+        for d in (p / "chunks", p / "backups", p / "tmp", p / "keys", p):
+            fsync_dir(d)
+    except OSError as err:
+        raise RepositoryError(f"cannot create repository {p}: {err.strerror}") from err
+
+
+def _read_local_config(p: Path) -> bytes:
+    if not p.exists():
+        raise RepositoryError(f"repository {p} does not exist",
+                              hint=f"create it with: dmrecover repo init {p}")
+    if not p.is_dir():
+        raise RepositoryError(f"{p} is not a repository (not a directory)",
+                              hint="give the path of a directory made by dmrecover repo init")
+    try:
+        return (p / "config.json").read_bytes()
+    except FileNotFoundError:
+        raise RepositoryError(f"{p} is not a dmrecover repository (no config.json)",
+                              hint="create one with: dmrecover repo init NEWPATH") from None
+    except OSError as err:
+        raise RepositoryUnavailable(f"cannot read repository {p}: {err.strerror}") from err

@@ -68,7 +68,8 @@ def repo(tmp_path: Path) -> Repository:
 def test_init_creates_layout(tmp_path: Path) -> None:
     r = Repository.init(tmp_path / "r")
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert cfg["format"] == "dmrecover-repo" and cfg["version"] == 1 and cfg["hash"] == "blake3"
+    assert cfg["format"] == "dmrecover-repo" and cfg["version"] == 2 and cfg["hash"] == "blake3"
+    assert cfg["encryption"] == "none"
     for sub in ("chunks/00", "chunks/ff", "backups", "tmp"):
         assert (tmp_path / "r" / sub).is_dir()
     assert r.backups() == []
