@@ -31,12 +31,16 @@ from dmrecover.session.record import (
     LOG_FILE,
     STATUS_FILE,
     CutoverMode,
+    Phase,
     SessionRecord,
     State,
     read_json,
     write_json_atomic,
 )
 from dmrecover.session.services import Services, ServicesFactory, default_services
+from dmrecover.session.volume import claim_for_session, release_claims
+from dmrecover.system import claims
+from dmrecover.system.claims import Claim
 from dmrecover.testhooks import fault_point
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class SessionRunner:
         self._status_error: str | None = None
         self.cutover_request_id: str | None = None
         self.restored_at: float | None = None
+        self.claims: list[Claim] = []  # held by run_session for the process's life
         self.auto_blocked = False
 
     # ---------------------------------------------------------- main
@@ -200,8 +205,15 @@ class SessionRunner:
                 r.set_state(State.READY)
         return None
 
+    def _yield_dest_device(self) -> None:
+        """Before the cutover mounts DEST: close the claim's O_EXCL descriptor on a block
+        DEST (the mount takes the kernel's claim); the claim's lock stays held."""
+        for c in self.claims:
+            c.release_device()
+
     def _cutover(self) -> Cutover:
         assert self.volume is not None
+        self._yield_dest_device()
         return Cutover(self.record, self.services, self.volume, self.presentation,
                        refuse=lambda msg, **ch: self.refuse(self.cutover_request_id, msg, **ch))
 
@@ -305,17 +317,32 @@ class SessionRunner:
 
 def run_session(name: str, *, state_dir: str | None = None, resume: bool = False,
                 on_started: OnStarted | None = None,
-                services: ServicesFactory = default_services) -> int:
+                services: ServicesFactory = default_services,
+                held: list[Claim] | None = None) -> int:
     """The session process (`dmrecover session-run`, or in-process with --foreground): holds
-    the lock, logs to session.log, handles SIGTERM (suspend) and SIGUSR1 (a request)."""
-    record = SessionRecord.load(name, state_dir)
-    lock_fd = os.open(record.file(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    the lock and the claims on DEST and the mount point (`held`, or handed on by the parent,
+    or taken here), logs to session.log, handles SIGTERM (suspend) and SIGUSR1 (a request)."""
+    inherited = claims.adopt_inherited(f"session {name}")
+    held = held if held is not None else inherited
+    try:
+        record = SessionRecord.load(name, state_dir)
+        lock_fd = os.open(record.file(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          0o600)
+    except BaseException:
+        release_claims(held)
+        raise
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if not held and record.state != State.DONE:
+            held = claim_for_session(record.name, record.dest, record.mountpoint,
+                                     exclusive=not _dest_mounted(record))
+    except BaseException as err:
         os.close(lock_fd)
-        raise SessionError(f"session {record.name} is already running",
-                           hint="`dmrecover status` shows it") from None
+        release_claims(held)
+        if isinstance(err, BlockingIOError):
+            raise SessionError(f"session {record.name} is already running",
+                               hint="`dmrecover status` shows it") from None
+        raise
     root = logging.getLogger()
     handler: logging.Handler | None = None
     if on_started is not None or sys.stderr.isatty():
@@ -334,6 +361,7 @@ def run_session(name: str, *, state_dir: str | None = None, resume: bool = False
     try:
         os.chdir("/")  # never hold a mount busy
         runner = SessionRunner(record, services(record), on_started=on_started)
+        runner.claims = held
 
         def on_term(signum: int, frame: object) -> None:
             runner.stop_requested = True
@@ -360,7 +388,14 @@ def run_session(name: str, *, state_dir: str | None = None, resume: bool = False
                 os.chdir(old_cwd)  # in-process callers (--foreground, tests) get theirs back
             except OSError:
                 pass
+        release_claims(held)
         os.close(lock_fd)
+
+
+def _dest_mounted(record: SessionRecord) -> bool:
+    """True in the cutover phases where DEST is mounted (no O_EXCL claim is possible)."""
+    return record.state == State.CUTTING_OVER and record.phase in (
+        Phase.MOUNT_DEST, Phase.START_APP, Phase.DISCARD, Phase.ONLINE_MERGE)
 
 
 # ---------------------------------------------------------------- launching it
@@ -371,13 +406,16 @@ _STARTED_STATES = (State.RESTORING, State.READY, State.CUTTING_OVER, State.DONE)
 
 def launch(record: SessionRecord, *, foreground: bool, resume: bool,
            on_started: OnStarted | None = None,
-           services: ServicesFactory = default_services) -> SessionRecord:
+           services: ServicesFactory = default_services,
+           held: list[Claim] | None = None) -> SessionRecord:
     """Run the session process: here (foreground: returns when it ends, `on_started` called
     once the application runs), or detached (returns once the application runs). The record
-    returned is the one persisted at that point; SessionError when the session failed."""
+    returned is the one persisted at that point; SessionError when the session failed.
+    `held`: the claims the caller took, handed to the session process with no gap."""
+    held = held or []
     if foreground:
         rc = run_session(record.name, state_dir=record.state_dir, resume=resume,
-                         on_started=on_started, services=services)
+                         on_started=on_started, services=services, held=held)
         final = record.reload()
         if rc != 0 or final.state == State.FAILED:
             raise SessionError(f"session {record.name} failed: {final.error}",
@@ -385,12 +423,20 @@ def launch(record: SessionRecord, *, foreground: bool, resume: bool,
         return final
     argv = [sys.executable, "-m", "dmrecover", "session-run", record.name,
             "--state-dir", record.state_dir] + (["--resume"] if resume else [])
-    logf = open(record.file(LOG_FILE), "ab")  # noqa: SIM115 - handed to the child
     try:
-        proc = psutil.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                            cwd="/", start_new_session=True, close_fds=True)
-    finally:
-        logf.close()
+        logf = open(record.file(LOG_FILE), "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = psutil.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                cwd="/", start_new_session=True, close_fds=True,
+                                pass_fds=[fd for c in held for fd in c.fds()],
+                                env={**os.environ, **claims.handoff_env(held)})
+        finally:
+            logf.close()
+    except BaseException:
+        release_claims(held)
+        raise
+    for c in held:
+        c.close()  # the child holds them now (flock and O_EXCL go with the open file)
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         current = record.reload()

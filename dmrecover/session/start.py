@@ -29,7 +29,9 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.runner import OnStarted, launch
 from dmrecover.session.services import ServicesFactory, default_services
+from dmrecover.session.volume import claim_for_session, release_claims
 from dmrecover.system.blockdev import check_writable_destination
+from dmrecover.system.claims import Claim
 from dmrecover.system.mounts import is_mountpoint
 
 log = logging.getLogger(__name__)
@@ -68,15 +70,18 @@ def start_live_restore(req: LiveRestoreRequest, *, foreground: bool = False,
     """Validate the request, create the session and run its process (detached: returns once
     the application runs; foreground: runs it here, `on_started` once the application runs).
     Nothing is changed on the system until every check has passed."""
-    record = prepare(req, choose_backend=choose_backend)
+    record, held = prepare(req, choose_backend=choose_backend)
     return launch(record, foreground=foreground, resume=False, on_started=on_started,
-                  services=services)
+                  services=services, held=held)
 
 
 def prepare(req: LiveRestoreRequest, *,
-            choose_backend: Callable[[str], Backend] = registry.choose) -> SessionRecord:
+            choose_backend: Callable[[str], Backend] = registry.choose
+            ) -> tuple[SessionRecord, list[Claim]]:
     """Every check of start_live_restore, then the state dir, DEST and the record (state
-    starting); the boot unit where the backend resumes at boot."""
+    starting); the boot unit where the backend resumes at boot. Returns the record and the
+    claims on DEST and the mount point, taken before the checks: the caller hands them to
+    the session process (or releases them)."""
     req.app.validate()
     cutover = _cutover_mode(req.cutover)
     backend = choose_backend(req.backend)
@@ -87,6 +92,17 @@ def prepare(req: LiveRestoreRequest, *,
     if not _NAME_RE.match(name):
         raise UsageError(f"bad session name {name!r}",
                          hint="letters, digits, '.', '_' and '-', at most 64")
+    # The claims first: every check below holds for as long as the session lives.
+    held = claim_for_session(name, req.dest, req.mountpoint)
+    try:
+        return _prepare_claimed(req, name, backend, cutover, held), held
+    except BaseException:
+        release_claims(held)
+        raise
+
+
+def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
+                     cutover: CutoverMode, held: list[Claim]) -> SessionRecord:
     repo = Repository.open(req.repo)
     manifest = repo.manifest(req.backup)
     if not manifest.fstype:
@@ -97,7 +113,7 @@ def prepare(req: LiveRestoreRequest, *,
     d = session_dir(name, req.state_dir)
     # The session first: a half-done one explains a DEST that already holds a filesystem.
     _check_state_dir(d)
-    check_writable_destination(dest, manifest.size, force=req.force)
+    check_writable_destination(dest, manifest.size, force=req.force, claimed=True)
     _check_mountpoint(mp)
     if os.path.commonpath([d, mp]) == mp or os.path.commonpath([dest, mp]) == mp:
         raise UsageError("the state dir and DEST must not be under the mount point")

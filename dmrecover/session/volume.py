@@ -1,7 +1,9 @@
-"""Opening the pseudo-volume (the engine) a session record describes."""
+"""Opening the pseudo-volume (the engine) a session record describes; the session's claims on
+its DEST and mount point."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +15,8 @@ from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.source import RepositorySource
 from dmrecover.session.record import SessionRecord
+from dmrecover.system import claims
+from dmrecover.system.claims import Claim
 
 RESTORER_THREAD = "dmrecover-restorer"
 
@@ -50,3 +54,30 @@ def open_volume(record: SessionRecord, backend: Backend,
     return PseudoVolume(source, record.dest, record.engine_path,
                         fetch_deadline=float(record.fetch_deadline or 600.0),
                         read_only=backend.kernel_takes_writes, on_restored=on_restored)
+
+
+def claim_for_session(name: str, dest: str, mountpoint: str, *,
+                      exclusive: bool = True) -> list[Claim]:
+    """The claims of session `name` on its mount point and DEST (ClaimRefused naming the
+    session that holds either). exclusive=False leaves a block DEST's O_EXCL out (it is
+    mounted in the last cutover phases)."""
+    owner = f"session {name}"
+    held = [claims.claim_mountpoint(mountpoint, owner)] if os.path.isdir(mountpoint) else []
+    try:
+        held.append(claims.claim_destination(dest, owner, exclusive=exclusive))
+    except BaseException:
+        release_claims(held)
+        raise
+    return held
+
+
+def release_claims(held: list[Claim]) -> None:
+    """Give the claims up; a DEST file the claim created (still empty) is removed."""
+    for c in held:
+        c.release()
+        if c.created:
+            try:
+                if os.stat(c.path).st_size == 0:
+                    os.unlink(c.path)
+            except OSError:
+                pass

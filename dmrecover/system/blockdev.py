@@ -89,12 +89,13 @@ def filesystem_type(path: str | os.PathLike[str]) -> str | None:
 
 
 def check_writable_destination(path: str | os.PathLike[str], min_size: int,
-                               force: bool = False) -> None:
+                               force: bool = False, claimed: bool = False) -> None:
     """Refuse a destination that cannot safely be overwritten with `min_size` bytes.
 
     A block device must exist and be large enough; a regular file may be missing (its directory
     must exist) and is resized. Either must not be mounted, held (dm/md/loop), or open in
-    another process, and must not hold a filesystem unless force.
+    another process, and must not hold a filesystem unless force. claimed: this process
+    holds DEST's claim (system.claims: an O_EXCL open for a device), the kernel's check.
     """
     p = Path(path)
     if not p.exists():
@@ -129,7 +130,7 @@ def check_writable_destination(path: str | os.PathLike[str], min_size: int,
         who = ", ".join(f"{name} (pid {pid})" for pid, name in users[:5])
         raise DeviceError(f"destination {path} is open in {who}",
                           hint="stop those processes first")
-    if stat.S_ISBLK(st.st_mode):
+    if stat.S_ISBLK(st.st_mode) and not claimed:
         # The kernel's own claim check: fails for a device mounted, swapped on, or in dm/md.
         try:
             os.close(os.open(p, os.O_RDONLY | os.O_EXCL))

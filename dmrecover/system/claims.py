@@ -157,10 +157,12 @@ def _release_all(locks: Iterable[tuple[str, int]]) -> None:
 
 
 def claim_destination(path: StrPath, owner: str, *, create: bool = True,
-                      mode: int = 0o600) -> Claim:
+                      mode: int = 0o600, exclusive: bool = True) -> Claim:
     """Claim DEST for `owner` (e.g. "session db", "restore"). A missing regular file is
     created (mode, never through a symlink) when `create`. ClaimRefused when another holds
-    it; DeviceError when it cannot be opened (for a block device: mounted or held)."""
+    it; DeviceError when it cannot be opened (for a block device: mounted or held).
+    exclusive=False: a block device is locked but not opened O_EXCL (it is mounted by its
+    user already, e.g. a session resumed past its cutover's merge)."""
     p = os.path.abspath(os.fspath(path))
     created = False
     try:
@@ -198,7 +200,7 @@ def claim_destination(path: StrPath, owner: str, *, create: bool = True,
         raise
     if is_block:
         try:
-            fd = _open_dest(p, os.O_EXCL)
+            fd = _open_dest(p, os.O_EXCL if exclusive else 0)
         except BaseException:
             _release_all([lock])
             raise
