@@ -1,34 +1,59 @@
 """The application the data agent starts and stops around the pseudo-volume.
 
-Two kinds: start/stop commands (argv, split with shlex, never a shell) or a systemd unit.
-A start command may run in the foreground or daemonize; it is started in a new session, so its
-process group (pgid = the started pid) names every process it forks unless one of them calls
-setsid itself. Stopping runs the stop command (or sends SIGTERM to the process group), waits for
-the processes to exit, and after a timeout kills them with SIGKILL and says so.
+Two kinds: start/stop commands (argv, split with shlex, never a shell) or a systemd unit. The
+application is tracked by cgroup (`dmrecover.system.cgroups.AppCgroup`), not by process group:
+everything the start command forks, daemonized or not (`pg_ctl start` puts the postmaster in a
+session of its own), is the application. A unit (--app-unit) is its own cgroup, read from
+`systemctl show -p ControlGroup`. The cgroup is persisted with the handle (session.json), so a
+resumed session process finds the application again.
+
+Stopping escalates, each step logged in `AppHandle.stop_log` (shown in status) and every step
+past the first also returned as a warning:
+
+    1. the stop command (or `systemctl stop UNIT`; without either, SIGTERM), while our exited
+       children are reaped so a stop script waiting with `kill -0` sees its pid vanish;
+    2. wait for the cgroup to empty, up to the stop timeout (--stop-timeout) in all;
+    3. SIGTERM to every process left (at once when the stop command failed or hung), then
+       wait TERM_GRACE;
+    4. SIGKILL the cgroup; processes that survive even that are named.
+
+A stop command that fails or hangs is a warning and the fallback, never an exception.
 
 Which processes hold a mount is `dmrecover.system.processes`' job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psutil
 
 from dmrecover.errors import AppError, UsageError
 from dmrecover.system import command, processes
-from dmrecover.system.processes import describe
+from dmrecover.system.cgroups import AppCgroup
 
 log = logging.getLogger(__name__)
 
-START_GRACE = 0.1  # a start command still running after this long has "started"
-STOP_TIMEOUT = 30.0
+START_GRACE = 0.25  # a start command still running after this long has "started"
+STOP_TIMEOUT = 120.0  # default --stop-timeout: a database may take a while to checkpoint
+TERM_GRACE = 10.0  # after SIGTERM, before SIGKILL (at most the stop timeout)
+KILL_WAIT = 10.0  # after SIGKILL, before naming the survivors
+STOP_LOG_KEEP = 20
+
+
+def cgroup_name(session: str, state_dir: str) -> str:
+    """The application's cgroup name for a session: its name plus a digest of its state dir,
+    so two sessions of the same name (other state dirs) never share a cgroup."""
+    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+    return f"{session}-{digest}"
 
 
 @dataclass
@@ -38,6 +63,7 @@ class AppSpec:
     start: str | None = None
     stop: str | None = None
     unit: str | None = None
+    stop_timeout: float = STOP_TIMEOUT
 
     def validate(self) -> None:
         """Raise UsageError when the spec is incomplete or ambiguous."""
@@ -46,6 +72,8 @@ class AppSpec:
         if not self.unit and not self.start:
             raise UsageError("no application given",
                              hint="pass --app-start CMD [--app-stop CMD] or --app-unit UNIT")
+        if not self.stop_timeout > 0:
+            raise UsageError(f"--stop-timeout must be positive, not {self.stop_timeout:g}")
         for cmd in (self.start, self.stop):
             if cmd is not None:
                 try:
@@ -56,33 +84,44 @@ class AppSpec:
                     raise UsageError("empty application command")
 
     def to_dict(self) -> dict:
-        return {"start": self.start, "stop": self.stop, "unit": self.unit}
+        d: dict = {"start": self.start, "stop": self.stop, "unit": self.unit}
+        if self.stop_timeout != STOP_TIMEOUT:  # a first-version record reads back unchanged
+            d["stop_timeout"] = self.stop_timeout
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> AppSpec:
-        return cls(start=d.get("start"), stop=d.get("stop"), unit=d.get("unit"))
+        timeout = d.get("stop_timeout")
+        return cls(start=d.get("start"), stop=d.get("stop"), unit=d.get("unit"),
+                   stop_timeout=float(timeout) if isinstance(timeout, (int, float))
+                   else STOP_TIMEOUT)
 
 
 @dataclass
 class AppHandle:
     """What is known about a started application (persisted so a new process can stop it)."""
 
-    pid: int | None = None
-    pgid: int | None = None
+    pid: int | None = None  # the start command
+    pgid: int | None = None  # kept for records of version 1 (tracked by cgroup now)
     create_time: float | None = None
     started_at: float | None = None
     exit_code: int | None = None
-    extra_pids: list[int] = field(default_factory=list)
+    cgroup: dict | None = None  # AppCgroup.to_dict()
+    stop_log: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "pgid": self.pgid, "create_time": self.create_time,
-                "started_at": self.started_at, "exit_code": self.exit_code}
+                "started_at": self.started_at, "exit_code": self.exit_code,
+                "cgroup": self.cgroup, "stop_log": self.stop_log}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AppHandle:
         d = d or {}
+        log_ = d.get("stop_log")
         return cls(pid=d.get("pid"), pgid=d.get("pgid"), create_time=d.get("create_time"),
-                   started_at=d.get("started_at"), exit_code=d.get("exit_code"))
+                   started_at=d.get("started_at"), exit_code=d.get("exit_code"),
+                   cgroup=d.get("cgroup") if isinstance(d.get("cgroup"), dict) else None,
+                   stop_log=list(log_) if isinstance(log_, list) else [])
 
 
 def processes_holding(mountpoint: str) -> list[psutil.Process]:
@@ -90,79 +129,83 @@ def processes_holding(mountpoint: str) -> list[psutil.Process]:
     return processes.processes_holding(mountpoint)
 
 
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Live (non-zombie) processes in process group pgid."""
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (ProcessLookupError, psutil.Error, OSError):
-            continue
-    return out
-
-
-def unit_processes(unit: str) -> list[psutil.Process]:
-    """Processes in the cgroup of systemd unit `unit` (from /proc/PID/cgroup)."""
-    name = unit if "." in unit else f"{unit}.service"
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            with open(f"/proc/{proc.pid}/cgroup") as f:
-                cg = f.read()
-        except OSError:
-            continue
-        if any(line.rstrip().endswith(f"/{name}") or f"/{name}/" in line
-               for line in cg.splitlines()):
-            out.append(proc)
-    return out
-
-
 class Application:
     """Starts, stops and watches the application described by an AppSpec."""
 
     def __init__(self, spec: AppSpec, *, mountpoint: str, log_path: str | None = None,
                  handle: AppHandle | None = None, env: dict[str, str] | None = None,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+                 stop_timeout: float | None = None, name: str = "app",
+                 kinds: Sequence[str] | None = None) -> None:
         self.spec = spec
         self.mountpoint = os.path.abspath(mountpoint)
         self.log_path = log_path
         self.handle = handle or AppHandle()
         self.env = env
-        self.stop_timeout = stop_timeout
-        self._popen: psutil.Popen | None = None
+        self.stop_timeout = spec.stop_timeout if stop_timeout is None else stop_timeout
+        self.name = name
+        self.kinds = kinds  # cgroup kinds to try (tests pin one); default: the best there is
+        self._cg: AppCgroup | None = None
+        if self.handle.cgroup:
+            self._cg = AppCgroup.from_dict(self.handle.cgroup)
+        self._popen: subprocess.Popen | None = None
         self._stopped = False  # stopped by us: its exit code is not a failure
+
+    # ------------------------------------------------------------------ cgroup
+
+    @property
+    def cgroup(self) -> AppCgroup:
+        """The application's cgroup (made on first use, then kept in the handle)."""
+        if self._cg is None:
+            if self.spec.unit:
+                self._cg = AppCgroup.for_unit(self.spec.unit)
+            else:
+                self._cg = AppCgroup.create(self.name, kinds=self.kinds)
+            self.handle.cgroup = self._cg.to_dict()
+        return self._cg
+
+    @property
+    def tracking_warning(self) -> str | None:
+        """Set when no cgroup could be made (tracked by process group: weaker)."""
+        return self._cg.warning if self._cg is not None else None
+
+    def _tracked(self) -> AppCgroup | None:
+        """The cgroup when there can be processes in it (a unit always can)."""
+        if self._cg is None and self.spec.unit:
+            return self.cgroup
+        return self._cg
 
     # ------------------------------------------------------------------ start
 
     def start(self) -> AppHandle:
-        """Start the application; return once it runs (or raise AppError if it failed)."""
+        """Start the application inside its cgroup; return once it runs (AppError if the start
+        command fails at once)."""
+        self._stopped = False
+        cg = self.cgroup
         if self.spec.unit:
             command.run(["systemctl", "start", self.spec.unit], error=AppError,
                         what=f"starting unit {self.spec.unit}", timeout=300)
-            self.handle = AppHandle(started_at=time.time())
+            self.handle = AppHandle(started_at=time.time(), cgroup=cg.to_dict())
             return self.handle
         assert self.spec.start
         argv = shlex.split(self.spec.start)
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ)
         if self.env:
             env.update(self.env)
+        out = (os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                       0o600) if self.log_path else None)
         try:
-            log.info("starting application: %s", argv)
-            proc = psutil.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd="/", start_new_session=True,
-                                close_fds=True, env=env)
-        except OSError as err:
-            raise AppError(f"cannot start the application {argv[0]}: {err.strerror}",
-                           hint="check --app-start") from err
+            proc = cg.start(argv, cwd="/", env=env, stdout=out,
+                            stderr=subprocess.STDOUT if out is not None else None)
         finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
+            if out is not None:
+                os.close(out)
         self._popen = proc
-        self._stopped = False
-        self.handle = AppHandle(pid=proc.pid, pgid=proc.pid, create_time=proc.create_time(),
-                                started_at=time.time())
+        try:
+            created = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            created = None
+        self.handle = AppHandle(pid=proc.pid, create_time=created, started_at=time.time(),
+                                cgroup=cg.to_dict())
         # A start command that fails at once is a failed start; one that exits 0 has
         # daemonized; one still running after the grace period is a foreground server.
         deadline = time.monotonic() + START_GRACE
@@ -171,6 +214,7 @@ class Application:
             if rc is not None:
                 self.handle.exit_code = rc
                 if rc != 0:
+                    cg.kill(timeout=KILL_WAIT)  # whatever it forked before failing
                     raise AppError(f"the application's start command exited with code {rc}",
                                    hint=f"see {self.log_path}" if self.log_path else None)
                 break
@@ -179,35 +223,28 @@ class Application:
 
     # ------------------------------------------------------------------ state
 
-    def _leader(self) -> psutil.Process | None:
-        h = self.handle
-        if not h.pid:
-            return None
-        try:
-            p = psutil.Process(h.pid)
-            if h.create_time and abs(p.create_time() - h.create_time) > 0.01:
-                return None  # pid reused
-            if p.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return p
-        except psutil.Error:
-            return None
+    def _reap(self) -> None:
+        """Reap our exited application children (no zombie for a stop script to wait on)."""
+        cg = self._cg
+        if cg is None or cg.kind == "systemd-unit":
+            return
+        cg.reap_children()
+        if self.handle.pid in cg.exit_codes:
+            self.handle.exit_code = cg.exit_codes[self.handle.pid]
 
     def processes(self) -> list[psutil.Process]:
-        """The application's live processes: the started process and its process group
-        (for a systemd unit: the processes in the unit's cgroup)."""
-        if self.spec.unit:
-            return unit_processes(self.spec.unit)
-        procs: dict[int, psutil.Process] = {}
-        if self._popen is not None:
-            self._popen.poll()  # reap a finished child so it is not counted as a zombie
-        leader = self._leader()
-        if leader is not None:
-            procs[leader.pid] = leader
-        if self.handle.pgid:
-            for p in group_members(self.handle.pgid):
-                procs[p.pid] = p
-        return list(procs.values())
+        """The application's live processes: everything in its cgroup."""
+        cg = self._tracked()
+        if cg is None:
+            return []
+        self._reap()
+        out = []
+        for pid in cg.pids():
+            try:
+                out.append(psutil.Process(pid))
+            except psutil.Error:
+                continue
+        return out
 
     def state(self) -> str:
         """'running', 'stopped', or 'exited (N)'."""
@@ -216,72 +253,116 @@ class Application:
                             timeout=10)
             return "running" if r.stdout.strip() in ("active", "activating", "reloading") \
                 else r.stdout.strip() or "stopped"
-        if self.processes():
+        self._reap()
+        if self._cg is not None and self._cg.populated():
             return "running"
         if self._stopped:
             return "stopped"
-        if self._popen is not None:
-            rc = self._popen.poll()
-            if rc is not None and (self.handle.exit_code is None or rc != 0):
-                self.handle.exit_code = rc
         if self.handle.exit_code not in (None, 0):
             return f"exited ({self.handle.exit_code})"
         return "stopped"
 
+    def status(self) -> dict:
+        """For status.json: how the application is tracked and how its last stop went."""
+        cg = self._cg
+        return {"tracking": cg.describe() if cg is not None else None,
+                "tracking_warning": self.tracking_warning,
+                "stop_log": self.handle.stop_log}
+
     # ------------------------------------------------------------------ stop
 
     def stop(self, *, timeout: float | None = None) -> list[str]:
-        """Stop the application and wait for its processes to exit.
+        """Stop the application (escalating, see the module doc) and wait for its processes.
 
-        Returns warnings (e.g. processes that had to be killed). Never leaves a process of the
-        application's process group running.
+        Returns warnings: every step past the stop command, and what survived SIGKILL. Never
+        raises because the application misbehaves.
         """
         timeout = self.stop_timeout if timeout is None else timeout
-        warnings: list[str] = []
         self._stopped = True
-        if self.spec.unit:
-            command.run(["systemctl", "stop", self.spec.unit], error=AppError,
-                        what=f"stopping unit {self.spec.unit}", timeout=timeout + 30)
-        else:
-            procs = self.processes()
-            # The stop command runs even when no process of ours is seen: a start command
-            # whose server left the process group (setsid) is still stopped by it.
-            if self.spec.stop:
-                try:
-                    command.run(shlex.split(self.spec.stop), error=AppError,
-                                what="the application's stop command", timeout=timeout)
-                except AppError as err:
-                    warnings.append(f"{err}; sending SIGTERM")
-                    self._signal(procs, signal.SIGTERM)
-            elif procs:
-                self._signal(procs, signal.SIGTERM)
-        # Wait for the application's processes; anything else still holding the mount makes
-        # the unmount refuse (and name it) rather than being killed here.
-        deadline = time.monotonic() + timeout
-        while True:
-            procs = self.processes()
-            if not procs:
-                break
-            if time.monotonic() >= deadline:
-                msg = (f"application processes did not exit within {timeout:g}s; "
-                       f"killed {describe(procs)} with SIGKILL")
-                log.warning(msg)
+        stop_log = self.handle.stop_log = []
+        warnings: list[str] = []
+        t0 = time.monotonic()
+
+        def step(msg: str, warn: bool = False) -> None:
+            (log.warning if warn else log.info)("application stop: %s", msg)
+            stop_log.append(f"{time.monotonic() - t0:6.1f}s {msg}")
+            del stop_log[:-STOP_LOG_KEEP]
+            if warn:
                 warnings.append(msg)
-                self._signal(procs, signal.SIGKILL)
-                psutil.wait_procs(procs, timeout=5)
-                break
-            time.sleep(0.05)
-        if self._popen is not None:
+
+        cg = self._tracked()
+        if cg is None:
+            step("never started: nothing to stop")
+            return warnings
+        deadline = t0 + timeout
+        argv: list[str] | None = None
+        what = ""
+        if self.spec.unit:
+            argv, what = ["systemctl", "stop", self.spec.unit], f"systemctl stop {self.spec.unit}"
+        elif self.spec.stop:
+            argv, what = shlex.split(self.spec.stop), "the stop command"
+        term_sent = failed = False
+        if argv is None:
+            step(f"no stop command: sending SIGTERM to {cg.describe()}")
+            cg.signal(signal.SIGTERM)
+            term_sent = True
+        elif not cg.populated() and not self.spec.unit:
+            step("no process left: the stop command is not needed")
+        else:
+            step(f"running {what}")
             try:
-                self._popen.wait(timeout=1)
-            except (psutil.TimeoutExpired, subprocess.TimeoutExpired):
-                pass
+                with cg.reaping():
+                    command.run(argv, error=AppError, what=what, timeout=timeout)
+                step(f"{what} exited 0")
+            except AppError as err:
+                # It failed or hung: the application may still run. Fall back at once.
+                step(f"{err}: falling back to SIGTERM", warn=True)
+                deadline = time.monotonic()
+                failed = True
+        if cg.wait_empty(max(0.0, deadline - time.monotonic())):
+            step("stopped")
+            self._reap()
+            return warnings
+        if not term_sent:
+            left = _describe_pids(cg.pids())
+            if failed:
+                step(f"sending SIGTERM to {left}", warn=True)
+            else:
+                step(f"still running after {timeout:g}s: {left}; sending SIGTERM", warn=True)
+            cg.signal(signal.SIGTERM)
+            if cg.wait_empty(min(TERM_GRACE, timeout)):
+                step("stopped by SIGTERM")
+                self._reap()
+                return warnings
+        left = _describe_pids(cg.pids())
+        step(f"still running: {left}; killing {cg.describe()} with SIGKILL", warn=True)
+        survivors = cg.kill(timeout=KILL_WAIT)
+        self._reap()
+        if survivors:
+            names = _describe_pids(survivors)
+            step(f"could not stop {names}: alive {KILL_WAIT:g}s after SIGKILL", warn=True)
+        else:
+            step("killed")
         return warnings
 
-    @staticmethod
-    def _signal(procs: list[psutil.Process], sig: int) -> None:
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.Error:
-                pass
+    def release(self) -> None:
+        """Remove the application's cgroup once nothing runs in it (abort): our directory or
+        scope only, never a unit of the user's. Problems are logged, not raised."""
+        cg = self._cg
+        if cg is None or cg.kind == "systemd-unit":
+            return
+        try:
+            cg.remove()
+        except AppError as err:
+            log.warning("%s", err)
+
+
+def _describe_pids(pids: list[int]) -> str:
+    """'123 (postgres), 456' for pids that may be gone by now."""
+    parts = []
+    for pid in pids:
+        try:
+            parts.append(f"{pid} ({psutil.Process(pid).name()})")
+        except psutil.Error:
+            parts.append(str(pid))
+    return ", ".join(parts)

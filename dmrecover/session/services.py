@@ -32,13 +32,24 @@ class AppControl(Protocol):
 
     handle: AppHandle
 
+    @property
+    def tracking_warning(self) -> str | None:
+        """Set when the application could not get a cgroup of its own."""
+
     def start(self) -> AppHandle: ...
 
-    def stop(self) -> list[str]: ...
+    def stop(self) -> list[str]:
+        """Stop it whatever it does (escalating to SIGKILL); the warnings on the way."""
 
     def state(self) -> str: ...
 
     def processes(self) -> list: ...
+
+    def status(self) -> dict:
+        """How it is tracked and how its last stop went (for status.json)."""
+
+    def release(self) -> None:
+        """Remove its cgroup once it is stopped for good (abort)."""
 
 
 class Host(Protocol):

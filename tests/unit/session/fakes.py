@@ -124,6 +124,8 @@ class FakeApp:
         self.running = False
         self.fail_start = False
         self.starts = 0
+        self.tracking_warning: str | None = None
+        self.stop_warnings: list[str] = []  # what stop() returns (the escalation's steps)
 
     def start(self) -> AppHandle:
         if self.fail_start:
@@ -137,13 +139,19 @@ class FakeApp:
     def stop(self) -> list[str]:
         self.events.append("app:stop")
         self.running = False
-        return []
+        return list(self.stop_warnings)
 
     def state(self) -> str:
         return "running" if self.running else "stopped"
 
     def processes(self) -> list:
         return []
+
+    def status(self) -> dict:
+        return {"tracking": "fake"}
+
+    def release(self) -> None:
+        self.events.append("app:release")
 
 
 class FakeRestorer:
