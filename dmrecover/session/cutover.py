@@ -2,8 +2,12 @@
 
 Restart mode, one method per persisted phase, in the order of `RESTART_PHASES`:
 
-    stop-app    stop the application (refused beforehand, with nothing changed, while a
-                process other than the application holds the mount)
+    stop-app    stop the application (escalating: stop command, SIGTERM, SIGKILL), then
+                look for processes other than the application holding the mount: if any,
+                the cutover is refused, the application starts again on the pseudo-volume
+                (never left stopped), the state is back to ready and the refusal names them.
+                Looked at after the stop, not before: a daemon the start command forked
+                holds the mount too, and only the stop says what is left.
     unmount     tear the presentation down (refused -> the application starts again on the
                 pseudo-volume, the state is back to ready, the reason recorded)
     merge       finish the restore if needed, merge the overlay into DEST (idempotent)
@@ -73,12 +77,6 @@ class Cutover:
         """Run the restart cutover from the start, or from a persisted phase (one of
         RESUMABLE_PHASES). True when done; False when refused (the application runs on)."""
         if resume is None:
-            stray = self._stray_holders()
-            if stray:
-                # Refuse before stopping anything: the application keeps running.
-                self.refuse(f"cutover refused: {self.record.mountpoint} is held by {stray}",
-                            cutover_requested=False)
-                return False
             first = 0
         else:
             if resume not in RESUMABLE_PHASES:
@@ -102,9 +100,18 @@ class Cutover:
 
     def stop_app(self) -> None:
         self.timings["cutover_started"] = time.time()
-        warnings = self.services.app.stop()
+        app = self.services.app
+        warnings = app.stop()
         self.timings["app_stopped"] = time.time()
         self.record.add_warnings(warnings)
+        self.record.save(app_handle=app.handle.to_dict())  # its stop log, for status
+        stray = self._stray_holders()
+        if stray:
+            r = self.record
+            self._restart_on_pseudo_volume(
+                f"cutover refused: {r.mountpoint} is held by {stray}, not by the "
+                f"application; the application runs again on the pseudo-volume; "
+                f"`dmrecover cutover {r.name}` retries once they are gone")
 
     def unmount(self) -> None:
         assert self.presentation is not None, "unmount runs in the process that built the stack"
@@ -114,10 +121,7 @@ class Cutover:
             # safe, nothing writes through it any more; say so and go on.
             self.record.add_warnings(self.presentation.teardown())
         except StackError as err:
-            handle = self.services.app.start()
-            self.record.set_state(State.READY, phase=None, app_handle=handle.to_dict())
-            self.refuse(f"cutover refused: {err}", cutover_requested=False)
-            raise Refused(str(err)) from err
+            self._restart_on_pseudo_volume(f"cutover refused: {err}")
         self.presentation = None
 
     def merge(self) -> None:
@@ -180,6 +184,14 @@ class Cutover:
             v.start_restore()
             v.wait_restored()
             v.stop_restore()
+
+    def _restart_on_pseudo_volume(self, message: str) -> None:
+        """The cutover cannot go on: start the application again on the pseudo-volume (it is
+        never left stopped), back to ready, record the refusal; raises Refused."""
+        handle = self.services.app.start()
+        self.record.set_state(State.READY, phase=None, app_handle=handle.to_dict())
+        self.refuse(message, cutover_requested=False)
+        raise Refused(message)
 
     def _stray_holders(self) -> str | None:
         mine = {p.pid for p in self.services.app.processes()}

@@ -28,7 +28,7 @@ from typing import Any
 
 from dmrecover.backends.base import BackendContext
 from dmrecover.errors import SessionError, UsageError
-from dmrecover.session.app import AppHandle, Application, AppSpec
+from dmrecover.session.app import AppHandle, Application, AppSpec, cgroup_name
 from dmrecover.system import files
 
 log = logging.getLogger(__name__)
@@ -95,22 +95,29 @@ def session_dir(name: str, state_dir: str | None = None) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: dict, *, durable: bool = True) -> None:
-    """Write JSON atomically, readable by all (status works for any user who can read the
-    state dir)."""
-    files.write_json_atomic(path, data, durable=durable, mode=0o644)
+    """Write JSON atomically, private (0600: a record names devices, paths, commands)."""
+    files.write_json_atomic(path, data, durable=durable, mode=0o600)
 
 
 def read_json(path: str | os.PathLike[str]) -> dict | None:
-    """The JSON object in path; None when the file does not exist; SessionError if unreadable."""
-    return files.read_json(path, error=SessionError)
+    """The JSON object in path; None when the file does not exist; SessionError if unreadable
+    or if another user than root could have written it (root runs what a record says)."""
+    return files.read_trusted_json(path, error=SessionError)
+
+
+def check_state_dir(d: str) -> None:
+    """Refuse a state dir another user could write (owned by another, group or world
+    writable, a symlink): root would run the command its session.json names."""
+    if os.path.lexists(d):
+        files.check_trusted(d, kind="state dir", error=SessionError)
 
 
 def lock_held(state_dir: str) -> bool:
     """True when a live session process holds the state dir's lock."""
     path = os.path.join(state_dir, LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except (FileNotFoundError, PermissionError):
+    try:  # read-only: flock needs no write access, and status runs as any user
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -253,6 +260,7 @@ class SessionRecord:
         if not name and not state_dir:
             raise UsageError("name a session (or --state-dir)")
         d = session_dir(name or "", state_dir)
+        check_state_dir(d)
         data = read_json(os.path.join(d, SESSION_FILE))
         if data is None:
             raise SessionError(f"no session {name or ''} in {d}".replace("  ", " "),
@@ -309,7 +317,8 @@ class SessionRecord:
 
     def application(self) -> Application:
         return Application(self.app, mountpoint=self.mountpoint, log_path=self.file(APP_LOG),
-                           handle=AppHandle.from_dict(self.app_handle))
+                           handle=AppHandle.from_dict(self.app_handle),
+                           name=cgroup_name(self.name, self.state_dir))
 
     def context(self) -> BackendContext:
         """What a backend needs to know about this session."""

@@ -1,5 +1,6 @@
 """The cutover state machine with fakes (no root): the phases in order, resume from each
-persisted phase, refusal while the mount is held, a failed merge resumed, the online cutover."""
+persisted phase, refusal (the application restarted, auto retry with a backoff) while a
+stranger holds the mount after the stop, a failed merge resumed, the online cutover."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dmrecover.errors import UsageError
+from dmrecover.session import runner as runner_mod
 from dmrecover.session.app import AppSpec
 from dmrecover.session.control import request_cutover, resume_session, send_request
 from dmrecover.session.cutover import RESTART_PHASES, RESUMABLE_PHASES
@@ -62,20 +64,80 @@ def test_resume_continues_from_merge_on(tmp_path: Path, phase: Phase) -> None:
     assert "app:stop" not in w.events
 
 
-def test_cutover_refused_while_a_stranger_holds_the_mount(tmp_path: Path) -> None:
+def test_stranger_after_the_stop_refuses_and_restarts_the_app(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Strangers are looked for once the application is stopped: the cutover is refused,
+    the application starts again on the pseudo-volume, and auto mode retries by itself
+    after a backoff (said in the error and in status) until the stranger is gone."""
+    monkeypatch.setattr(runner_mod, "AUTO_RETRY_BASE", 60.0)
     w = make_world()
     w.host.stray = "77 (less)"
     rec = make_record(tmp_path / "s")
     runner = SessionRunner(rec, w.services())
     runner.open()
     runner.bring_up()
-    assert runner.step() is None  # auto: tried, refused before anything stopped
-    assert rec.state == State.RESTORING and "held by 77 (less)" in rec.error
-    assert "app:stop" not in w.events and runner.auto_blocked
+    assert runner.step() is None  # auto: tried, refused after the stop
+    assert w.events[-2:] == ["app:stop", "app:start"] and w.app.running
+    assert rec.state == State.READY and rec.phase is None and w.backend.live
+    assert "held by 77 (less), not by the application" in rec.error
+    assert "retries in 60s (attempt 2)" in rec.error
+    assert phases_of(rec) == ["stop-app"]
+    status = rec.status()
+    assert status is not None
+    runner.write_status()
+    assert rec.status()["cutover_retry"]["attempt"] == 2
+    starts = w.app.starts
+    assert runner.step() is None and w.app.starts == starts  # not before the backoff
+    w.host.stray = None
+    runner.auto_retry_at = 0.0  # the backoff has passed
+    assert runner.step() == 0 and rec.state == State.DONE
+
+
+def test_auto_retry_backoff_doubles(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(runner_mod, "AUTO_RETRY_BASE", 2.0)
+    monkeypatch.setattr(runner_mod, "AUTO_RETRY_MAX", 5.0)
+    w = make_world()
+    w.host.stray = "77 (less)"
+    rec = make_record(tmp_path / "s")
+    runner = SessionRunner(rec, w.services())
+    runner.open()
+    runner.bring_up()
+    delays = []
+    for _ in range(3):
+        runner.auto_retry_at = 0.0
+        assert runner.step() is None
+        delays.append(rec.error.split("retries in ")[1].split("s ")[0])
+    assert delays == ["2", "4", "5"]
+
+
+def test_manual_cutover_refused_by_a_stranger_waits_for_the_next_request(tmp_path: Path
+                                                                          ) -> None:
+    w = make_world()
+    w.host.stray = "77 (less)"
+    rec = make_record(tmp_path / "s", cutover="manual")
+    runner = SessionRunner(rec, w.services())
+    runner.open()
+    runner.bring_up()
+    assert runner.step() is None and rec.state == State.READY
+    rid = send_request(rec, "cutover")
+    assert runner.step() is None
+    assert rec.request_result["id"] == rid and "77 (less)" in rec.request_result["error"]
+    assert "automatic cutover retries" not in rec.error and w.app.running
     assert runner.step() is None and rec.state == State.READY  # waits for `cutover`
     w.host.stray = None
     send_request(rec, "cutover")
     assert runner.step() == 0 and rec.state == State.DONE
+
+
+def test_stop_warnings_are_recorded(tmp_path: Path) -> None:
+    w = make_world()
+    w.app.stop_warnings = ["the stop command: exit 1: falling back to SIGTERM"]
+    rec = make_record(tmp_path / "s")
+    runner = SessionRunner(rec, w.services())
+    runner.open()
+    runner.bring_up()
+    assert runner.step() == 0 and rec.state == State.DONE
+    assert rec.warnings == w.app.stop_warnings
 
 
 def test_teardown_refused_restarts_the_app_on_the_pseudo_volume(tmp_path: Path) -> None:

@@ -85,22 +85,28 @@ def test_abort_keeps_the_overlay(tmp_path: Path) -> None:
     assert w.volume.closed and not w.volume.discarded
 
 
-def test_abort_refused_while_a_stranger_holds_the_mount(tmp_path: Path) -> None:
+def test_abort_with_a_stranger_stops_the_app_and_names_the_stranger(tmp_path: Path) -> None:
     w = make_world(instant=False)
-    rec = make_record(tmp_path / "s", cutover="manual")
+    rec = make_record(tmp_path / "s")
     runner = SessionRunner(rec, w.services())
     runner.open()
     runner.bring_up()
     w.host.stray = "4242 (bash)"
     rid = send_request(rec, "abort")
     assert runner.step() is None
-    assert rec.state == State.RESTORING and w.app.running and w.backend.live
-    assert rec.request_result == {"id": rid, "ok": False,
-                                  "error": f"abort refused: {rec.mountpoint} is held by "
-                                           "4242 (bash)"}
+    # abort's job is done for the application: stopped, and not restarted
+    assert rec.state == State.RESTORING and not w.app.running and w.backend.live
+    assert rec.request_result["id"] == rid and not rec.request_result["ok"]
+    assert "the application is stopped" in rec.error and "4242 (bash)" in rec.error
+    w.volume.restored = True
+    assert runner.step() is None and not w.app.running  # no auto cutover restarts it
+    w.host.stray = None
+    send_request(rec, "abort")
+    assert runner.step() == 0 and rec.state == State.ABORTED and not w.backend.live
+    assert w.events[-1] == "app:release"
 
 
-def test_abort_refused_when_teardown_fails_restarts_the_app(tmp_path: Path) -> None:
+def test_abort_when_teardown_fails_keeps_the_app_stopped(tmp_path: Path) -> None:
     w = make_world(instant=False)
     rec = make_record(tmp_path / "s", cutover="manual")
     runner = SessionRunner(rec, w.services())
@@ -109,7 +115,8 @@ def test_abort_refused_when_teardown_fails_restarts_the_app(tmp_path: Path) -> N
     w.backend.busy = True
     send_request(rec, "abort")
     assert runner.step() is None
-    assert rec.state == State.RESTORING and w.app.running and "busy" in rec.error
+    assert rec.state == State.RESTORING and not w.app.running and "busy" in rec.error
+    assert w.events[-1] == "restore:start"  # the restore goes on
 
 
 def test_sigterm_suspends_and_keeps_the_state(tmp_path: Path) -> None:
