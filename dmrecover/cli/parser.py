@@ -13,6 +13,7 @@ from dmrecover.cli import demo_cmd, repository_cmds, session_cmds
 from dmrecover.cli.progress_display import MODES as PROGRESS_MODES
 from dmrecover.demo.volume import FSTYPES
 from dmrecover.errors import DmrecoverError
+from dmrecover.session.app import STOP_TIMEOUT
 from dmrecover.units import parse_size
 
 Handler = Callable[[argparse.Namespace], int]
@@ -43,6 +44,12 @@ def _backend_opt(sp: argparse.ArgumentParser, help: str | None = None) -> None:
     """--backend: "auto" or a registered backend (a new backend shows up by itself)."""
     sp.add_argument("--backend", choices=[registry.AUTO, *registry.names()],
                     default=registry.AUTO, help=help)
+
+
+def _password_opt(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--password-file", metavar="FILE",
+                    help="read the repository password from FILE's first line (default: "
+                    "$DMRECOVER_PASSWORD or $DMRECOVER_PASSWORD_FILE)")
 
 
 def _state_dir_opt(sp: argparse.ArgumentParser) -> None:
@@ -80,12 +87,17 @@ def _repository_verbs(sub: argparse._SubParsersAction,
     repo = sub.add_parser("repo", help="manage a backup repository")
     repo_sub = repo.add_subparsers(dest="repo_verb", metavar="ACTION", required=True)
     ri = repo_sub.add_parser("init", help="create a new repository")
-    ri.add_argument("repo", metavar="REPO")
+    ri.add_argument("repo", metavar="REPO", help="a directory or s3://BUCKET/PREFIX")
+    ri.add_argument("--encryption", choices=["aes-256-gcm", "none"], default="aes-256-gcm",
+                    help="encrypt and authenticate (default) or store plain chunks")
+    _password_opt(ri)
     ri.set_defaults(handler=repository_cmds.do_repo_init)
+    _key_verbs(repo_sub)
 
     sp = verb("backup", repository_cmds.do_backup, "back up a block device or image file")
     sp.add_argument("source", metavar="SOURCE")
     sp.add_argument("--repo", required=True)
+    _password_opt(sp)
     sp.add_argument("--name", default=None, help="a name for the backup (default: source name)")
     sp.add_argument("--chunk-size", type=_size, default=4 << 20,
                     help="chunk size, 64K to 16M (default 4M)")
@@ -93,16 +105,19 @@ def _repository_verbs(sub: argparse._SubParsersAction,
 
     sp = verb("list", repository_cmds.do_list, "list the backups in a repository")
     sp.add_argument("--repo", required=True)
+    _password_opt(sp)
     sp.add_argument("--json", action="store_true")
 
     sp = verb("verify", repository_cmds.do_verify, "re-read and re-hash every chunk")
     sp.add_argument("--repo", required=True)
+    _password_opt(sp)
     sp.add_argument("backup", nargs="?", metavar="BACKUP", help="one backup (default: all)")
     _progress_opt(sp)
 
     sp = verb("restore", repository_cmds.do_restore,
               "full offline restore to a block device or file")
     sp.add_argument("--repo", required=True)
+    _password_opt(sp)
     sp.add_argument("backup", metavar="BACKUP")
     sp.add_argument("dest", metavar="DEST")
     sp.add_argument("--force", action="store_true",
@@ -110,10 +125,30 @@ def _repository_verbs(sub: argparse._SubParsersAction,
     _progress_opt(sp)
 
 
+def _key_verbs(repo_sub: argparse._SubParsersAction) -> None:
+    key = repo_sub.add_parser("key", help="manage the passwords of an encrypted repository")
+    key_sub = key.add_subparsers(dest="key_verb", metavar="ACTION", required=True)
+    for name, handler, help in (
+            ("list", repository_cmds.do_key_list, "list the key files"),
+            ("add", repository_cmds.do_key_add, "add a password (a new key file)"),
+            ("remove", repository_cmds.do_key_remove, "remove a key file by id"),
+            ("passwd", repository_cmds.do_key_passwd, "change the password used")):
+        sp = key_sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(handler=handler)
+        sp.add_argument("--repo", required=True)
+        _password_opt(sp)
+        if name in ("add", "passwd"):
+            sp.add_argument("--new-password-file", metavar="FILE", required=True,
+                            help="the new password, FILE's first line")
+        if name == "remove":
+            sp.add_argument("key_id", metavar="KEY_ID")
+
+
 def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
     sp = verb("live-restore", session_cmds.do_live_restore,
               "restore while the application runs on a pseudo-volume")
     sp.add_argument("--repo", required=True)
+    _password_opt(sp)
     sp.add_argument("backup", metavar="BACKUP")
     sp.add_argument("dest", metavar="DEST")
     sp.add_argument("--mount", required=True, metavar="MOUNTPOINT",
@@ -121,6 +156,10 @@ def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser])
     sp.add_argument("--app-start", metavar="CMD", help="command that starts the application")
     sp.add_argument("--app-stop", metavar="CMD", help="command that stops the application")
     sp.add_argument("--app-unit", metavar="UNIT", help="a systemd unit instead of commands")
+    sp.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
+                    help="how long the application may take to stop (the stop command, or "
+                    "`systemctl stop`, and its processes exiting) before dmrecover sends "
+                    f"SIGTERM, then SIGKILL (default {STOP_TIMEOUT:g})")
     _backend_opt(sp, "how the pseudo-volume is presented (default: the best available)")
     sp.add_argument("--session", metavar="NAME", help="session name (default: the mount "
                     "point's name)")

@@ -31,7 +31,8 @@ def live_restore_request(args: argparse.Namespace) -> LiveRestoreRequest:
     """The typed request the live-restore arguments stand for."""
     return LiveRestoreRequest(
         repo=args.repo, backup=args.backup, dest=args.dest, mountpoint=args.mount,
-        app=AppSpec(start=args.app_start, stop=args.app_stop, unit=args.app_unit),
+        app=AppSpec(start=args.app_start, stop=args.app_stop, unit=args.app_unit,
+                    stop_timeout=args.stop_timeout),
         session=args.session, state_dir=args.state_dir, backend=args.backend,
         cutover=args.cutover, fetch_deadline=args.fetch_deadline, overlay=args.overlay,
         force=args.force)
