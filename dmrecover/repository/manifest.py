@@ -8,6 +8,8 @@ REPO/backups/<id>.json; chunks as REPO/chunks/<2 hex>/<digest> (`chunk_key`).
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -16,8 +18,32 @@ from datetime import UTC, datetime
 import blake3
 
 HASH = "blake3"
+# The digests a manifest may name: plain blake3, or blake3 keyed by an encrypted repository's
+# key (both 32 bytes, 64 hex digits).
+HASHES = (HASH, "blake3-keyed")
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 16 << 20
+DIGEST_HEX = 64  # blake3's 32-byte digest in lowercase hex
+# The most bytes a volume may have (ext4's and xfs's limits are far below; a manifest claiming
+# more is damaged, not big).
+MAX_SIZE = 1 << 62
+
+_DIGEST_RE = re.compile(rf"[0-9a-f]{{{DIGEST_HEX}}}")
+_ID_RE = re.compile(r"[0-9a-f]{16}")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not hold a valid backup (one line saying what is wrong)."""
+
+
+def is_digest(value: object) -> bool:
+    """True for exactly a blake3 digest: 64 lowercase hex characters."""
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
+
+
+def is_backup_id(value: object) -> bool:
+    """True for a backup id as `new_backup_id` makes them (16 lowercase hex digits)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 def digest_of(data: bytes | bytearray | memoryview) -> str:
@@ -26,7 +52,10 @@ def digest_of(data: bytes | bytearray | memoryview) -> str:
 
 
 def chunk_key(digest: str) -> str:
-    """The storage key of the chunk with this digest."""
+    """The storage key of the chunk with this digest (ValueError for anything else, so a
+    damaged manifest cannot even name a path outside chunks/)."""
+    if not is_digest(digest):
+        raise ValueError(f"{str(digest)[:80]!r} is not a chunk digest")
     return f"chunks/{digest[:2]}/{digest}"
 
 
@@ -85,18 +114,67 @@ class Manifest:
         return (json.dumps(d, separators=(",", ":")) + "\n").encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        d = json.loads(data)
-        m = cls(
-            id=str(d["id"]), name=str(d["name"]), created=float(d["created"]),
-            size=int(d["size"]), chunk_size=int(d["chunk_size"]), hash=str(d["hash"]),
-            fstype=d.get("fstype"), source=str(d.get("source", "")), chunks=list(d["chunks"]),
-        )
-        expected = -(-m.size // m.chunk_size) if m.chunk_size > 0 else -1
-        if m.chunk_size <= 0 or len(m.chunks) != expected:
-            raise ValueError(f"{len(m.chunks)} digests for {m.size} bytes in "
-                             f"{m.chunk_size}-byte chunks")
+    def from_json(cls, data: bytes, expected_id: str | None = None) -> Manifest:
+        """Parse and validate a stored manifest; ManifestError (one line) when it is damaged
+        or (expected_id: the name it is stored under) holds another backup."""
+        try:
+            d = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ManifestError(f"not JSON ({err})") from None
+        if not isinstance(d, dict):
+            raise ManifestError("not a JSON object")
+        missing = [k for k in ("id", "name", "created", "size", "chunk_size", "hash", "chunks")
+                   if k not in d]
+        if missing:
+            raise ManifestError(f"missing {', '.join(missing)}")
+        m = cls(id=d["id"], name=d["name"], created=d["created"], size=d["size"],
+                chunk_size=d["chunk_size"], hash=d["hash"], fstype=d.get("fstype"),
+                source=d.get("source", ""), chunks=d["chunks"])
+        m.validate()
+        if expected_id is not None and m.id != expected_id:
+            raise ManifestError(f"its id {m.id} does not match its file name")
         return m
+
+    def validate(self) -> None:
+        """Every field of the right type and range, sizes and counts consistent, every digest
+        exactly a digest; ManifestError naming the first thing wrong."""
+        if not is_backup_id(self.id):
+            raise ManifestError(f"id {str(self.id)[:40]!r} is not a backup id")
+        if not isinstance(self.name, str):
+            raise ManifestError("name is not a string")
+        if not _is_number(self.created) or not math.isfinite(self.created):
+            raise ManifestError("created is not a time")
+        if self.hash not in HASHES:
+            raise ManifestError(f"hash {str(self.hash)[:20]!r} is not one of "
+                                f"{', '.join(HASHES)}")
+        if self.fstype is not None and not isinstance(self.fstype, str):
+            raise ManifestError("fstype is not a string")
+        if not isinstance(self.source, str):
+            raise ManifestError("source is not a string")
+        if not _is_int(self.size) or not 0 < self.size <= MAX_SIZE:
+            raise ManifestError(f"size {str(self.size)[:30]!r} is not a volume size")
+        cs = self.chunk_size
+        if not _is_int(cs) or cs < MIN_CHUNK or cs > MAX_CHUNK or cs & (cs - 1):
+            raise ManifestError(f"chunk size {str(cs)[:30]!r} is not a power of two from "
+                                f"{MIN_CHUNK} to {MAX_CHUNK}")
+        if not isinstance(self.chunks, list):
+            raise ManifestError("chunks is not a list")
+        expected = -(-self.size // cs)
+        if len(self.chunks) != expected:
+            raise ManifestError(f"{len(self.chunks)} digests for {self.size} bytes in "
+                                f"{cs}-byte chunks (needs {expected})")
+        for index, digest in enumerate(self.chunks):
+            if digest is not None and not is_digest(digest):
+                raise ManifestError(f"chunk {index} has no valid digest "
+                                    f"({str(digest)[:80]!r})")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def new_backup_id() -> str:

@@ -40,6 +40,7 @@ from dmrecover.errors import (
     RepositoryError,
     RepositoryLocked,
     RepositoryUnavailable,
+    UsageError,
 )
 from dmrecover.repository import keys
 from dmrecover.repository.crypto import (
@@ -52,7 +53,14 @@ from dmrecover.repository.crypto import (
 )
 from dmrecover.repository.manifest import HASH, Manifest, chunk_key
 from dmrecover.repository.s3 import S3Storage, is_s3_url
-from dmrecover.repository.store import LocalStorage, Storage
+from dmrecover.repository.store import (
+    DIR_MODE,
+    FILE_MODE,
+    BadObject,
+    LocalStorage,
+    Storage,
+    check_trusted_path,
+)
 from dmrecover.system.files import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -181,6 +189,8 @@ class Repository:
                                   hint="use the dmrecover version that created it")
         repo = cls(p, storage)
         repo.config = config
+        if isinstance(repo.storage, LocalStorage):
+            repo.storage.check_trusted()  # as root: nothing another user could write
         if encryption == "none":
             if version >= 2 and keys.key_ids(storage):
                 # A downgrade: someone rewrote config.json to make the client skip the crypto.
@@ -208,7 +218,7 @@ class Repository:
             return
         assert isinstance(self.path, Path)
         try:
-            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as err:
             raise RepositoryError(f"cannot open lock file of {self.path}: {err.strerror}") \
                 from err
@@ -243,7 +253,7 @@ class Repository:
             try:
                 payload, prev = self.codec.open_manifest(name[:-5],
                                                          self.storage.get(f"backups/{name}"))
-                m = Manifest.from_json(payload)
+                m = Manifest.from_json(payload, name[:-5])
                 if m.id != name[:-5]:
                     raise ValueError(f"it holds backup {m.id}")
                 manifests.append(m)
@@ -253,7 +263,7 @@ class Repository:
                 problems.append(f"manifest backups/{name} is tampered with: {err}; it is "
                                 "ignored")
             except (ValueError, KeyError, TypeError) as err:
-                problems.append(f"manifest backups/{name} is unreadable: {err}")
+                problems.append(f"manifest backups/{name} is corrupt: {err}")
             except FileNotFoundError:
                 continue  # deleted meanwhile
             except OSError as err:
@@ -279,21 +289,29 @@ class Repository:
         return manifests
 
     def manifest(self, ref: str) -> Manifest:
-        """A backup by id, unique id prefix, or name (the latest backup with that name)."""
-        manifests = self.backups()
+        """A backup by exact id, else by exact name (the latest backup with that name), else by
+        unique id prefix. A reference that is both a name and an id prefix of different
+        backups, or an ambiguous prefix, is refused naming every candidate; one that names a
+        damaged manifest says what is wrong with it."""
+        manifests, problems = self.load_all()
+        for p in problems:
+            log.warning("%s", p)
         exact = [m for m in manifests if m.id == ref]
         if exact:
             return exact[0]
-        by_prefix = [m for m in manifests if m.id.startswith(ref)] if ref else []
-        if len(by_prefix) == 1:
-            return by_prefix[0]
-        if len(by_prefix) > 1:
-            raise BackupNotFound(f"backup id prefix {ref!r} is ambiguous "
-                                 f"({len(by_prefix)} backups match)",
-                                 hint="give more digits of the id (dmrecover list)")
+        damaged = [p for p in problems if p.startswith(f"manifest backups/{ref}.json ")]
+        if damaged:
+            raise RepositoryError(damaged[0], hint="restore from another backup")
         by_name = [m for m in manifests if m.name == ref]
-        if by_name:
-            return by_name[-1]
+        by_prefix = [m for m in manifests if m.id.startswith(ref)] if ref else []
+        candidates = {m.id: m for m in by_name[-1:] + by_prefix}
+        if len(candidates) == 1:
+            return next(iter(candidates.values()))
+        if len(candidates) > 1:
+            what = (f"backup reference {ref!r} is ambiguous: it is the name of backup "
+                    f"{by_name[-1].id} and the id prefix of {_ids(by_prefix)}") if by_name \
+                else f"backup id prefix {ref!r} is ambiguous: it matches {_ids(by_prefix)}"
+            raise BackupNotFound(what, hint="give the full backup id (dmrecover list)")
         raise BackupNotFound(f"no backup {ref!r} in repository {self.path}",
                              hint=f"see the backups with: dmrecover list --repo {self.path}")
 
@@ -330,8 +348,13 @@ class Repository:
 
     def _fetch(self, digest: str, length: int, where: str) -> bytes:
         """Fetch, decompress, verify; raises _Bad(reason) or RepositoryUnavailable."""
+        bound = max_stored_size(length)
         try:
-            frame = self.storage.get(chunk_key(digest))
+            frame = self.storage.get(chunk_key(digest), max_size=bound)
+        except ValueError:
+            raise _Bad("not a valid digest") from None
+        except BadObject as bad:
+            raise _Bad(f"corrupt ({bad.reason})") from None
         except FileNotFoundError:
             raise _Bad("missing") from None
         except RepositoryUnavailable:
@@ -342,6 +365,9 @@ class Repository:
                 f"{err.strerror or err} (errno {err.errno})",
                 hint="check the repository's storage; the read will be retried",
             ) from err
+        if len(frame) > bound:
+            raise _Bad(f"corrupt (stored chunk larger than {bound} bytes, the most a "
+                       f"{length}-byte chunk can take)")
         try:
             frame = self.codec.open_chunk(digest, frame)
         except Tampered as err:
@@ -388,6 +414,29 @@ class Repository:
             return bytes(length)
         return self.load_chunk(digest, length, backup=manifest.id, index=index)
 
+    # -- keeping the repository apart from what is written elsewhere
+
+    def contains(self, path: str | os.PathLike[str]) -> bool:
+        """True when path is the repository, lies inside it, or is one of its files under any
+        name (symlink, hard link, bind mount: compared by device and inode). False for a
+        repository that is not a local directory."""
+        return isinstance(self.storage, LocalStorage) and self.storage.contains(path)
+
+    def is_within(self, path: str | os.PathLike[str]) -> bool:
+        """True when the repository lies inside the folder path (by device and inode), or on
+        the block device path (its filesystem's device, one under it, or its disk)."""
+        return isinstance(self.storage, LocalStorage) and self.storage.is_within(path)
+
+    def check_apart(self, path: str | os.PathLike[str], what: str) -> None:
+        """UsageError when path (a destination, overlay or state dir: `what`) is the
+        repository, inside it, or holds it: writing there would destroy the backups."""
+        if self.contains(path):
+            raise UsageError(f"{what} {path} is inside repository {self.path}",
+                             hint=f"choose a {what} outside the repository")
+        if self.is_within(path):
+            raise UsageError(f"{what} {path} holds repository {self.path}",
+                             hint=f"choose a {what} that does not hold the repository")
+
     def chunk_digests(self) -> list[str]:
         """Digests of every chunk file in the repository."""
         out: list[str] = []
@@ -402,6 +451,7 @@ def _storage_for(location: Path | str) -> Storage:
 
 def _make_local_layout(p: Path) -> None:
     """The directories of a new local repository (p new or an empty directory)."""
+    check_trusted_path(p)
     if p.exists():
         if not p.is_dir():
             raise RepositoryError(f"cannot create repository {p}: it exists and is not a "
@@ -413,12 +463,13 @@ def _make_local_layout(p: Path) -> None:
         raise RepositoryError(f"cannot create repository {p}: {p.parent} does not exist",
                               hint="create the parent directory first")
     try:
-        p.mkdir(exist_ok=True)
+        p.mkdir(mode=DIR_MODE, exist_ok=True)
         for sub in ("chunks", "backups", "tmp", "keys"):
-            (p / sub).mkdir()
+            (p / sub).mkdir(mode=DIR_MODE)
         for i in range(256):
-            (p / "chunks" / f"{i:02x}").mkdir()
-        (p / "lock").touch()
+            (p / "chunks" / f"{i:02x}").mkdir(mode=DIR_MODE)
+        os.chmod(p, DIR_MODE)  # an existing empty folder too
+        (p / "lock").touch(mode=FILE_MODE)
         for d in (p / "chunks", p / "backups", p / "tmp", p / "keys", p):
             fsync_dir(d)
     except OSError as err:
@@ -439,3 +490,16 @@ def _read_local_config(p: Path) -> bytes:
                               hint="create one with: dmrecover repo init NEWPATH") from None
     except OSError as err:
         raise RepositoryUnavailable(f"cannot read repository {p}: {err.strerror}") from err
+
+
+def _ids(manifests: list[Manifest]) -> str:
+    ids = [m.id for m in manifests]
+    return ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+
+
+def max_stored_size(length: int) -> int:
+    """The most bytes a stored chunk of `length` plain bytes can take: zstd's compress bound
+    (ZSTD_COMPRESSBOUND) plus room for an envelope (an AEAD nonce and tag). A bigger stored
+    object is corrupt, and is never read further than this."""
+    small = ((128 << 10) - length) >> 11 if length < (128 << 10) else 0
+    return length + (length >> 8) + small + 512

@@ -30,6 +30,7 @@ from dmrecover.progress import Progress, Renderer
 from dmrecover.repository.manifest import Manifest
 from dmrecover.repository.repo import Repository
 from dmrecover.system import blockdev as device
+from dmrecover.system import claims
 from dmrecover.system.files import write_all
 
 log = logging.getLogger(__name__)
@@ -73,20 +74,39 @@ def restore(
     force: bool = False,
     workers: int | None = None,
 ) -> None:
-    """Restore `manifest` from `repo` to `dest` (block device or regular file), durably."""
+    """Restore `manifest` from `repo` to `dest` (block device or regular file), durably.
+
+    DEST is claimed first (system.claims: a live-restore or another restore of the same DEST
+    is refused, naming its owner) and must be apart from the repository; a file this restore
+    creates is private (0600).
+    """
     dest = str(dest)
-    device.check_writable_destination(dest, manifest.size, force)
-    _check_chunks_present(repo, manifest)
-    existed = os.path.exists(dest)
-    is_block = device.is_block_device(dest)
+    repo.check_apart(dest, "destination")
+    claim = claims.claim_destination(dest, "restore")
     try:
-        if is_block:
-            # O_EXCL: nobody can mount the device or stack dm on it while we write.
-            fd = os.open(dest, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
-        else:
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        raise DeviceError(f"cannot open destination {dest}: {err.strerror}") from err
+        _restore_claimed(repo, manifest, dest, claim, renderer, force, workers)
+    except BaseException:
+        if claim.created and claim.fd is not None:
+            # Nothing of ours stays behind: the file this restore created goes (the partial
+            # restore of an existing file stays, its message says so).
+            try:
+                os.unlink(dest)
+            except FileNotFoundError:
+                pass
+        raise
+    finally:
+        claim.release()
+
+
+def _restore_claimed(repo: Repository, manifest: Manifest, dest: str, claim: claims.Claim,
+                     renderer: Renderer | None, force: bool, workers: int | None) -> None:
+    fd = claim.fd
+    assert fd is not None
+    # Checked again on what was opened: a name swapped since the first check changes nothing.
+    repo.check_apart(f"/proc/self/fd/{fd}", "destination")
+    device.check_writable_destination(dest, manifest.size, force, claimed=True)
+    _check_chunks_present(repo, manifest)
+    is_block = claim.is_block
     try:
         if not is_block:
             # Truncating first makes every byte not written below a hole (all-zero chunks).
@@ -95,16 +115,13 @@ def restore(
         _copy(repo, manifest, fd, dest, is_block, renderer, workers or default_workers())
         os.fsync(fd)
     except CorruptChunk as err:
-        if not existed:
-            os.unlink(dest)
+        if claim.created:
             err.message += "; restore stopped, the partial file was removed"
         else:
             err.message += f"; restore stopped before writing it, {dest} is incomplete"
         raise
     except OSError as err:
         raise DeviceError(f"writing {dest} failed: {err.strerror}") from err
-    finally:
-        os.close(fd)
 
 
 def _copy(repo: Repository, manifest: Manifest, fd: int, dest: str, is_block: bool,

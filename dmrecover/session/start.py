@@ -23,6 +23,7 @@ from dmrecover.session.record import (
     CutoverMode,
     SessionRecord,
     State,
+    check_state_dir,
     lock_held,
     read_json,
     session_dir,
@@ -30,6 +31,7 @@ from dmrecover.session.record import (
 from dmrecover.session.runner import OnStarted, launch
 from dmrecover.session.services import ServicesFactory, default_services
 from dmrecover.session.volume import claim_for_session, release_claims
+from dmrecover.system import files
 from dmrecover.system.blockdev import check_writable_destination
 from dmrecover.system.claims import Claim
 from dmrecover.system.mounts import is_mountpoint
@@ -123,7 +125,9 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
                          hint="name a directory")
 
     # Validated: from here on things change.
-    os.makedirs(d, exist_ok=True)
+    files.private_dir(d, error=SessionError, kind="state dir")
+    if engine_dir != d:
+        files.private_dir(engine_dir, error=SessionError, kind="overlay dir")
     _clear_done_session(d, engine_dir)
     if not os.path.exists(dest) or stat.S_ISREG(os.stat(dest).st_mode):
         with open(dest, "ab") as f:
@@ -168,6 +172,7 @@ def _check_mountpoint(mp: str) -> None:
 
 
 def _check_state_dir(d: str) -> None:
+    check_state_dir(d)
     data = read_json(os.path.join(d, SESSION_FILE)) if os.path.isdir(d) else None
     if lock_held(d):
         raise SessionError(f"state dir {d} is in use by a running session",

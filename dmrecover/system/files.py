@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,83 @@ def read_json(path: StrPath, *,
     except FileNotFoundError:
         return None
     except (ValueError, OSError) as err:
+        raise error(f"{path} is unreadable: {err}") from err
+    if not isinstance(obj, dict):
+        raise error(f"{path} is unreadable: not a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------- private by default
+
+
+def check_trusted(path: StrPath, *, kind: str = "file", error: type[DmrecoverError]
+                  = DmrecoverError) -> os.stat_result:
+    """Refuse (error) a path that another user could have written: not owned by root (or
+    this user), group or world writable, or a symbolic link. Returns its lstat."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise error(f"{kind} {path} is a symbolic link",
+                    hint="dmrecover never follows one it did not make; name the real path")
+    if st.st_uid not in (0, os.geteuid()):
+        raise error(f"{kind} {path} is owned by uid {st.st_uid}, not by root",
+                    hint="another user could change what dmrecover does as root; "
+                         "use a directory of your own")
+    if st.st_mode & 0o022:
+        raise error(f"{kind} {path} is writable by group or others "
+                    f"(mode {stat.S_IMODE(st.st_mode):o})",
+                    hint=f"chmod go-w {path}, or use another")
+    return st
+
+
+def private_dir(path: StrPath, *, error: type[DmrecoverError] = DmrecoverError,
+                kind: str = "directory") -> None:
+    """Create path as a directory 0700 (and missing parents 0700), or check an existing one
+    with `check_trusted`. An existing directory that is readable by others is left as it is
+    (the operator's choice) but nothing in it is trusted unless `check_trusted` passes."""
+    p = os.path.abspath(os.fspath(path))
+    try:
+        os.makedirs(p, mode=0o700)
+        os.chmod(p, 0o700)  # makedirs' mode is filtered by the umask
+    except FileExistsError:
+        pass
+    st = check_trusted(p, kind=kind, error=error)
+    if not stat.S_ISDIR(st.st_mode):
+        raise error(f"{kind} {p} is not a directory")
+    # Open it without following a link planted since the check: a last check of identity.
+    fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st2 = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+        raise error(f"{kind} {p} changed while it was checked", hint="try again")
+
+
+def read_trusted_json(path: StrPath, *, error: type[DmrecoverError] = DmrecoverError
+                      ) -> dict | None:
+    """As `read_json`, but only from a regular file of root (or this user) no one else can
+    write (opened with O_NOFOLLOW); None when it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise error(f"{path} is unreadable: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) \
+                or st.st_mode & 0o022:
+            raise error(f"{path} is not trusted: owned by uid {st.st_uid}, mode "
+                        f"{stat.S_IMODE(st.st_mode):o}",
+                        hint="it must be owned by root and writable by it only; another "
+                             "user may have changed it")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    try:
+        obj = json.loads(data)
+    except ValueError as err:
         raise error(f"{path} is unreadable: {err}") from err
     if not isinstance(obj, dict):
         raise error(f"{path} is unreadable: not a JSON object")

@@ -88,3 +88,84 @@ def test_two_live_restores_on_one_mount_point_at_once_exactly_one_is_accepted(
             assert not other_dest.exists()
     finally:
         _abort_all(box)
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(os.lstat(p).st_mode)
+
+
+def test_everything_the_session_creates_is_private(box: Sandbox, fs_tools, ext4_image,
+                                                   tmp_path: Path) -> None:
+    box.prepare(fs_tools, ext4_image)
+    box.dest.unlink()  # dmrecover creates DEST
+    ovl = tmp_path / "ovl"
+    try:
+        r = box.live_restore("priv", "--overlay", str(ovl), env=SLOW)
+        assert r.returncode == 0, r.stderr
+        box.wait_app()
+        sdir = box.state_root / "priv"
+        deadline = time.monotonic() + 30
+        while not (sdir / "status.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _mode(box.dest) == 0o600
+        assert _mode(sdir) == 0o700 and _mode(ovl) == 0o700
+        for p in [*sdir.iterdir(), *ovl.iterdir()]:
+            if p.is_file() and not p.is_symlink():
+                assert _mode(p) & 0o077 == 0, f"{p} is {_mode(p):o}"
+    finally:
+        _abort_all(box)
+
+
+def test_status_as_another_user_is_one_clear_line(box: Sandbox, fs_tools, ext4_image) -> None:
+    box.prepare(fs_tools, ext4_image)
+    try:
+        r = box.live_restore("st", env=SLOW)
+        assert r.returncode == 0, r.stderr
+        env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+        env.update(box.env)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[3])
+        os.chmod(box.tmp, 0o755)
+        os.chmod(box.tmp.parent, 0o755)
+        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              sys.executable, "-m", "dmrecover", "status", "st"], env=env,
+                             capture_output=True, text=True, cwd="/", timeout=120)
+        assert res.returncode != 0
+        assert "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "st" in res.stderr
+    finally:
+        _abort_all(box)
+
+
+def test_a_state_dir_another_user_can_write_is_refused(box: Sandbox, fs_tools, ext4_image,
+                                                       tmp_path: Path) -> None:
+    box.prepare(fs_tools, ext4_image)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    r = box.live_restore("fx", "--state-dir", str(foreign))
+    assert r.returncode != 0 and "owned by uid 65534" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (foreign / "session.json").exists()
+    link = tmp_path / "link"
+    os.symlink(box.state_root, link)
+    r = box.live_restore("fx", "--state-dir", str(link))
+    assert r.returncode != 0 and "symbolic link" in r.stderr, r.stderr
+
+
+def test_a_session_json_another_user_could_change_is_not_trusted(
+        box: Sandbox, fs_tools, ext4_image) -> None:
+    box.prepare(fs_tools, ext4_image)
+    r = box.live_restore("tr", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    r = box.cli("abort", "tr")
+    assert r.returncode == 0, r.stderr
+    sj = box.state_root / "tr" / "session.json"
+    os.chown(sj, 65534, 65534)
+    r = box.cli("resume", "tr")
+    assert r.returncode != 0 and "not trusted" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    os.chown(sj, 0, 0)
+    os.chmod(sj, 0o666)
+    r = box.cli("resume", "tr")
+    assert r.returncode != 0 and "not trusted" in r.stderr, r.stderr

@@ -199,7 +199,7 @@ def test_manifest_lookup(repo: Repository, tmp_path: Path) -> None:
 
 
 def test_manifest_summary_and_json() -> None:
-    m = Manifest(id="abc", name="n", created=0.0, size=3 * CS + 5, chunk_size=CS, hash="blake3",
+    m = Manifest(id="0123456789abcdef", name="n", created=0.0, size=3 * CS + 5, chunk_size=CS, hash="blake3",
                  fstype="ext4", source="/dev/x", chunks=["a" * 64, None, "a" * 64, "b" * 64])
     s = m.summary()
     assert s["created_iso"] == "1970-01-01T00:00:00Z"
@@ -290,7 +290,7 @@ def test_read_chunk_unavailable(repo: Repository, tmp_path: Path) -> None:
     m = backup(src, repo, chunk_size=CS)
 
     class FailingStorage(LocalStorage):
-        def get(self, key: str) -> bytes:
+        def get(self, key: str, max_size: int | None = None) -> bytes:
             raise OSError(errno.EIO, "Input/output error")
 
     flaky = Repository(repo.path, FailingStorage(repo.path))
@@ -384,9 +384,9 @@ def test_storage_interface_is_enough(tmp_path: Path) -> None:
         def __init__(self) -> None:
             self.objects: dict[str, bytes] = {}
 
-        def get(self, key: str) -> bytes:
+        def get(self, key: str, max_size: int | None = None) -> bytes:
             try:
-                return self.objects[key]
+                return self.objects[key][: None if max_size is None else max_size + 1]
             except KeyError:
                 raise FileNotFoundError(key) from None
 
