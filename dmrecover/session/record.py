@@ -28,7 +28,7 @@ from typing import Any
 
 from dmrecover.backends.base import BackendContext
 from dmrecover.errors import SessionError, UsageError
-from dmrecover.session.app import AppHandle, Application, AppSpec
+from dmrecover.session.app import AppHandle, Application, AppSpec, cgroup_name
 from dmrecover.system import files
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,8 @@ class SessionRecord:
 
     def application(self) -> Application:
         return Application(self.app, mountpoint=self.mountpoint, log_path=self.file(APP_LOG),
-                           handle=AppHandle.from_dict(self.app_handle))
+                           handle=AppHandle.from_dict(self.app_handle),
+                           name=cgroup_name(self.name, self.state_dir))
 
     def context(self) -> BackendContext:
         """What a backend needs to know about this session."""

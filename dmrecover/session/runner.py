@@ -46,6 +46,10 @@ from dmrecover.testhooks import fault_point
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 0.5
+# An automatic cutover refused (a stranger holds the mount) is tried again after
+# AUTO_RETRY_BASE seconds, doubling up to AUTO_RETRY_MAX.
+AUTO_RETRY_BASE = 5.0
+AUTO_RETRY_MAX = 300.0
 OnStarted = Callable[[SessionRecord], None]
 
 
@@ -70,7 +74,8 @@ class SessionRunner:
         self.cutover_request_id: str | None = None
         self.restored_at: float | None = None
         self.claims: list[Claim] = []  # held by run_session for the process's life
-        self.auto_blocked = False
+        self.auto_retry_at = 0.0  # monotonic time of the next automatic cutover attempt
+        self.auto_attempts = 0
 
     # ---------------------------------------------------------- main
 
@@ -143,6 +148,9 @@ class SessionRunner:
                 log.error("%s", e)
             self.presentation = None
             raise
+        warning = self.app.tracking_warning  # no cgroup could be made: say so in status
+        if warning and warning not in r.warnings:
+            r.add_warnings([warning])
         timings = dict(r.timings)
         timings["app_started"] = time.time()
         r.set_state(State.RESTORING, app_handle=handle.to_dict(), app_started=True,
@@ -175,7 +183,7 @@ class SessionRunner:
                 return 0
         elif req.get("request") == "cutover":
             self.cutover_request_id = req.get("id")
-            self.auto_blocked = False
+            self.auto_retry_at = 0.0
             changes: dict = {"cutover_requested": True}
             if req.get("online"):
                 changes["cutover_mode"] = CutoverMode.ONLINE
@@ -191,7 +199,7 @@ class SessionRunner:
                 if self._cutover().run_online():
                     return 0
             elif ((r.cutover_mode in (CutoverMode.AUTO, CutoverMode.ONLINE)
-                   and not self.auto_blocked) or r.cutover_requested):
+                   and time.monotonic() >= self.auto_retry_at) or r.cutover_requested):
                 cut = self._cutover()
                 try:
                     done = cut.run()
@@ -199,11 +207,24 @@ class SessionRunner:
                     self.presentation = cut.presentation  # None once torn down
                 if done:
                     return 0
-                self.auto_blocked = True  # refused: wait for `dmrecover cutover`
+                self._schedule_auto_retry()
             elif r.state == State.RESTORING:
                 v.flush()
                 r.set_state(State.READY)
         return None
+
+    def _schedule_auto_retry(self) -> None:
+        """A refused cutover: in auto mode try again after a backoff (said in the error and
+        in status); in manual mode wait for `dmrecover cutover`."""
+        r = self.record
+        if r.cutover_mode not in (CutoverMode.AUTO, CutoverMode.ONLINE):
+            self.auto_retry_at = float("inf")
+            return
+        self.auto_attempts += 1
+        delay = min(AUTO_RETRY_MAX, AUTO_RETRY_BASE * 2 ** (self.auto_attempts - 1))
+        self.auto_retry_at = time.monotonic() + delay
+        r.save(error=f"{r.error}; the automatic cutover retries in {delay:g}s "
+                     f"(attempt {self.auto_attempts + 1})")
 
     def _yield_dest_device(self) -> None:
         """Before the cutover mounts DEST: close the claim's O_EXCL descriptor on a block
@@ -255,29 +276,43 @@ class SessionRunner:
         return 0
 
     def abort(self, request_id: str | None = None) -> bool:
-        """Stop the app, tear down, keep the overlay. False (and the reason recorded) when the
-        mount is held by something other than the application."""
+        """Stop the application whatever it does (stop command, SIGTERM, SIGKILL), tear down,
+        keep the overlay. False (and the reason recorded) when something else still holds
+        the mount: processes of the application that survived SIGKILL, or strangers, named.
+        The application then stays stopped (that is what abort is for) and no automatic
+        cutover restarts it; `abort` again once they are gone."""
         r = self.record
         assert self.volume is not None and self.presentation is not None
-        mine = {p.pid for p in self.app.processes()}
-        stray = self.services.host.stray_holders(r.mountpoint, mine)
+        r.add_warnings(self.app.stop())
+        r.save(app_handle=self.app.handle.to_dict())
+        survivors = self.app.processes()
+        stray = self.services.host.stray_holders(r.mountpoint, set())
         if stray:
-            self.refuse(request_id, f"abort refused: {r.mountpoint} is held by {stray}")
+            what = "processes of the application that survived SIGKILL" if survivors \
+                else "processes other than the application"
+            self._refuse_abort(request_id, f"abort refused: the application is stopped, but "
+                                           f"{r.mountpoint} is held by {stray} ({what}); "
+                                           f"stop them and run `dmrecover abort {r.name}` "
+                                           "again")
             return False
-        self.app.stop()
         self.volume.stop_restore()
         self.volume.flush()
         try:
             self.presentation.teardown()
         except StackError as err:
-            self.refuse(request_id, f"abort refused: {err}")
-            self.app.start()  # the application must not stay down because of a stray holder
             self.volume.start_restore()
+            self._refuse_abort(request_id, f"abort refused: the application is stopped, but "
+                                           f"{err}")
             return False
         self.presentation = None
         self.volume.close()
+        self.app.release()
         r.set_state(State.ABORTED, pid=None, error=None)
         return True
+
+    def _refuse_abort(self, request_id: str | None, message: str) -> None:
+        self.auto_retry_at = float("inf")  # no automatic cutover restarts it
+        self.refuse(request_id, message, cutover_requested=False)
 
     # ---------------------------------------------------------- status
 
@@ -308,6 +343,11 @@ class SessionRunner:
                 self._app_state = self.app.state()
                 self._app_state_at = now
             st["app"] = {"state": self._app_state, "pid": self.app.handle.pid}
+            st["app"].update(self.app.status())
+            if r.state == State.READY and self.auto_retry_at > time.monotonic() and \
+                    self.auto_retry_at != float("inf"):
+                st["cutover_retry"] = {"attempt": self.auto_attempts + 1,
+                                       "in": round(self.auto_retry_at - time.monotonic(), 1)}
             write_json_atomic(r.file(STATUS_FILE), st, durable=False)
         except Exception as err:  # status must never take the session down
             if str(err) != self._status_error:
