@@ -46,8 +46,9 @@ def _backend_opt(sp: argparse.ArgumentParser, help: str | None = None) -> None:
                     default=registry.AUTO, help=help)
 
 
-def _password_opt(sp: argparse.ArgumentParser) -> None:
+def _password_opt(sp: argparse.ArgumentParser, export: bool = False) -> None:
     sp.add_argument("--password-file", metavar="FILE",
+                    type=repository_cmds.export_password_file if export else str,
                     help="read the repository password from FILE's first line (default: "
                     "$DMRECOVER_PASSWORD or $DMRECOVER_PASSWORD_FILE)")
 
@@ -148,7 +149,7 @@ def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser])
     sp = verb("live-restore", session_cmds.do_live_restore,
               "restore while the application runs on a pseudo-volume")
     sp.add_argument("--repo", required=True)
-    _password_opt(sp)
+    _password_opt(sp, export=True)
     sp.add_argument("backup", metavar="BACKUP")
     sp.add_argument("dest", metavar="DEST")
     sp.add_argument("--mount", required=True, metavar="MOUNTPOINT",

@@ -125,7 +125,7 @@ def test_closed_stdout_exits_quietly(tmp_path) -> None:
     for argv in (["list", "--repo", str(tmp_path / "r")], ["--help"]):
         if argv[0] == "list":
             subprocess.run([sys.executable, "-m", "dmrecover", "repo", "init",
-                            str(tmp_path / "r")], check=True, capture_output=True)
+                            "--encryption", "none", str(tmp_path / "r")], check=True, capture_output=True)
         code = ("import os, sys; from dmrecover.cli import main; r, w = os.pipe(); "
                 f"os.close(r); os.dup2(w, 1); sys.exit(main.main({argv!r}))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

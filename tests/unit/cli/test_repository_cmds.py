@@ -31,7 +31,7 @@ MiB = 1 << 20
 @pytest.fixture
 def setup(tmp_path: Path, cli: CliRunner) -> dict:
     repo = tmp_path / "repo"
-    assert cli("repo", "init", str(repo))[0] == 0
+    assert cli("repo", "init", str(repo), "--encryption", "none")[0] == 0
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(MiB) + bytes(MiB) + b"text " * (MiB // 5) + os.urandom(1000))
     rc, out, _ = cli("backup", str(src), "--repo", str(repo), "--chunk-size", "256K",
@@ -191,7 +191,7 @@ def test_destination_with_filesystem_needs_force(setup: dict,
 
 def test_list_empty_and_progress_plain(tmp_path: Path, cli: CliRunner) -> None:
     repo = tmp_path / "r"
-    cli("repo", "init", str(repo))
+    cli("repo", "init", str(repo), "--encryption", "none")
     rc, out, _ = cli("list", "--repo", str(repo))
     assert rc == 0 and out.strip() == "no backups"
     src = tmp_path / "s.img"
