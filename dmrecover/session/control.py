@@ -135,14 +135,19 @@ def send_request(record: SessionRecord, request: str, **extra: object) -> str:
 
 
 def wait_state(record: SessionRecord, states: tuple[State, ...], timeout: float,
-               request_id: str | None = None, poll: float = 0.1) -> SessionRecord:
+               request_id: str | None = None, poll: float = 0.1,
+               give_up: Callable[[SessionRecord], str | None] | None = None
+               ) -> SessionRecord:
     """Wait until the session reaches one of states; SessionError when the request is refused,
-    the process ends elsewhere, or the time is up."""
+    the process ends elsewhere, `give_up` names a reason, or the time is up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         current = record.reload()
         if current.state in states:
             return current
+        reason = give_up(current) if give_up is not None else None
+        if reason:
+            raise SessionError(reason)
         res = current.request_result or {}
         if request_id and res.get("id") == request_id and not res.get("ok"):
             raise SessionError(res.get("error") or "request refused")
@@ -174,11 +179,22 @@ def request_cutover(name: str, *, state_dir: str | None = None, online: bool = F
                            hint=f"dmrecover resume {record.name}")
     if record.state not in (State.RESTORING, State.READY):
         raise SessionError(f"session {record.name} is {record.state}; cannot cut over now")
+    blocked = restore_blocked(record)
+    if blocked:
+        raise SessionError(f"cutover of {record.name} refused: the restore cannot complete: "
+                           f"{blocked}", hint=f"the application keeps running on the "
+                           f"pseudo-volume; `dmrecover abort {record.name}` stops it")
     rid = send_request(record, "cutover", online=online)
     queued = record.state == State.RESTORING
     if not wait:
         return CutoverResult(record, queued=queued, downtime=None)
-    final = wait_state(record, (State.DONE, State.FAILED), timeout=timeout, request_id=rid)
+    def cannot_complete(current: SessionRecord) -> str | None:
+        blocked = restore_blocked(current) if current.state == State.RESTORING else None
+        return blocked and (f"cutover of {record.name} refused: the restore cannot "
+                            f"complete: {blocked}")
+
+    final = wait_state(record, (State.DONE, State.FAILED), timeout=timeout, request_id=rid,
+                       give_up=cannot_complete)
     if final.state != State.DONE:
         raise SessionError(f"cutover of {record.name} failed: {final.error}")
     return CutoverResult(final, queued=queued, downtime=_downtime(final))
@@ -207,6 +223,16 @@ def abort_session(name: str, *, state_dir: str | None = None,
     eng = record.engine_path
     return AbortResult(record, already=already, overlay_dir=eng,
                        overlay_bytes=_allocated(os.path.join(eng, OVERLAY_FILE)))
+
+
+def restore_blocked(record: SessionRecord) -> str | None:
+    """Why the background restore cannot complete (it stopped on an error, e.g. a corrupt
+    chunk), from the session's last status; None while it can."""
+    stats = (record.status() or {}).get("stats") or {}
+    error = stats.get("restorer_error")
+    if error and not stats.get("restorer_running"):
+        return str(error)
+    return None
 
 
 def _downtime(record: SessionRecord) -> float | None:

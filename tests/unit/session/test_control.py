@@ -99,3 +99,26 @@ def test_resume_after_abort_runs_the_session_again(tmp_path: Path) -> None:
                           on_started=lambda r: seen.append(r.state))
     assert seen == [State.RESTORING] and done.state == State.DONE
     assert w.events[0] == "teardown-dead" and done.resumed is not None
+
+
+def test_cutover_is_refused_at_once_when_the_restore_cannot_complete(tmp_path: Path) -> None:
+    import time
+
+    from dmrecover.session.record import STATUS_FILE, write_json_atomic
+
+    w = make_world()
+    rec = make_record(tmp_path / "s", cutover="manual")
+    rec.set_state(State.RESTORING)
+    write_json_atomic(rec.file(STATUS_FILE), {"stats": {
+        "restorer_running": False,
+        "restorer_error": "1 corrupt chunk(s) in the backup (first: chunk 7)"}})
+    lock = os.open(rec.file("lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a live session process that never answers
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SessionError, match="cannot complete.*corrupt chunk"):
+            request_cutover("s", state_dir=rec.state_dir, get_backend=w.get_backend,
+                            timeout=20)
+        assert time.monotonic() - t0 < 5
+    finally:
+        os.close(lock)
