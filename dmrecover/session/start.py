@@ -14,6 +14,7 @@ from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
 from dmrecover.errors import DeviceError, DmrecoverError, SessionError, UsageError
 from dmrecover.repository.repo import Repository
+from dmrecover.repository.s3 import is_s3_url
 from dmrecover.session import boot
 from dmrecover.session.app import AppSpec
 from dmrecover.session.record import (
@@ -136,7 +137,8 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
             os.fsync(f.fileno())
     now = time.time()
     record = SessionRecord(
-        state_dir=d, name=name, created=now, repo=os.path.abspath(req.repo),
+        state_dir=d, name=name, created=now,
+        repo=req.repo if is_s3_url(req.repo) else os.path.abspath(req.repo),
         backup=manifest.id, backup_name=manifest.name, size=manifest.size,
         chunk_size=manifest.chunk_size, fstype=manifest.fstype, dest=dest, mountpoint=mp,
         app=req.app, backend=backend.name, cutover_mode=cutover,
