@@ -137,7 +137,8 @@ class S3Storage(Storage):
         return True
 
     def list(self, prefix: str) -> list[str]:
-        base = self._key(prefix.strip("/")) + "/"
+        sub = prefix.strip("/")
+        base = self._key(sub) + "/" if sub else (f"{self.prefix}/" if self.prefix else "")
         names: set[str] = set()
         token: str | None = None
         while True:
