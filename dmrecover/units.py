@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dmrecover.errors import UsageError
 
 _SUFFIXES = {
@@ -19,7 +21,8 @@ TiB = 1 << 40
 
 
 def parse_size(text: str) -> int:
-    """Parse a size with an optional binary suffix (K, M, G, T; KiB etc.)."""
+    """Parse a size with an optional binary suffix (K, M, G, T; KiB etc.); UsageError for
+    anything else, including inf, nan and negative numbers."""
     s = text.strip().lower()
     num = s.rstrip("kmgtib")
     suffix = s[len(num):]
@@ -27,7 +30,8 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         value = -1.0
-    if suffix not in _SUFFIXES or value < 0:
+    # "inf" and "nan" parse as floats; a finite value times a suffix may still overflow.
+    if suffix not in _SUFFIXES or not value >= 0 or not math.isfinite(value * _SUFFIXES[suffix]):
         raise UsageError(f"bad size {text!r}", hint="use a number with K, M, G or T, e.g. 4M")
     return int(value * _SUFFIXES[suffix])
 

@@ -17,7 +17,8 @@ def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "M", "4X", "four", "-1M", "4MM", "1.2.3K"])
+@pytest.mark.parametrize("text", ["", "M", "4X", "four", "-1M", "4MM", "1.2.3K", "inf", "nan",
+                                  "-inf", "1e999", "1e308T", "infK"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="bad size"):
         parse_size(text)
