@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 _FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
 _LATENCY_SAMPLES = 4096
 
 
@@ -389,7 +389,7 @@ class Fetcher:
                     return
                 except OSError as err:
                     log.debug("BLKZEROOUT failed (%s); writing zeros", err)
-        elif _punch_hole(self._fd, offset, length):
+        elif _zero_range(self._fd, offset, length):
             return
         zeros = bytes(min(length, 1 << 20))
         pos = offset
@@ -479,16 +479,18 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 _libc: Any = None
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """fallocate(PUNCH_HOLE|KEEP_SIZE) on a regular file; False when unsupported."""
+def _zero_range(fd: int, offset: int, length: int) -> bool:
+    """fallocate(ZERO_RANGE|KEEP_SIZE) on a regular file; False when unsupported. Not a
+    punched hole: DEST was preallocated so that nothing written later can meet a full
+    filesystem, and its blocks stay allocated."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    rc = _libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc != 0:
         e = ctypes.get_errno()
         if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return False
-        raise DeviceError(f"punching a hole in DEST failed: {os.strerror(e)}")
+        raise DeviceError(f"zeroing a range of DEST failed: {os.strerror(e)}")
     return True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dmrecover.system import files
 from dmrecover.system.blockdev import check_writable_destination
 from dmrecover.system.claims import Claim
 from dmrecover.system.mounts import is_mountpoint
+from dmrecover.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class LiveRestoreRequest:
     fetch_deadline: float = 600.0
     overlay: str | None = None  # a directory for the engine's files (default: the state dir)
     force: bool = False  # overwrite a DEST that holds a filesystem
+    overlay_reserve: int = 64 << 20  # free room the overlay's filesystem must have at start
 
 
 def default_name(mountpoint: str) -> str:
@@ -125,16 +126,21 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
         raise UsageError(f"--overlay {req.overlay}: the overlay is kept in a directory",
                          hint="name a directory")
 
+    dest_claim = next(c for c in held if c.kind == "dest")
+    need = 0 if dest_claim.is_block else max(0, manifest.size - _allocated(dest))
+    if need:
+        _check_room(dest, need, "destination")
+    same_fs = need and _fs_of(dest) == _fs_of(engine_dir)
+    _check_room(engine_dir, req.overlay_reserve + (need if same_fs else 0), "overlay dir",
+                hint="free space there, name another --overlay, or lower --overlay-reserve")
+
     # Validated: from here on things change.
     files.private_dir(d, error=SessionError, kind="state dir")
     if engine_dir != d:
         files.private_dir(engine_dir, error=SessionError, kind="overlay dir")
     _clear_done_session(d, engine_dir)
-    if not os.path.exists(dest) or stat.S_ISREG(os.stat(dest).st_mode):
-        with open(dest, "ab") as f:
-            if os.fstat(f.fileno()).st_size < manifest.size:
-                os.truncate(dest, manifest.size)
-            os.fsync(f.fileno())
+    if not dest_claim.is_block:
+        _preallocate(dest_claim, manifest.size)
     now = time.time()
     record = SessionRecord(
         state_dir=d, name=name, created=now,
@@ -151,6 +157,45 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
         except DmrecoverError as err:
             log.warning("session %s will not resume at boot: %s", name, err)
     return record
+
+
+def _existing(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _fs_of(path: str) -> int:
+    return os.stat(_existing(path)).st_dev
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _check_room(path: str, need: int, what: str, hint: str | None = None) -> None:
+    """Refuse up front when the filesystem of path has less than `need` bytes free."""
+    st = os.statvfs(_existing(path))
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise DeviceError(f"{what} {path} needs {format_size(need)}, {format_size(free)} free",
+                          hint=hint or "free space there or pick another place")
+
+
+def _preallocate(claim: Claim, size: int) -> None:
+    """Allocate DEST's blocks now (fallocate: no sparse holes for the restore or a partial
+    write to fill later, when the filesystem may be full)."""
+    assert claim.fd is not None
+    try:
+        os.posix_fallocate(claim.fd, 0, size)
+        os.fsync(claim.fd)
+    except OSError as err:
+        raise DeviceError(f"destination {claim.path}: cannot allocate {format_size(size)}: "
+                          f"{err.strerror}", hint="free space there or pick another place"
+                          ) from None
 
 
 def _cutover_mode(text: str) -> CutoverMode:

@@ -169,3 +169,30 @@ def test_a_session_json_another_user_could_change_is_not_trusted(
     os.chmod(sj, 0o666)
     r = box.cli("resume", "tr")
     assert r.returncode != 0 and "not trusted" in r.stderr, r.stderr
+
+
+def test_a_file_dest_without_room_is_refused_up_front_and_one_with_room_is_preallocated(
+        box: Sandbox, fs_tools, ext4_image, tmp_path: Path) -> None:
+    from dmrecover.system.mounts import umount
+
+    box.prepare(fs_tools, ext4_image)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        keep, box.dest = box.dest, small / "dest.img"
+        r = box.live_restore("room")
+        box.dest = keep
+        assert r.returncode != 0 and "needs" in r.stderr and "free" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert not (small / "dest.img").exists(), "nothing changed"
+        assert not (box.state_root / "room").exists()
+    finally:
+        umount(str(small))
+    box.dest.unlink()
+    try:
+        r = box.live_restore("room", env=SLOW)
+        assert r.returncode == 0, r.stderr
+        assert box.dest.stat().st_blocks * 512 >= box.size, "DEST is preallocated, not sparse"
+    finally:
+        _abort_all(box)
