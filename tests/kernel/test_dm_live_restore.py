@@ -37,7 +37,7 @@ def box(tmp_path: Path):
         sb.teardown()
         # dm devices of this test's sessions (Sandbox.teardown knows mounts and loops only),
         # and their boot units (a test session must not come back at the VM's next boot).
-        from dmrecover.session.session import boot
+        from dmrecover.session import boot
 
         for sdir in sb.state_root.glob("*"):
             boot.disable(sdir.name)
