@@ -16,7 +16,9 @@ from dmrecover.repository.backup import backup, check_chunk_size
 from dmrecover.repository.crypto import PASSWORD_FILE_ENV, read_password_file
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.restore import restore
+from dmrecover.repository.store import path_within
 from dmrecover.repository.verify import verify
+from dmrecover.session.record import state_root
 from dmrecover.system.blockdev import is_block_device
 from dmrecover.units import format_size
 
@@ -41,7 +43,19 @@ def open_repo(args: argparse.Namespace) -> Repository:
     return Repository.open(args.repo, password=_password(args))
 
 
+def apart_from_state(repo: str) -> None:
+    """UsageError when a local repository and dmrecover's state root overlap (either inside
+    the other): a session's files must never land among the backups, nor backups among them."""
+    if "://" in repo:
+        return
+    root = state_root()
+    if path_within(repo, root) or path_within(root, repo):
+        raise UsageError(f"repository {repo} and the dmrecover state root {root} overlap",
+                         hint="keep each outside the other")
+
+
 def do_repo_init(args: argparse.Namespace) -> int:
+    apart_from_state(args.repo)
     repo = Repository.init(args.repo, encryption=args.encryption, password=_password(args))
     print(f"initialised repository at {repo.path} (encryption: {repo.encryption})")
     if repo.key_id:
@@ -95,6 +109,7 @@ def do_backup(args: argparse.Namespace) -> int:
     check_chunk_size(args.chunk_size)
     if is_block_device(args.source):
         require_root(f"backing up block device {args.source}")
+    apart_from_state(args.repo)
     repo = open_repo(args)
     manifest = backup(args.source, repo, name=args.name, chunk_size=args.chunk_size,
                       renderer=make_renderer(args.progress))

@@ -243,6 +243,32 @@ class LocalStorage(Storage):
             _check_one(name, self.root, sticky_ok=False)
 
 
+def path_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """True when path is folder or lies inside it: by device and inode where both exist (a
+    symlink or bind mount does not hide it), by real path where they do not exist yet."""
+    try:
+        f = os.stat(folder)
+    except OSError:
+        f = None
+    real_folder = os.path.realpath(folder)
+    p = os.path.realpath(path)
+    while True:
+        if p == real_folder:
+            return True
+        if f is not None:
+            try:
+                st = os.stat(p)
+            except OSError:
+                pass
+            else:
+                if (st.st_dev, st.st_ino) == (f.st_dev, f.st_ino):
+                    return True
+        parent = os.path.dirname(p)
+        if parent == p:
+            return False
+        p = parent
+
+
 def check_trusted_path(path: str | os.PathLike[str]) -> None:
     """As root, refuse when a folder above path (under the given name or its real one) is
     another user's or writable by others without the sticky bit: they could swap path."""

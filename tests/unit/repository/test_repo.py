@@ -199,8 +199,9 @@ def test_manifest_lookup(repo: Repository, tmp_path: Path) -> None:
 
 
 def test_manifest_summary_and_json() -> None:
-    m = Manifest(id="0123456789abcdef", name="n", created=0.0, size=3 * CS + 5, chunk_size=CS, hash="blake3",
-                 fstype="ext4", source="/dev/x", chunks=["a" * 64, None, "a" * 64, "b" * 64])
+    m = Manifest(id="0123456789abcdef", name="n", created=0.0, size=3 * CS + 5, chunk_size=CS,
+                 hash="blake3", fstype="ext4", source="/dev/x",
+                 chunks=["a" * 64, None, "a" * 64, "b" * 64])
     s = m.summary()
     assert s["created_iso"] == "1970-01-01T00:00:00Z"
     assert s["stored_chunks"] == 3 and s["unique_chunks"] == 2 and s["chunk_count"] == 4
