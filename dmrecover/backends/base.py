@@ -8,7 +8,9 @@ new folder under `dmrecover/backends/` with a `Backend` subclass, plus one line 
 Lifecycle, as the session drives it:
 
     backend.probe()                                 fail early, with a one-line reason
+    volume = PseudoVolume(..., backend.engine_dest(ctx), ...)   where the engine restores to
     p = backend.present(volume, BackendContext)     build the stack (undone on failure)
+    p.stats()                                       kernel-side progress for the status
     ...application runs, restore proceeds...
     restart cutover:  p.teardown(); backend.merge_into_dest(volume, ctx)
     online cutover:   p.online_cutover(ctx.dest, on_phase)   (supports_online_cutover only)
@@ -129,6 +131,11 @@ class Presentation(ABC):
     def devices(self) -> dict:
         """The devices and mounts this stack made, for the session record and status."""
 
+    def stats(self) -> dict:
+        """What the kernel side reports about its progress, for the session's status (the
+        dm-clone backend: hydrated regions); {} where there is nothing to report."""
+        return {}
+
     def online_cutover(self, dest: str, *,
                        on_phase: Callable[[str], None] | None = None) -> float:
         """Make DEST the volume under the mounted filesystem without stopping the application;
@@ -163,6 +170,11 @@ class Backend(ABC):
             log.debug("backend %s unavailable: %s", self.name, err)
             return False
         return True
+
+    def engine_dest(self, ctx: BackendContext) -> str:
+        """Where the engine writes restored chunks: DEST itself, except where the kernel must
+        be DEST's only writer (dm-clone: a staging file in the engine dir, made here)."""
+        return ctx.dest
 
     @abstractmethod
     def present(self, volume: PseudoVolume, ctx: BackendContext) -> Presentation:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dmrecover.backends.base import Backend
 from dmrecover.backends.dm import DmBackend
+from dmrecover.backends.dm_clone import DmCloneBackend
 from dmrecover.backends.fuse import FuseBackend
 from dmrecover.errors import BackendUnavailable, UsageError
 
 AUTO = "auto"
 
-_BACKENDS: tuple[type[Backend], ...] = (DmBackend, FuseBackend)
+_BACKENDS: tuple[type[Backend], ...] = (DmCloneBackend, DmBackend, FuseBackend)
 
 
 def names() -> list[str]:

@@ -51,7 +51,8 @@ def open_volume(record: SessionRecord, backend: Backend,
     delay = testhooks.restore_delay()
     if delay > 0:
         source = _ThrottledSource(source, delay)
-    return PseudoVolume(source, record.dest, record.engine_path,
+    # The backend says where the engine restores to (dm-clone: a staging file, not DEST).
+    return PseudoVolume(source, backend.engine_dest(record.context()), record.engine_path,
                         fetch_deadline=float(record.fetch_deadline or 600.0),
                         read_only=backend.kernel_takes_writes, on_restored=on_restored)
 

@@ -317,6 +317,12 @@ def reload(name: str, table: str | list[str]) -> None:
     _dmsetup(["reload", name], what=f"reloading the table of {name}", input=_table_text(table))
 
 
+def message(name: str, text: str, sector: int = 0) -> str:
+    """Send a target message (`dmsetup message NAME SECTOR TEXT`); returns its answer."""
+    return _dmsetup(["message", name, str(sector), *text.split()],
+                    what=f"sending {text!r} to {name}").stdout
+
+
 def suspend(name: str, *, flush: bool = True) -> None:
     """Suspend I/O on a device (flushing it first unless flush=False)."""
     args = ["suspend", name]

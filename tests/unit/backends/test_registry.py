@@ -7,6 +7,7 @@ import pytest
 from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
 from dmrecover.backends.dm import DmBackend
+from dmrecover.backends.dm_clone import DmCloneBackend
 from dmrecover.backends.fuse import FuseBackend
 from dmrecover.errors import BackendUnavailable, NotRootError, UsageError
 
@@ -39,9 +40,14 @@ def backends(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_the_real_backends_and_their_flags() -> None:
-    assert set(registry.names()) == {"dm", "fuse"}
+    assert set(registry.names()) == {"dm-clone", "dm", "fuse"}
     assert isinstance(registry.get("fuse"), FuseBackend)
     assert isinstance(registry.get("dm"), DmBackend)
+    assert isinstance(registry.get("dm-clone"), DmCloneBackend)
+    # auto prefers dm-clone where the clone target exists, then dm, then fuse
+    assert DmCloneBackend.priority > DmBackend.priority > FuseBackend.priority
+    assert (DmCloneBackend.kernel_takes_writes, DmCloneBackend.supports_online_cutover,
+            DmCloneBackend.resume_at_boot) == (True, True, True)
     assert (FuseBackend.priority, FuseBackend.kernel_takes_writes,
             FuseBackend.supports_online_cutover, FuseBackend.resume_at_boot) == \
         (0, False, False, False)

@@ -1,0 +1,222 @@
+"""The dm-clone backend on a real kernel (the box builds dm-clone.ko: vagrant/build-box.sh).
+
+Stack level: the clone over a read-only engine origin hydrates DEST in the kernel while writes
+go to DEST directly; the clone re-created from its metadata after a teardown keeps what was
+hydrated and written; the online cutover swaps to `linear` on DEST.
+Session level (real CLI, real SQLite application): online cutover with the application
+running, restart cutover, SIGKILL of the session then `dmrecover resume`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from dmrecover.backends import registry
+from dmrecover.backends.base import BackendContext
+from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.backends.dm_clone import DmCloneBackend, target
+from dmrecover.backends.dm_clone.stack import META_FILE, STAGING_FILE, wait_hydrated
+from dmrecover.engine.fetcher import MemorySource
+from dmrecover.engine.pseudovolume import PseudoVolume
+from dmrecover.system.mounts import mount_at, umount
+from tests.apps.livekit import Sandbox
+from tests.kernel.kernelutil import sh
+from tests.kernel.test_dm_live_restore import SLOW, _read_unrestored_files, box  # noqa: F401
+
+MiB = 1 << 20
+
+
+def test_clone_target_probe_and_auto_prefers_it() -> None:
+    DmCloneBackend().probe()
+    assert "clone" in dm.targets()
+    assert registry.choose("auto").name == "dm-clone"
+
+
+def _source_image(path: Path, size: int) -> bytes:
+    """An ext4 filesystem (so the stack can mount it) with random bytes in its last half."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(path))
+    data = bytearray(path.read_bytes())
+    data[size // 2:] = os.urandom(size // 2)
+    return bytes(data)
+
+
+def _read_dev(dev: str, offset: int, length: int) -> bytes:
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, length)
+        n = os.preadv(fd, [buf], offset)
+        assert n == length
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def _write_dev(dev: str, offset: int, data: bytes) -> None:
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_clone_stack_hydrates_keeps_state_across_rebuild_and_cuts_over_online(
+        tmp_path: Path, owned_cleanup: str) -> None:
+    session = owned_cleanup
+    size = 64 * MiB
+    data = _source_image(tmp_path / "src.img", size)
+    src = MemorySource(data, 1 * MiB)
+    dest = tmp_path / "dest.img"
+    with open(dest, "wb") as f:
+        f.truncate(size)
+    edir = tmp_path / "engine"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ctx = BackendContext(session=session, state_dir=str(tmp_path), engine_dir=str(edir),
+                         mountpoint=str(mnt), fstype="ext4", dest=str(dest), size=size)
+    backend = DmCloneBackend()
+
+    def present(hydrate: bool):
+        pv = PseudoVolume(src, backend.engine_dest(ctx), edir / "state", read_only=True)
+        stack = backend.present(pv, ctx)
+        stack.hydrate = hydrate
+        stack.build()
+        umount(str(mnt))  # raw block I/O below
+        stack.undo.pop("mount")
+        return pv, stack
+
+    # The engine's refusal to write DEST: a volume on DEST itself is refused.
+    bad = PseudoVolume(src, dest, tmp_path / "bad", read_only=True)
+    with pytest.raises(Exception, match="must not write DEST"):
+        backend.present(bad, ctx).build()
+    bad.close()
+    assert not dm.list_owned(session)
+
+    pv, stack = present(hydrate=False)
+    try:
+        dev = stack.device
+        assert dm.table(stack.clone_name).split()[2] == "clone"
+        st = target.status(stack.clone_name)
+        assert not st.hydration_enabled and st.regions == size // (64 * 1024)
+        # Reads equal the source (fetched on demand through the origin).
+        assert _read_dev(dev, 40 * MiB, 2 * MiB) == data[40 * MiB:42 * MiB]
+        # An aligned 1 MiB write goes to DEST directly, a 4 KiB one after its region's copy.
+        w1, w2 = os.urandom(MiB), os.urandom(4096)
+        _write_dev(dev, 50 * MiB, w1)
+        _write_dev(dev, 60 * MiB + 8192, w2)
+        assert _read_dev(dev, 50 * MiB, MiB) == w1
+        with open(dest, "rb") as f:
+            f.seek(50 * MiB)
+            assert f.read(MiB) == w1, "writes land on DEST itself"
+        before = stack.stats()
+        assert 0 < before["hydrated_regions"] < before["regions"]
+    finally:
+        errors = stack.teardown()
+        pv.close()
+    assert not errors and not dm.list_owned(session)
+    assert (edir / META_FILE).exists()
+
+    # Re-created from the same metadata (a resumed session): hydrated state and writes kept.
+    pv, stack = present(hydrate=True)
+    try:
+        again = target.status(stack.clone_name)
+        assert again.hydrated >= before["hydrated_regions"]
+        assert _read_dev(stack.device, 50 * MiB, MiB) == w1
+        t0 = time.monotonic()
+        done = wait_hydrated(stack.clone_name, timeout=600)
+        print(f"dm-clone hydration of {size // MiB} MiB: {time.monotonic() - t0:.1f} s")
+        assert done.complete and stack.stats()["hydrated_fraction"] == 1.0
+        mount_dir = str(mnt)
+        pause = stack.online_cutover(str(dest))
+        assert dm.table(stack.clone_name).split()[2] == "linear"
+        assert pause < 5, pause
+        assert stack.origin_loop is None and stack.meta_loop is None and stack.server is None
+        print(f"dm-clone online cutover: I/O suspended {pause * 1000:.0f} ms ({mount_dir})")
+    finally:
+        stack.undo.unwind()
+        if dm.info(stack.clone_name) is not None:
+            dm.remove(stack.clone_name)
+        pv.close()
+    backend.finish_online_cutover(ctx)
+    assert not (edir / META_FILE).exists() and not (edir / STAGING_FILE).exists()
+    expect = bytearray(data)
+    expect[50 * MiB:51 * MiB] = w1
+    expect[60 * MiB + 8192:60 * MiB + 8192 + 4096] = w2
+    assert hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(expect).digest()
+
+
+def _on_clone(box: Sandbox, session: str) -> str:
+    name = dm.dm_name(session, "clone")
+    m = mount_at(str(box.mnt))
+    assert m is not None and Path(m.source).resolve() == dm.mapper_path(name).resolve()
+    assert dm.table(name).split()[2] == "clone"
+    return name
+
+
+def test_clone_session_online_cutover(box: Sandbox, fs_tools, request) -> None:  # noqa: F811
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    r = box.live_restore("co", "--backend", "dm-clone", "--cutover", "online", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    pid = box.wait_app(timeout=120)["pid"]
+    assert box.session("co")["backend"] == "dm-clone"
+    name = _on_clone(box, "co")
+    _read_unrestored_files(box)
+    done = box.wait_state("co", ("done", "failed"), timeout=600)
+    assert done["state"] == "done", done.get("error")
+    assert box.query({"op": "ping"})["pid"] == pid, "online: the application kept running"
+    assert dm.table(name).split()[2] == "linear"
+    sdir = box.state_root / "co"
+    assert not list(sdir.rglob(META_FILE)) and not list(sdir.rglob(STAGING_FILE))
+    n0 = box.query({"op": "count"})["rows"]
+    time.sleep(0.5)
+    assert box.query({"op": "count"})["rows"] > n0
+    box.stop_app()
+    umount(str(box.mnt))
+    dm.remove(name)
+    time.sleep(0.2)
+    rows, acks = box.verify_dest(fs_tools)
+    assert acks > 10 and rows >= acks
+    print(f"dm-clone online: {acks} acknowledged writes, longest pause "
+          f"{done['timings']['online_max_pause'] * 1000:.0f} ms")
+
+
+def test_clone_session_killed_then_resumed(box: Sandbox, fs_tools, request) -> None:  # noqa: F811
+    """SIGKILL the session process and its application mid-restore; `dmrecover resume`
+    rebuilds the clone from its own metadata and the session completes (restart cutover)
+    with every acknowledged write on DEST."""
+    import psutil
+
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    r = box.live_restore("ck", "--backend", "dm-clone", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    box.wait_app(timeout=120)
+    _on_clone(box, "ck")
+    time.sleep(2.0)
+    hydrated = target.status(dm.dm_name("ck", "clone")).hydrated
+    os.kill(box.session("ck")["pid"], signal.SIGKILL)
+    for p in box.app_procs():
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(box.app_procs(), timeout=20)
+    r = box.cli("resume", "ck")
+    assert r.returncode == 0, r.stdout + r.stderr
+    box.wait_app(timeout=180)
+    name = _on_clone(box, "ck")
+    assert target.status(name).hydrated >= hydrated, "hydrated regions survive the crash"
+    done = box.wait_state("ck", ("done", "failed"), timeout=600)
+    assert done["state"] == "done", done.get("error")
+    box.wait_app(timeout=120)
+    assert not dm.list_owned("ck")
+    box.stop_app()
+    umount(str(box.mnt))
+    rows, acks = box.verify_dest(fs_tools)
+    assert acks > 10 and rows >= acks
