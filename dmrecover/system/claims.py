@@ -39,8 +39,9 @@ HANDOFF_ENV = "DMRECOVER_CLAIM_FDS"
 StrPath = str | os.PathLike[str]
 
 
-class ClaimRefused(DeviceError):
-    """Another session or restore holds the claim (its owner is named in the message)."""
+# Another session or restore holds the claim (its owner is named in the message). An alias,
+# not a subclass: every error type lives in dmrecover/errors.py with its exit code.
+ClaimRefused = DeviceError
 
 
 def claims_dir() -> str:
