@@ -221,10 +221,13 @@ def password_from_env() -> str | None:
 def read_password_file(path: str) -> str:
     """The first line of a password file (without its newline), RepositoryError if unusable."""
     try:
-        with open(path, encoding="utf-8") as f:
-            line = f.readline().rstrip("\r\n")
+        with open(path, "rb") as f:
+            line = f.readline(4096).rstrip(b"\r\n").decode()
     except OSError as err:
         raise RepositoryError(f"cannot read password file {path}: {err.strerror}") from err
+    except UnicodeDecodeError:
+        raise RepositoryError(f"password file {path} is not UTF-8 text",
+                              hint="give a file whose first line is the password") from None
     if not line:
         raise RepositoryError(f"password file {path} is empty")
     return line

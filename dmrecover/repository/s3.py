@@ -111,9 +111,18 @@ class S3Storage(Storage):
 
     # -- Storage
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         what = f"reading {self.url}/{key}"
-        resp = self._call(what, self._client.get_object, Key=self._key(key))
+        kwargs: dict[str, Any] = {"Key": self._key(key)}
+        if max_size is not None:
+            # At most max_size + 1 bytes: the caller tells an oversized object by its length.
+            kwargs["Range"] = f"bytes=0-{max_size}"
+        try:
+            resp = self._call(what, self._client.get_object, **kwargs)
+        except RepositoryError as err:
+            if "InvalidRange" in err.message:  # an empty object has no byte 0
+                return b""
+            raise
         try:
             data = resp["Body"].read()
         except Exception as err:  # noqa: BLE001 - a connection lost mid-body
