@@ -32,6 +32,7 @@ from dmrecover.repository.repo import Repository
 from dmrecover.system import blockdev as device
 from dmrecover.system import claims
 from dmrecover.system.files import write_all
+from dmrecover.system.mounts import mounts_of
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,15 @@ def restore(
     """
     dest = str(dest)
     repo.check_apart(dest, "destination")
-    claim = claims.claim_destination(dest, "restore")
+    try:
+        claim = _claim(dest)
+    except DeviceError as err:
+        # Refused (held by another, or the device busy): say where it is mounted, if it is.
+        where = mounts_of(dest) if os.path.exists(dest) else []
+        if where:
+            raise DeviceError(f"destination {dest} is mounted on {', '.join(where)}",
+                              hint="unmount it first") from err
+        raise
     try:
         _restore_claimed(repo, manifest, dest, claim, renderer, force, workers)
     except BaseException:
@@ -96,6 +105,23 @@ def restore(
         raise
     finally:
         claim.release()
+
+
+def _claim(dest: str) -> claims.Claim:
+    """Root claims DEST (system.claims, in a root-only folder). Another user, who can only
+    restore to files they may write, opens the file (created 0600, never through a symlink)
+    without a claim: root's sessions write only their own files."""
+    if os.geteuid() == 0:
+        return claims.claim_destination(dest, "restore")
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd, created = os.open(dest, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            fd, created = os.open(dest, flags), False
+    except OSError as err:
+        raise DeviceError(f"cannot open destination {dest}: {err.strerror}") from None
+    return claims.Claim("dest", dest, "restore", [], fd=fd, created=created)
 
 
 def _restore_claimed(repo: Repository, manifest: Manifest, dest: str, claim: claims.Claim,

@@ -221,7 +221,14 @@ def test_as_nobody_block_device_and_unreadable_source(loop_device) -> None:
     shared = Path(tempfile.mkdtemp(prefix="dmrtest-nobody."))
     try:
         os.chmod(shared, 0o755)
-        Repository.init(shared / "repo")
+        # root's repository is private to root: nobody cannot even read it
+        Repository.init(shared / "rootrepo")
+        res = _as_nobody("list", "--repo", str(shared / "rootrepo"))
+        assert res.returncode == 75 and "Permission denied" in res.stderr
+        os.chown(shared, 65534, 65534)
+        # nobody's own repository (made by nobody): used as before
+        res = _as_nobody("repo", "init", "--encryption", "none", str(shared / "repo"))
+        assert res.returncode == 0, res.stderr
         secret = shared / "secret.img"
         secret.write_bytes(os.urandom(MiB))
         os.chmod(secret, 0o600)
@@ -233,5 +240,15 @@ def test_as_nobody_block_device_and_unreadable_source(loop_device) -> None:
         assert "cannot read source" in CliRunner.error_line(res.stderr)
         assert "permission denied" in res.stderr
         assert os.listdir(shared / "repo" / "backups") == []
+        mine = shared / "mine.img"
+        mine.write_bytes(os.urandom(MiB))
+        os.chown(mine, 65534, 65534)
+        res = _as_nobody("backup", str(mine), "--repo", str(shared / "repo"))
+        assert res.returncode == 0, res.stderr
+        out = shared / "out.img"
+        res = _as_nobody("restore", "--repo", str(shared / "repo"), res.stdout.strip(),
+                         str(out))
+        assert res.returncode == 0, res.stderr
+        assert out.read_bytes() == mine.read_bytes() and out.stat().st_mode & 0o777 == 0o600
     finally:
         subprocess.run(["rm", "-rf", str(shared)], check=False)
