@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3' 2>/dev/nu
 fi
 # Every module of the install_requires and the test extra in setup.cfg: one missing (a new
 # dependency since the last run) reinstalls.
-if ! .venv/bin/python -c 'import dmrecover, blake3, zstandard, pyudev, psutil, rich, pytest, hypothesis, importlinter' 2>/dev/null \
+if ! .venv/bin/python -c 'import dmrecover, blake3, zstandard, pyudev, psutil, rich, boto3, cryptography, pytest, hypothesis, importlinter' 2>/dev/null \
         || [ ! -x .venv/bin/ruff ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e ".[test]"
