@@ -184,7 +184,8 @@ class Application:
         if self.spec.unit:
             command.run(["systemctl", "start", self.spec.unit], error=AppError,
                         what=f"starting unit {self.spec.unit}", timeout=300)
-            self.handle = AppHandle(started_at=time.time(), cgroup=cg.to_dict())
+            self.handle = AppHandle(started_at=time.time(), cgroup=cg.to_dict(),
+                                    stop_log=self.handle.stop_log)
             return self.handle
         assert self.spec.start
         argv = shlex.split(self.spec.start)
@@ -196,6 +197,9 @@ class Application:
         try:
             proc = cg.start(argv, cwd="/", env=env, stdout=out,
                             stderr=subprocess.STDOUT if out is not None else None)
+        except AppError:
+            self.release()
+            raise
         finally:
             if out is not None:
                 os.close(out)
@@ -204,8 +208,9 @@ class Application:
             created = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             created = None
+        # the last stop's log stays (status shows how the cutover's stop went)
         self.handle = AppHandle(pid=proc.pid, create_time=created, started_at=time.time(),
-                                cgroup=cg.to_dict())
+                                cgroup=cg.to_dict(), stop_log=self.handle.stop_log)
         # A start command that fails at once is a failed start; one that exits 0 has
         # daemonized; one still running after the grace period is a foreground server.
         deadline = time.monotonic() + START_GRACE
@@ -215,6 +220,7 @@ class Application:
                 self.handle.exit_code = rc
                 if rc != 0:
                     cg.kill(timeout=KILL_WAIT)  # whatever it forked before failing
+                    self.release()
                     raise AppError(f"the application's start command exited with code {rc}",
                                    hint=f"see {self.log_path}" if self.log_path else None)
                 break
@@ -355,6 +361,9 @@ class Application:
             cg.remove()
         except AppError as err:
             log.warning("%s", err)
+            return
+        self._cg = None
+        self.handle.cgroup = None
 
 
 def _describe_pids(pids: list[int]) -> str:

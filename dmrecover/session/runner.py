@@ -123,6 +123,7 @@ class SessionRunner:
         if self.presentation is not None and r.state != State.CUTTING_OVER:
             try:
                 self.app.stop()
+                self.app.release()
             except DmrecoverError as err:
                 log.error("stopping the application: %s", err)
             for e in self.presentation.undo.unwind():

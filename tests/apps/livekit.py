@@ -233,6 +233,7 @@ class Sandbox:
             except psutil.Error:
                 pass
         psutil.wait_procs(self.app_procs(), timeout=10)
+        self._remove_app_cgroups()
         # Autoclear loops (DEST's, after its unmount) are released asynchronously: poll.
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -244,6 +245,23 @@ class Sandbox:
                 break
             self._unmount_in_other_namespaces()
             time.sleep(0.2)
+
+    def _remove_app_cgroups(self) -> None:
+        """The application's cgroup (session.json's app handle) outlives a session that is
+        done, with the application in it: empty it and remove it."""
+        from dmrecover.errors import AppError
+        from dmrecover.system.cgroups import AppCgroup
+
+        for sdir in self.state_root.glob("*"):
+            try:
+                handle = json.loads((sdir / "session.json").read_text()).get("app_handle")
+                cg = (handle or {}).get("cgroup")
+                if cg and cg.get("kind") != "systemd-unit":
+                    group = AppCgroup.from_dict(cg)
+                    group.kill(timeout=15)
+                    group.remove()
+            except (OSError, ValueError, AppError) as err:
+                print(f"cleanup of the application's cgroup in {sdir}: {err}")
 
     def _unmount_in_other_namespaces(self) -> None:
         """A process that made a private mount namespace while our mount existed (libvirt

@@ -9,7 +9,6 @@ import os
 import time
 from pathlib import Path
 
-from dmrecover.system.cgroups import AppCgroup
 from dmrecover.system.mounts import mount_at
 from tests.apps.livekit import Sandbox
 
@@ -61,15 +60,59 @@ class AppSandbox(Sandbox):
         for rel in names[-count:]:
             assert sha256_file(self.mnt / rel) == self.checksums[rel], rel
 
-    def teardown(self) -> None:
-        super().teardown()
-        for sdir in self.state_root.glob("*"):
+
+# ---------------------------------------------------------------- database volumes
+
+def build_db_volume(scratch: Path, kind: str, size: int, populate) -> tuple[Path, object]:
+    """An ext4 image (sparse, `size` bytes) holding a new database cluster of `kind`
+    ("postgres" or "mariadb"), populated by populate(db) with the server running, then
+    stopped cleanly. The database's socket, pid file and log go to scratch/run (outside the
+    volume). Returns (image, db); db.datadir is on the image, as mounted at scratch/src."""
+    import subprocess
+
+    from tests.apps import databases
+    from tests.helpers import images
+
+    img = scratch / "src.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    images.mkfs(img, "ext4", label="dmrdb")
+    src = scratch / "src"
+    src.mkdir()
+    with images.mounted(img) as m:
+        os.chmod(m, 0o755)
+        rundir = str(scratch / "run")
+        if kind == "postgres":
+            db = databases.Postgres.create(str(m), rundir=rundir)
+            db.start()
             try:
-                handle = json.loads((sdir / "session.json").read_text()).get("app_handle")
-                cg = (handle or {}).get("cgroup")
-                if cg and cg.get("kind") != "systemd-unit":
-                    group = AppCgroup.from_dict(cg)
-                    group.kill(timeout=15)
-                    group.remove()
-            except (OSError, ValueError) as err:
-                print(f"cleanup of the application's cgroup in {sdir}: {err}")
+                populate(db)
+            finally:
+                db.stop()
+        else:
+            db = databases.MariaDB.create(str(m), rundir=rundir)
+            proc = subprocess.Popen(db.start_argv(), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                db.wait_ready(90)
+                populate(db)
+            finally:
+                databases._run(db.stop_argv(), what="mariadb shutdown", timeout=120)
+                proc.wait(120)
+    return img, db
+
+
+def backup_with_cli(box: AppSandbox, image: Path, chunk_size: str = "1M") -> str:
+    """A new repository (as the other live-restore tests make it), then `dmrecover backup`
+    of image into it; the backup's id."""
+    from dmrecover.repository.repo import Repository
+
+    Repository.init(box.repo)
+    r = box.cli("backup", str(image), "--repo", str(box.repo), "--name", "db",
+                "--chunk-size", chunk_size, "--progress", "plain")
+    assert r.returncode == 0, r.stderr
+    r = box.cli("list", "--repo", str(box.repo), "--json")
+    assert r.returncode == 0, r.stderr
+    backups = json.loads(r.stdout)
+    items = backups if isinstance(backups, list) else backups.get("backups", [])
+    return items[-1]["id"]
