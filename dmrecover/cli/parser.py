@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -33,6 +34,18 @@ def _size(text: str) -> int:
         return parse_size(text)
     except DmrecoverError as err:  # argparse reports ArgumentTypeError as a usage error
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds: a positive, finite number (not inf, nan, 0 or negative)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: a positive number of "
+                                         "seconds, e.g. 30")
+    return value
 
 
 def _progress_opt(sp: argparse.ArgumentParser) -> None:
@@ -157,7 +170,7 @@ def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser])
     sp.add_argument("--app-start", metavar="CMD", help="command that starts the application")
     sp.add_argument("--app-stop", metavar="CMD", help="command that stops the application")
     sp.add_argument("--app-unit", metavar="UNIT", help="a systemd unit instead of commands")
-    sp.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
+    sp.add_argument("--stop-timeout", type=_seconds, default=STOP_TIMEOUT, metavar="SECONDS",
                     help="how long the application may take to stop (the stop command, or "
                     "`systemctl stop`, and its processes exiting) before dmrecover sends "
                     f"SIGTERM, then SIGKILL (default {STOP_TIMEOUT:g})")
@@ -173,8 +186,15 @@ def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser])
     _state_dir_opt(sp)
     sp.add_argument("--foreground", action="store_true",
                     help="run the session in this process instead of in the background")
-    sp.add_argument("--fetch-deadline", type=float, default=600.0, metavar="SECONDS",
-                    help="how long a read waits for an unreachable repository before failing")
+    sp.add_argument("--fetch-deadline", type=_seconds, default=600.0, metavar="SECONDS",
+                    help="how long an unreachable repository is retried before it counts as "
+                    "lost (status says so; see --on-repository-lost)")
+    sp.add_argument("--on-repository-lost", choices=["block", "error"], default="block",
+                    help="past --fetch-deadline, reads that need the repository wait for it "
+                    "(block, the default) or fail with EIO (error: the portable backend "
+                    "only); the restore waits either way and goes on when it returns")
+    sp.add_argument("--overlay-reserve", type=_size, default=64 << 20, metavar="SIZE",
+                    help="free room the overlay's filesystem must have at start (default 64M)")
     sp.add_argument("--force", action="store_true",
                     help="overwrite a destination that holds a filesystem")
 

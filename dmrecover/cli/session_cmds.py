@@ -35,7 +35,8 @@ def live_restore_request(args: argparse.Namespace) -> LiveRestoreRequest:
                     stop_timeout=args.stop_timeout),
         session=args.session, state_dir=args.state_dir, backend=args.backend,
         cutover=args.cutover, fetch_deadline=args.fetch_deadline, overlay=args.overlay,
-        force=args.force)
+        force=args.force, on_repository_lost=args.on_repository_lost,
+        overlay_reserve=args.overlay_reserve)
 
 
 def do_live_restore(args: argparse.Namespace) -> int:

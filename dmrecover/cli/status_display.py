@@ -42,6 +42,24 @@ def _app(m: dict) -> str:
     return f"{m['app'] or '-'}" + (f" (pid {m['app_pid']})" if m.get("app_pid") else "")
 
 
+def _since(t: float) -> str:
+    return f"{time.strftime('%H:%M:%S', time.localtime(t))} ({_duration(time.time() - t)})"
+
+
+def _repository(m: dict) -> str:
+    """Reachable, retrying, or lost past the fetch deadline (reads then wait, or fail)."""
+    retries = f"{m.get('retries') or 0} retries"
+    lost = m.get("repository_lost_since")
+    if lost:
+        reads = "reads fail" if m.get("on_repository_lost") == "error" else "reads wait"
+        return f"waiting for repository since {_since(lost)}: {reads}, the restore goes " \
+               f"on when it returns; {retries}"
+    waiting = m.get("waiting_for_repository_since")
+    if waiting:
+        return f"UNREACHABLE for {_duration(time.time() - waiting)}, {retries}"
+    return retries
+
+
 def render_text(m: dict) -> str:
     """One session in plain text, one fact per line."""
     lines = [f"session {m['session']}: {m['state']}"
@@ -65,11 +83,7 @@ def render_text(m: dict) -> str:
                      f"max {_ms(m['demand_latency_max'])}")
     if m["overlay_bytes"] is not None:
         lines.append(f"  overlay:     {format_size(m['overlay_bytes'])} of application writes")
-    waiting = m.get("waiting_for_repository_since")
-    repo_line = f"{m.get('retries') or 0} retries"
-    if waiting:
-        repo_line = f"UNREACHABLE for {_duration(time.time() - waiting)}, " + repo_line
-    lines.append(f"  repository:  {repo_line}")
+    lines.append(f"  repository:  {_repository(m)}")
     lines.append(f"  application: {_app(m)}")
     t = m["timings"]
     if t.get("cutover_downtime") is not None:
@@ -112,9 +126,9 @@ def render_rich(m: dict) -> RenderableType:
     t.add_row("on demand", f"{m['demand_fetches'] or 0} fetches, mean "
               f"{_ms(m['demand_latency_mean'])}, p99 {_ms(m['demand_latency_p99'])}")
     t.add_row("overlay", format_size(m["overlay_bytes"] or 0))
-    waiting = m.get("waiting_for_repository_since")
-    t.add_row("repository", f"[red]unreachable for {_duration(time.time() - waiting)}[/]"
-              if waiting else f"ok ({m.get('retries') or 0} retries)")
+    waiting = m.get("repository_lost_since") or m.get("waiting_for_repository_since")
+    t.add_row("repository", f"[red]{_repository(m)}[/]" if waiting
+              else f"ok ({m.get('retries') or 0} retries)")
     t.add_row("application", _app(m))
     t.add_row("mount", f"{m['mountpoint']}  ->  {m['dest']}")
     down = m["timings"].get("cutover_downtime")

@@ -4,6 +4,13 @@ A chunk is fetched from a `ChunkSource` (verified there), written to DEST and ma
 in memory; from then on reads of it are served from DEST. `sync()` makes DEST durable and only
 then persists the restored map, so the map on disk never names a chunk that is not on DEST.
 
+Repository lost: a transient fault (RepositoryUnavailable) is retried with a backoff. Past
+`deadline` the repository is "lost" (stats: repository_lost_since): with on_lost="block" (the
+default, and the only choice for a kernel origin, where one read error invalidates a
+dm-snapshot for good) reads keep waiting; with on_lost="error" on-demand reads fail (EIO to the
+application) at once while it is lost. The background restore always waits. The first read
+that succeeds ends the lost state: the session recovers by itself.
+
 Priority: on-demand fetches run directly in the calling thread (no queue to wait in). The
 background restorer calls `ensure(..., background=True)` one chunk at a time and, before each
 chunk, `yield_to_demand()` waits while on-demand fetches are in flight, so it never holds one
@@ -43,6 +50,7 @@ _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_ZERO_RANGE = 0x10
 _LATENCY_SAMPLES = 4096
+ON_LOST = ("block", "error")
 
 
 @runtime_checkable
@@ -135,13 +143,18 @@ class Fetcher:
     dest_path: DEST, a block device or regular file, at least source.size bytes (checked by the
         caller; checked here again).
     map_path: the persisted restored map (loaded when it exists: resume).
-    deadline: seconds a transient fault (RepositoryUnavailable) is retried before the fetch
-        fails; past it the fetcher is failed for good (`failure`), since the session cannot go on.
+    deadline: seconds a transient fault (RepositoryUnavailable) is retried before the
+        repository counts as lost.
+    on_lost: "block" (reads wait for the repository) or "error" (on-demand reads fail while
+        it is lost); see the module doc.
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
                  map_path: str | os.PathLike[str], *, deadline: float = 600.0,
-                 backoff_max: float = 5.0) -> None:
+                 backoff_max: float = 5.0, on_lost: str = "block") -> None:
+        if on_lost not in ON_LOST:
+            raise ValueError(f"on_lost must be one of {ON_LOST}, not {on_lost!r}")
+        self.on_lost = on_lost
         self.source = source
         self.dest_path = str(dest_path)
         self.map_path = Path(map_path)
@@ -155,7 +168,8 @@ class Fetcher:
         self._demand_hint: int | None = None
         self._demand_idle = threading.Condition(self._lock)
         self._waiting: dict[int, float] = {}  # thread id -> wall time it started waiting
-        self.failure: BaseException | None = None
+        self.failure: BaseException | None = None  # a fault nothing can retry (none today)
+        self.lost_since: float | None = None  # wall time the repository counted as lost
         self.errors: deque[str] = deque(maxlen=20)
         self.demand_fetches = 0
         self.background_fetches = 0
@@ -232,8 +246,9 @@ class Fetcher:
 
         Returns at once when it is restored. Otherwise, if another thread fetches it, waits for
         that fetch; else fetches it here: read from the source (verified), write to DEST, mark
-        restored in memory. Transient faults are retried until the deadline; then
-        RepositoryUnavailable is raised (and the fetcher is failed). CorruptChunk is raised at
+        restored in memory. Transient faults are retried; past the deadline the call
+        keeps waiting (on_lost="block", background) or raises RepositoryUnavailable
+        (on_lost="error"). CorruptChunk is raised at
         once and nothing is marked restored. Returns True when this call did the fetch.
         """
         if self.restored.test(index):
@@ -302,7 +317,7 @@ class Fetcher:
         if self.source.is_zero(index):
             self._zero_dest(offset, length)
         else:
-            data = self._read_with_retry(index)
+            data = self._read_with_retry(index, background)
             if len(data) != length:
                 raise CorruptChunk(f"chunk {index} has {len(data)} bytes, expected {length}",
                                    index=index, hint="verify the repository")
@@ -315,44 +330,68 @@ class Fetcher:
                 self.background_fetches += 1
             self._changed.notify_all()
 
-    def _read_with_retry(self, index: int) -> bytes:
+    def _read_with_retry(self, index: int, background: bool = False) -> bytes:
         tid = threading.get_ident()
         first_fault: float | None = None
         delay = 0.05
         try:
             while True:
                 try:
-                    return self.source.read_chunk(index)
+                    data = self.source.read_chunk(index)
                 except RepositoryUnavailable as err:
                     now = time.monotonic()
+                    fail_now = not background and self.on_lost == "error"
                     if first_fault is None:
                         first_fault = now
                         with self._lock:
                             self._waiting[tid] = time.time()
+                            lost = self.lost_since
+                        if fail_now and lost is not None:
+                            raise self._lost_error(index, err, lost) from err
                         log.warning("repository unavailable reading chunk %d: %s; retrying "
                                     "for up to %gs", index, err, self.deadline)
                     waited = now - first_fault
                     if waited >= self.deadline:
-                        fail = RepositoryUnavailable(
-                            f"repository unavailable for {waited:.0f}s (deadline "
-                            f"{self.deadline:g}s) fetching chunk {index}: {err}",
-                            hint="bring the repository back and resume the session")
                         with self._lock:
-                            self.failure = fail
-                            self.errors.append(str(fail))
-                        raise fail from err
+                            if self.lost_since is None:
+                                self.lost_since = time.time() - waited
+                                self.errors.append(
+                                    f"repository unavailable for {waited:.0f}s (deadline "
+                                    f"{self.deadline:g}s): {err}; "
+                                    + ("waiting for it" if self.on_lost == "block" else
+                                       "reads fail until it returns"))
+                                log.error("%s", self.errors[-1])
+                            lost = self.lost_since
+                        if fail_now:
+                            raise self._lost_error(index, err, lost) from err
                     with self._lock:
                         self.retries += 1
-                    time.sleep(min(delay, self.deadline - waited + 0.001))
+                    pause = delay if waited >= self.deadline else \
+                        min(delay, self.deadline - waited + 0.001)
+                    time.sleep(pause)
                     delay = min(delay * 2, self.backoff_max)
                 except CorruptChunk as err:
                     with self._lock:
                         self.errors.append(str(err))
                     raise
+                else:
+                    if self.lost_since is not None:
+                        with self._lock:
+                            if self.lost_since is not None:
+                                log.warning("the repository is back after %.0fs",
+                                            time.time() - self.lost_since)
+                                self.lost_since = None
+                    return data
         finally:
             if first_fault is not None:
                 with self._lock:
                     self._waiting.pop(tid, None)
+
+    def _lost_error(self, index: int, err: BaseException, since: float) -> RepositoryUnavailable:
+        return RepositoryUnavailable(
+            f"repository unavailable for {time.time() - since:.0f}s (deadline "
+            f"{self.deadline:g}s) fetching chunk {index}: {err}",
+            hint="bring the repository back: reads work again as soon as it is")
 
     # ------------------------------------------------------------------ DEST I/O
 
@@ -440,6 +479,8 @@ class Fetcher:
                 "demand_latency_max": self._latency_max if n else None,
                 "retries": self.retries,
                 "waiting_for_repository_since": waiting,
+                "repository_lost_since": self.lost_since,
+                "on_repository_lost": self.on_lost,
                 "failed": str(self.failure) if self.failure is not None else None,
                 "errors": list(self.errors),
                 "synced_at": self.synced_at,

@@ -38,13 +38,16 @@ class PseudoVolume:
         caller checks the size); opened O_RDWR.
     state_dir: created if missing; reopening an existing one resumes (overlay journal recovery,
         persisted restored map).
-    fetch_deadline: seconds a transient repository fault is retried before reads fail.
+    fetch_deadline: seconds a transient repository fault is retried before the repository
+        counts as lost.
+    on_repository_lost: "block" (reads wait for it) or "error" (on-demand reads fail while
+        it is lost); the background restore waits either way (see fetcher).
     read_only: refuse writes (the dm backend's origin); no overlay files are created then.
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
                  state_dir: str | os.PathLike[str], *, fetch_deadline: float = 600.0,
-                 read_only: bool = False,
+                 read_only: bool = False, on_repository_lost: str = "block",
                  on_restored: Callable[[], None] | None = None) -> None:
         self.source = source
         self.size = source.size
@@ -55,7 +58,7 @@ class PseudoVolume:
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._closed = False
         self.fetcher = Fetcher(source, dest_path, self.state_dir / "restored.map",
-                               deadline=fetch_deadline)
+                               deadline=fetch_deadline, on_lost=on_repository_lost)
         self.overlay: Overlay | None = None
         try:
             if not read_only:
@@ -70,8 +73,9 @@ class PseudoVolume:
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the volume; short at the end, b"" beyond it.
 
-        May fetch chunks (blocking until they are on DEST); raises RepositoryUnavailable past
-        the fetch deadline, CorruptChunk for a bad chunk (never returns bad data).
+        May fetch chunks (blocking until they are on DEST, and while the repository is lost
+        unless on_repository_lost="error": then RepositoryUnavailable); CorruptChunk for a
+        bad chunk (never returns bad data).
         """
         if offset < 0 or length < 0:
             raise OSError(errno.EINVAL, "negative offset or length")

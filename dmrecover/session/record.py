@@ -154,6 +154,7 @@ class SessionRecord:
     backend: str = ""
     cutover_mode: str = CutoverMode.AUTO
     fetch_deadline: float = 600.0
+    on_repository_lost: str = "block"  # past the deadline: reads wait, or fail ("error")
     engine_dir: str | None = None
     created: float | None = None
     # ---- runtime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
+from dmrecover.engine.fetcher import ON_LOST
 from dmrecover.errors import DeviceError, DmrecoverError, SessionError, UsageError
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.s3 import is_s3_url
@@ -59,6 +61,7 @@ class LiveRestoreRequest:
     overlay: str | None = None  # a directory for the engine's files (default: the state dir)
     force: bool = False  # overwrite a DEST that holds a filesystem
     overlay_reserve: int = 64 << 20  # free room the overlay's filesystem must have at start
+    on_repository_lost: str = "block"  # past fetch_deadline: reads wait ("block") or fail
 
 
 def default_name(mountpoint: str) -> str:
@@ -92,6 +95,16 @@ def prepare(req: LiveRestoreRequest, *,
     if cutover == CutoverMode.ONLINE and not backend.supports_online_cutover:
         raise UsageError(f"--cutover online is not supported by the {backend.name} backend",
                          hint="use --cutover auto or manual")
+    if req.on_repository_lost not in ON_LOST:
+        raise UsageError(f"unknown --on-repository-lost {req.on_repository_lost!r}",
+                         hint=", ".join(ON_LOST))
+    if req.on_repository_lost == "error" and backend.kernel_takes_writes:
+        raise UsageError(f"--on-repository-lost error is not possible with the "
+                         f"{backend.name} backend: a read error on its origin would "
+                         "invalidate the volume for good", hint="use block (the default)")
+    if not (req.fetch_deadline > 0 and math.isfinite(req.fetch_deadline)):
+        raise UsageError(f"bad fetch deadline {req.fetch_deadline!r}",
+                         hint="a positive number of seconds")
     name = req.session or default_name(req.mountpoint)
     if not _NAME_RE.match(name):
         raise UsageError(f"bad session name {name!r}",
@@ -148,7 +161,8 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
         backup=manifest.id, backup_name=manifest.name, size=manifest.size,
         chunk_size=manifest.chunk_size, fstype=manifest.fstype, dest=dest, mountpoint=mp,
         app=req.app, backend=backend.name, cutover_mode=cutover,
-        fetch_deadline=req.fetch_deadline, engine_dir=engine_dir,
+        fetch_deadline=req.fetch_deadline, on_repository_lost=req.on_repository_lost,
+        engine_dir=engine_dir,
         timings={"command_started": now})
     record.set_state(State.STARTING)
     if backend.resume_at_boot:

@@ -67,6 +67,8 @@ def model(record: SessionRecord) -> dict:
         "overlay_bytes": stats.get("overlay_bytes"),
         "retries": stats.get("retries"),
         "waiting_for_repository_since": stats.get("waiting_for_repository_since"),
+        "repository_lost_since": stats.get("repository_lost_since"),
+        "on_repository_lost": stats.get("on_repository_lost"),
         "engine_errors": stats.get("errors") or [],
         "app": app_state,
         "app_pid": (st.get("app") or {}).get("pid"),

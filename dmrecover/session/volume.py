@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from dmrecover import testhooks
 from dmrecover.backends.base import Backend
-from dmrecover.engine.fetcher import ChunkSource
+from dmrecover.engine.fetcher import ON_LOST, ChunkSource
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.source import RepositorySource
@@ -51,10 +51,14 @@ def open_volume(record: SessionRecord, backend: Backend,
     delay = testhooks.restore_delay()
     if delay > 0:
         source = _ThrottledSource(source, delay)
+    # A kernel origin must never see a read error (it invalidates a dm-snapshot for good):
+    # its reads always wait for a lost repository.
+    on_lost = "block" if backend.kernel_takes_writes else record.on_repository_lost
     # The backend says where the engine restores to (dm-clone: a staging file, not DEST).
     return PseudoVolume(source, backend.engine_dest(record.context()), record.engine_path,
                         fetch_deadline=float(record.fetch_deadline or 600.0),
-                        read_only=backend.kernel_takes_writes, on_restored=on_restored)
+                        read_only=backend.kernel_takes_writes, on_restored=on_restored,
+                        on_repository_lost=on_lost if on_lost in ON_LOST else "block")
 
 
 def claim_for_session(name: str, dest: str, mountpoint: str, *,

@@ -196,3 +196,89 @@ def test_a_file_dest_without_room_is_refused_up_front_and_one_with_room_is_preal
         assert box.dest.stat().st_blocks * 512 >= box.size, "DEST is preallocated, not sparse"
     finally:
         _abort_all(box)
+
+
+def _finish_done(box: Sandbox, fs_tools) -> None:
+    """A done session: stop its application, unmount DEST, check every file on DEST."""
+    from dmrecover.system.mounts import umount
+
+    box.wait_app()
+    box.stop_app()
+    umount(str(box.mnt))
+    box.verify_dest(fs_tools)
+
+
+def _read_direct(dev: str, offset: int, length: int) -> bytes:
+    """length bytes of a block device at offset, past the page cache (O_DIRECT)."""
+    r = subprocess.run(["dd", f"if={dev}", "of=/dev/stdout", f"bs={length}",
+                        f"skip={offset // length}", "count=1", "iflag=direct", "status=none"],
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_past_the_fetch_deadline_the_session_waits_and_recovers_by_itself(
+        box: Sandbox, fs_tools, ext4_image) -> None:
+    import threading
+
+    from dmrecover.repository.repo import Repository
+
+    box.prepare(fs_tools, ext4_image)
+    r = box.live_restore("lost", "--fetch-deadline", "1", "--cutover", "manual",
+                         env={"DMRECOVER_TEST_RESTORE_DELAY": "0.2"})
+    assert r.returncode == 0, r.stderr
+    try:
+        box.wait_app()
+        loop = box.session("lost")["devices"]["loop"]
+        repo = Repository.open(box.repo)
+        manifest = repo.manifest(box.backup_id)
+        cs = manifest.chunk_size
+        hidden = box.repo.with_name("repo.hidden")
+        box.repo.rename(hidden)
+        # From the end, a chunk that needs the repository and is not restored yet: its read
+        # blocks (a restored one is served from DEST at once; an EIO fails the test).
+        reader: threading.Thread | None = None
+        got: list[tuple[int, bytes | str]] = []
+
+        def read(index: int) -> None:
+            try:
+                got.append((index, _read_direct(loop, index * cs, cs)))
+            except AssertionError as err:
+                got.append((index, str(err)))
+
+        for index in range(len(manifest.chunks) - 1, 0, -1):
+            if manifest.chunks[index] is None:
+                continue
+            reader = threading.Thread(target=read, args=(index,))
+            reader.start()
+            reader.join(3)
+            if reader.is_alive():
+                break
+            assert isinstance(got[-1][1], bytes), f"the read failed: {got[-1][1]}"
+        assert reader is not None and reader.is_alive()
+        last = index
+        got.clear()
+        deadline = time.monotonic() + 120
+        while not box.status("lost").get("repository_lost_since"):
+            assert time.monotonic() < deadline, box.status("lost")
+            time.sleep(0.2)
+        text = box.cli("status", "lost").stdout
+        assert "waiting for repository since" in text, text
+        time.sleep(2)
+        assert reader.is_alive() and not got, ("the read waits for the repository",
+                                               got and got[0][:64])
+        assert box.session("lost")["state"] == "restoring"
+        r = box.cli("resume", "lost")
+        assert r.returncode != 0 and "is running" in r.stderr and "Traceback" not in r.stderr
+        hidden.rename(box.repo)
+        reader.join(300)
+        assert got and got[0] == (last, repo.read_chunk(manifest, last)), "the right bytes"
+        box.wait_state("lost", ("ready",), timeout=600)
+        assert box.status("lost").get("repository_lost_since") is None
+        r = box.cli("cutover", "lost")
+        assert r.returncode == 0, r.stderr
+        _finish_done(box, fs_tools)
+    finally:
+        if box.repo.with_name("repo.hidden").exists():
+            box.repo.with_name("repo.hidden").rename(box.repo)
+        _abort_all(box)

@@ -93,23 +93,86 @@ def test_waiting_for_repository_shows_in_stats_then_recovers(tmp_path) -> None:
     f.close()
 
 
-def test_deadline_turns_a_transient_fault_into_failure(tmp_path) -> None:
+def test_past_the_deadline_a_read_waits_and_completes_when_the_repository_returns(
+        tmp_path) -> None:
+    data = make_data(4)
+    src = MemorySource(data, CS)
+    src.unavailable = True
+    f = Fetcher(src, make_dest(tmp_path, len(data)), tmp_path / "m", deadline=0.2,
+                backoff_max=0.05)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            f.ensure(0)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    t = threading.Thread(target=read)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not f.stats()["repository_lost_since"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert f.stats()["repository_lost_since"], "past the deadline the fetcher says so"
+    assert t.is_alive() and not errors, "the read blocks (block is the default)"
+    assert not f.stats()["failed"]
+    src.unavailable = False
+    t.join(10)
+    assert not t.is_alive() and not errors
+    assert f.read_dest(0, CS) == data[:CS]
+    assert f.stats()["repository_lost_since"] is None
+    assert f.stats()["waiting_for_repository_since"] is None
+    f.ensure(1)  # not failed for good
+    f.close()
+    assert Bitmap.load(tmp_path / "m").count() == 2
+
+
+def test_on_lost_error_fails_reads_past_the_deadline_but_not_for_good(tmp_path) -> None:
     data = make_data(4)
     src = MemorySource(data, CS)
     src.unavailable = True
     f = Fetcher(src, make_dest(tmp_path, len(data)), tmp_path / "m", deadline=0.3,
-                backoff_max=0.05)
+                backoff_max=0.05, on_lost="error")
     t0 = time.monotonic()
     with pytest.raises(RepositoryUnavailable, match="deadline"):
         f.ensure(0)
-    assert 0.3 <= time.monotonic() - t0 < 2
+    assert 0.3 <= time.monotonic() - t0 < 5
     assert not f.is_restored(0)
-    assert f.stats()["failed"]
-    src.unavailable = False
-    with pytest.raises(RepositoryUnavailable):  # failed for good: the session must stop
+    t1 = time.monotonic()
+    with pytest.raises(RepositoryUnavailable):  # still lost: fails at once
         f.ensure(1)
+    assert time.monotonic() - t1 < 0.25
+    src.unavailable = False
+    f.ensure(1)  # the repository is back: reads work again
+    f.ensure(0)
+    assert f.read_dest(0, 2 * CS) == data[:2 * CS]
+    assert f.stats()["repository_lost_since"] is None
     f.close()
-    assert Bitmap.load(tmp_path / "m").count() == 0
+
+
+def test_the_background_restore_waits_for_the_repository_in_error_mode_too(tmp_path) -> None:
+    data = make_data(6)
+    src = MemorySource(data, CS)
+    src.unavailable = True
+    pv = PseudoVolume(src, make_dest(tmp_path, len(data)), tmp_path / "state",
+                      fetch_deadline=0.1, on_repository_lost="error")
+    pv.fetcher.backoff_max = 0.05
+    pv.start_restore()
+    deadline = time.monotonic() + 30
+    while not pv.stats()["repository_lost_since"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pv.restorer is not None and pv.restorer.running and not pv.restorer.error
+    src.unavailable = False
+    assert pv.wait_restored(30)
+    assert pv.read(0, len(data)) == data
+    pv.close()
+
+
+def test_an_unknown_on_lost_policy_is_refused(tmp_path) -> None:
+    data = make_data(2)
+    with pytest.raises(ValueError):
+        Fetcher(MemorySource(data, CS), make_dest(tmp_path, len(data)), tmp_path / "m",
+                on_lost="ignore")
 
 
 def test_corrupt_chunk_fails_at_once_and_is_not_marked(tmp_path) -> None:
