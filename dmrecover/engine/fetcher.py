@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -241,7 +241,8 @@ class Fetcher:
             hint, self._demand_hint = self._demand_hint, None
             return hint
 
-    def ensure(self, index: int, *, background: bool = False) -> bool:
+    def ensure(self, index: int, *, background: bool = False,
+               write: Callable[[int, bytes], None] | None = None) -> bool:
         """Make chunk `index` present on DEST, fetching it when needed (copy-on-read).
 
         Returns at once when it is restored. Otherwise, if another thread fetches it, waits for
@@ -250,6 +251,8 @@ class Fetcher:
         keeps waiting (on_lost="block", background) or raises RepositoryUnavailable
         (on_lost="error"). CorruptChunk is raised at
         once and nothing is marked restored. Returns True when this call did the fetch.
+        write: what writes the chunk to DEST (default write_dest; the restorer's pool
+        passes one that writes one chunk at a time).
         """
         if self.restored.test(index):
             return False
@@ -276,7 +279,7 @@ class Fetcher:
                     with self._lock:
                         self._demand_hint = index + 1
                 try:
-                    self._fetch(index, background)
+                    self._fetch(index, background, write or self.write_dest)
                 except BaseException as err:
                     flight.error = err
                     raise
@@ -311,7 +314,8 @@ class Fetcher:
         with self._demand_idle:
             self._demand_idle.wait_for(lambda: self._demand_active == 0, timeout)
 
-    def _fetch(self, index: int, background: bool) -> None:
+    def _fetch(self, index: int, background: bool,
+               write: Callable[[int, bytes], None]) -> None:
         length = chunk_length(self.source, index)
         offset = index * self.source.chunk_size
         if self.source.is_zero(index):
@@ -321,7 +325,7 @@ class Fetcher:
             if len(data) != length:
                 raise CorruptChunk(f"chunk {index} has {len(data)} bytes, expected {length}",
                                    index=index, hint="verify the repository")
-            self.write_dest(offset, data)
+            write(offset, data)
         with self._lock:
             self.restored.set(index)
             self._restored_count += 1

@@ -23,18 +23,21 @@ RESTORER_THREAD = "dmrecover-restorer"
 
 class _ThrottledSource:
     """Test hook (testhooks.restore_delay): slows the background restorer's fetches only, so
-    the application really runs during the restore of a small test volume."""
+    the application really runs during the restore of a small test volume. One delay at a
+    time, whatever the restorer's parallel fetches: the restore lasts as long with any pool."""
 
     def __init__(self, inner: ChunkSource, delay: float) -> None:
         self._inner = inner
         self._delay = delay
+        self._pace = threading.Lock()
         self.size = inner.size
         self.chunk_size = inner.chunk_size
         self.chunk_count = inner.chunk_count
 
     def read_chunk(self, index: int) -> bytes:
         if threading.current_thread().name == RESTORER_THREAD:
-            time.sleep(self._delay)
+            with self._pace:
+                time.sleep(self._delay)
         return self._inner.read_chunk(index)
 
     def is_zero(self, index: int) -> bool:
