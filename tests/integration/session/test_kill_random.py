@@ -165,7 +165,7 @@ def _kill_in_restore(sb: Sandbox, name: str, rng: random.Random) -> str:
 
 
 def _kill_at_phase(sb: Sandbox, name: str, phase: str, rng: random.Random,
-                   timeout: float = 180) -> str:
+                   timeout: float = 120) -> str:
     """Poll session.json until the cutover reaches `phase` ("exit": the record says done but
     the process still closes its volume), then kill after a short random delay."""
     deadline = time.monotonic() + timeout
@@ -182,6 +182,8 @@ def _kill_at_phase(sb: Sandbox, name: str, phase: str, rng: random.Random,
             return _kill(sb, name, proc)
         if rec["state"] in ("done", "failed"):
             return _kill(sb, name, proc)  # went past it between two looks
+        if rec.get("error"):  # e.g. the restore cannot complete: it would never get there
+            raise AssertionError(f"session {name} reports an error: {rec['error']}")
         time.sleep(0.002)
     raise AssertionError(f"session {name} never reached phase {phase}: {_where(sb, name)}")
 
