@@ -1,16 +1,26 @@
-"""Key files of an encrypted repository: unlock, add, remove, change a password.
+"""Key files of an encrypted repository: unlock, add, remove, change a password; the key cache
+of a live-restore session.
 
 REPO/keys/<key id>.json each hold the master key sealed under one password (crypto.py). The
 master key never changes: adding a key or changing a password rewrites no chunk.
+
+A live-restore session must open its repository again after a crash or a reboot, with no
+person there to type a password: it keeps the unsealed master key in its state dir (root's,
+0700), in a file 0600 (`save_cache`), removed when the session is done; see
+docs/architecture.md, "Repository format 2".
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from dmrecover.errors import RepositoryError, RepositoryUnavailable, UsageError
 from dmrecover.repository.crypto import MasterKey, new_key_id, open_master, seal_master
 from dmrecover.repository.store import Storage
+from dmrecover.system import files
+
+CACHE_FORMAT = "dmrecover-key-cache"
 
 
 def key_ids(storage: Storage) -> list[str]:
@@ -84,3 +94,39 @@ def describe_keys(storage: Storage) -> list[dict]:
         out.append({"id": kid, "created": doc.get("created"), "kdf": doc.get("kdf"),
                     "n": doc.get("n"), "r": doc.get("r"), "p": doc.get("p")})
     return out
+
+
+def save_cache(path: str | os.PathLike[str], master: MasterKey, location: str) -> None:
+    """Write the unsealed master key to path (0600, durable), for a session's unattended
+    resume. The caller puts it in a private directory of root's."""
+    doc = {"format": CACHE_FORMAT, "repo": location,
+           "key": json.loads(master.to_json())}
+    files.write_json_atomic(path, doc, mode=0o600)
+
+
+def load_cache(path: str | os.PathLike[str], location: str) -> MasterKey | None:
+    """The master key cached at path (None: no cache). A cache another user could have
+    written, a damaged one or one of another repository: RepositoryError."""
+    doc = files.read_trusted_json(path, error=RepositoryError)
+    if doc is None:
+        return None
+    try:
+        if doc.get("format") != CACHE_FORMAT:
+            raise ValueError("not a key cache")
+        master = MasterKey.from_json(json.dumps(doc["key"]).encode())
+    except (ValueError, KeyError, TypeError) as err:
+        raise RepositoryError(f"key cache {path} is unreadable: {err}",
+                              hint="remove it and give the password (DMRECOVER_PASSWORD_FILE)"
+                              ) from None
+    if doc.get("repo") != location:
+        raise RepositoryError(f"key cache {path} is for repository {doc.get('repo')}, not "
+                              f"{location}", hint="remove it and give the password")
+    return master
+
+
+def forget_cache(path: str | os.PathLike[str]) -> None:
+    """Remove a cached key (the session is done with its repository)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -156,9 +156,12 @@ class Repository:
         return cls.open(path, password=password)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, password: str | None = None) -> Repository:
+    def open(cls, path: str | os.PathLike[str], *, password: str | None = None,
+             master: MasterKey | None = None) -> Repository:
         """Open an existing repository; clear errors when it is missing or not one, or the
-        password does not open it. The password defaults to DMRECOVER_PASSWORD(_FILE)."""
+        password does not open it. The password defaults to DMRECOVER_PASSWORD(_FILE).
+        master: an already unsealed master key (a session's key cache) instead of a password;
+        it must be this repository's."""
         if is_s3_url(path):
             storage: Storage = S3Storage(str(path))
             p: Path | str = str(path)
@@ -197,6 +200,14 @@ class Repository:
                 raise RepositoryError(f"repository {p} says it is not encrypted but holds key "
                                       "files: config.json was tampered with",
                                       hint="restore config.json or use another copy")
+            return repo
+        if master is not None:
+            if master.repo_id != config.get("id"):
+                raise RepositoryError(f"the cached key is for repository {master.repo_id}, "
+                                      f"{p} is {config.get('id')}",
+                                      hint="config.json was replaced, or the key cache "
+                                      "belongs to another repository")
+            repo.codec = AeadCodec(master, master.repo_id)
             return repo
         password = password or password_from_env()
         if not password:

@@ -38,7 +38,7 @@ from dmrecover.session.record import (
     write_json_atomic,
 )
 from dmrecover.session.services import Services, ServicesFactory, default_services
-from dmrecover.session.volume import claim_for_session, release_claims
+from dmrecover.session.volume import claim_for_session, forget_key, release_claims
 from dmrecover.system import claims
 from dmrecover.system.claims import Claim
 from dmrecover.testhooks import fault_point
@@ -106,6 +106,8 @@ class SessionRunner:
                     self.volume.close()
                 except Exception as err:  # closing must not hide the session's outcome
                     log.error("closing the pseudo-volume: %s", err)
+            if r.state == State.DONE:
+                forget_key(r)  # the repository's key is not needed again
 
     def open(self) -> None:
         """Open the pseudo-volume (its restorer reports back through `_on_restored`)."""

@@ -14,6 +14,8 @@ from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
 from dmrecover.engine.fetcher import ON_LOST
 from dmrecover.errors import DeviceError, DmrecoverError, SessionError, UsageError
+from dmrecover.repository import keys
+from dmrecover.repository.crypto import AeadCodec
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.s3 import is_s3_url
 from dmrecover.session import boot
@@ -32,7 +34,12 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.runner import OnStarted, launch
 from dmrecover.session.services import ServicesFactory, default_services
-from dmrecover.session.volume import claim_for_session, release_claims
+from dmrecover.session.volume import (
+    KEY_CACHE,
+    claim_for_session,
+    key_cache_path,
+    release_claims,
+)
 from dmrecover.system import files
 from dmrecover.system.blockdev import check_writable_destination
 from dmrecover.system.claims import Claim
@@ -154,10 +161,14 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
     _clear_done_session(d, engine_dir)
     if not dest_claim.is_block:
         _preallocate(dest_claim, manifest.size)
+    location = req.repo if is_s3_url(req.repo) else os.path.abspath(req.repo)
+    if isinstance(repo.codec, AeadCodec):
+        # The session process (now, after a crash, at boot) opens the repository with this.
+        keys.save_cache(key_cache_path(d), repo.codec.master, location)
     now = time.time()
     record = SessionRecord(
         state_dir=d, name=name, created=now,
-        repo=req.repo if is_s3_url(req.repo) else os.path.abspath(req.repo),
+        repo=location,
         backup=manifest.id, backup_name=manifest.name, size=manifest.size,
         chunk_size=manifest.chunk_size, fstype=manifest.fstype, dest=dest, mountpoint=mp,
         app=req.app, backend=backend.name, cutover_mode=cutover,
@@ -254,7 +265,8 @@ def _clear_done_session(d: str, engine_dir: str) -> None:
     data = read_json(os.path.join(d, SESSION_FILE))
     if data is None or data.get("state") != State.DONE:
         return
-    for name in (SESSION_FILE, STATUS_FILE, CONTROL_FILE, "restored.map", "merged"):
+    for name in (SESSION_FILE, STATUS_FILE, CONTROL_FILE, KEY_CACHE, "restored.map",
+                 "merged"):
         for base in (d, engine_dir):
             try:
                 os.unlink(os.path.join(base, name))

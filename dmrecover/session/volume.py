@@ -12,6 +12,7 @@ from dmrecover import testhooks
 from dmrecover.backends.base import Backend
 from dmrecover.engine.fetcher import ON_LOST, ChunkSource
 from dmrecover.engine.pseudovolume import PseudoVolume
+from dmrecover.repository import keys
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.source import RepositorySource
 from dmrecover.session.record import SessionRecord
@@ -19,6 +20,17 @@ from dmrecover.system import claims
 from dmrecover.system.claims import Claim
 
 RESTORER_THREAD = "dmrecover-restorer"
+# The unsealed master key of an encrypted repository, for resume without a person (keys.py).
+KEY_CACHE = "repo.key"
+
+
+def key_cache_path(state_dir: str) -> str:
+    return os.path.join(state_dir, KEY_CACHE)
+
+
+def forget_key(record: SessionRecord) -> None:
+    """Drop the session's cached repository key (done: the repository is not needed again)."""
+    keys.forget_cache(key_cache_path(record.state_dir))
 
 
 class _ThrottledSource:
@@ -48,7 +60,10 @@ def open_volume(record: SessionRecord, backend: Backend,
                 on_restored: Callable[[], None] | None = None) -> PseudoVolume:
     """The session's PseudoVolume over its backup, DEST and engine dir. Read-only where the
     backend's kernel side takes the application's writes (the engine then serves an origin)."""
-    repo = Repository.open(record.repo)
+    # An encrypted repository opens with the key cached at the start (resume after a crash
+    # or at boot has no password), else with DMRECOVER_PASSWORD(_FILE).
+    master = keys.load_cache(key_cache_path(record.state_dir), record.repo)
+    repo = Repository.open(record.repo, master=master)
     manifest = repo.manifest(record.backup)
     source: ChunkSource = RepositorySource(repo, manifest)
     delay = testhooks.restore_delay()
