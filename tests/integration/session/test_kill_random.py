@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dmrecover import testhooks
 from dmrecover.repository.backup import backup
 from dmrecover.repository.repo import Repository
 from dmrecover.system import command
@@ -55,13 +57,19 @@ LANES = int(os.environ.get("DMR_KILLTEST_LANES", "2"))
 ONLY = {int(x) for x in os.environ.get("DMR_KILLTEST_ONLY", "").split(",") if x.strip()}
 # The background restorer sleeps this long per chunk (test hook): the restore of the small
 # volume lasts a couple of seconds, so there is a restore to kill and the writer runs in it.
-RESTORE_DELAY = "0.02"
+RESTORE_DELAY = "0.04"
 CHUNK = 256 << 10
 BALLAST_MIB = 8
 # Where to kill, with the weight of each; "teardown" picks one of TEARDOWN_PHASES.
 WHERE = {"restore": 3, "checkpoint": 2, "merge": 3, "teardown": 3}
 TEARDOWN_PHASES = ("stop-app", "unmount", "unmount", "mount-dest", "start-app", "discard",
                    "exit")
+# With a hook for the overlay's checkpoint threshold (log bytes; 8 MiB otherwise, more than
+# these trials write), the checkpoint trials make it small: a checkpoint at nearly every
+# flush, so the first kill lands around one too. Without it they rely on the checkpoint every
+# recovery makes at once (the second kill).
+CHECKPOINT_ENV: str | None = getattr(testhooks, "CHECKPOINT_LOG_ENV", None)
+CHECKPOINT_LOG_BYTES = "16384"
 SKIP_TREE = ("app.db", "app.db-journal", "lost+found", ackwriter.SUBDIR)
 
 
@@ -160,7 +168,7 @@ def _wait_acks(sb: Sandbox, timeout: float = 60) -> None:
 
 def _kill_in_restore(sb: Sandbox, name: str, rng: random.Random) -> str:
     _wait_acks(sb)
-    time.sleep(rng.uniform(0.0, 1.2))
+    time.sleep(rng.uniform(0.0, 1.5))
     return _kill(sb, name, _session_process(sb, name, sb.session(name)["pid"]))
 
 
@@ -262,6 +270,8 @@ def _run_trial(sb: Sandbox, vols: dict[str, Volume], t: Trial, rng: random.Rando
     sb.appstate = sb.tmp / f"app-{t.index}"
     sb.appstate.mkdir()
     env = {"DMRECOVER_TEST_RESTORE_DELAY": RESTORE_DELAY}
+    if t.where == "checkpoint" and CHECKPOINT_ENV:
+        env[CHECKPOINT_ENV] = CHECKPOINT_LOG_BYTES
     ballast = BALLAST_MIB if t.where == "merge" else 1
     start = ackwriter.start_command(str(sb.mnt), str(sb.appstate), ballast_mib=ballast)
     t0 = time.monotonic()
@@ -324,6 +334,58 @@ def _trial(sb: Sandbox, vols: dict[str, Volume], i: int) -> Trial:
     return t
 
 
+def test_checker_finds_lost_writes(tmp_path: Path) -> None:
+    """The writer for real on a plain directory, then the check of what it wrote: clean as
+    written; a zeroed acknowledged record, an older slot version back, a changed ballast are
+    each found (the kill test can fail)."""
+    # tmpfs when there is one: this checks the checker, not durability, and fsyncs on a
+    # loaded disk would make it slow.
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path
+    try:
+        _checker_finds_lost_writes(root)
+    finally:
+        if root != tmp_path:
+            shutil.rmtree(root)
+
+
+def _checker_finds_lost_writes(root: Path) -> None:
+    data, state = root / "data", root / "state"
+    data.mkdir()
+    argv = ackwriter.start_command(str(data), str(state), ballast_mib=1).split()
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for a in ackwriter.acknowledged(str(state)) if a[0] == "S") \
+                < ackwriter.SLOTS + 10:
+            assert time.monotonic() < deadline and p.poll() is None, "the writer stalled"
+            time.sleep(0.05)
+    finally:
+        p.terminate()
+        p.wait(30)
+    base = data / ackwriter.SUBDIR
+    counts, problems = ackwriter.check(str(data), str(state))
+    assert not problems and counts["ballast"] == 1 and counts["appended"] > ackwriter.SLOTS
+    # An acknowledged appended record zeroed.
+    log = next(base.glob("*.log"))
+    with open(log, "r+b") as f:
+        os.pwrite(f.fileno(), bytes(ackwriter.RECORD), 3 * ackwriter.RECORD)
+    # Slot 5 back to the version of the first lap (saved from the records themselves).
+    acks = ackwriter.acknowledged(str(state))
+    run = acks[1][1]
+    old = ackwriter.make_record(run, 5, 5, ackwriter.SLOT)  # a valid but older version
+    with open(base / ackwriter.SLOTS_FILE, "r+b") as f:
+        os.pwrite(f.fileno(), old, 5 * ackwriter.SLOT)
+    with open(base / ackwriter.BALLAST, "r+b") as f:
+        os.pwrite(f.fileno(), b"x", 12345)
+    _, problems = ackwriter.check(str(data), str(state))
+    text = "\n".join(problems)
+    assert f"record {run}/3 lost (zeros)" in text, text
+    assert "slot 5: its acknowledged version" in text and "an older one" in text, text
+    assert "ballast differs" in text, text
+    assert len(problems) == 3, text
+
+
 def test_random_kills_lose_no_acknowledged_write(world) -> None:
     """TRIALS trials in LANES sandboxes side by side (each its own mount point, DEST and
     sessions; one repository): the waits of one lane (restore delay, fsyncs, process starts)
@@ -333,7 +395,8 @@ def test_random_kills_lose_no_acknowledged_write(world) -> None:
     lanes = [Sandbox(tmp / f"lane{k}") for k in range(min(LANES, len(indices)))]
     for sb in lanes:
         sb.repo = tmp / "repo"
-    print(f"\nrandom kill test: seed {SEED}, {len(indices)} trials, {len(lanes)} lanes")
+    print(f"\nrandom kill test: seed {SEED}, {len(indices)} trials, {len(lanes)} lanes, "
+          f"checkpoint threshold hook {CHECKPOINT_ENV or 'absent'}")
     t_all = time.monotonic()
     try:
         with ThreadPoolExecutor(len(lanes)) as pool:
