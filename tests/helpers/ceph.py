@@ -1,6 +1,7 @@
 """A real single-node Ceph cluster with the RADOS Gateway on 127.0.0.1, for the S3 tests.
 
-One monitor, one OSD (memstore: small test data, fastest) and radosgw, from Debian 12's
+One monitor, one OSD (memstore: small test data, fastest; bluestore on a sparse file for
+benchmarks that store GiBs, `store="bluestore"`) and radosgw, from Debian 12's
 packages (ceph-mon ceph-osd radosgw ceph-common), all files in one directory, started in ~2-3 s
 and stopped by their pid files (radosgw first: without RADOS it ignores SIGTERM for 120 s).
 Recipe: ../shared/CEPH.md. `stop_rgw()`/`start_rgw()` simulate an outage of the S3 endpoint.
@@ -41,8 +42,13 @@ def _free_port() -> int:
 class CephCluster:
     """mon + osd + rgw under `root`; `endpoint` is the S3 URL once started."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, store: str = "memstore",
+                 bluestore_size: int = 16 << 30) -> None:
+        if store not in ("memstore", "bluestore"):
+            raise ValueError(f"store must be memstore or bluestore, not {store!r}")
         self.root = root
+        self.store = store
+        self.bluestore_size = bluestore_size
         self.conf = root / "ceph.conf"
         self.mon_port = _free_port()
         self.rgw_port = _free_port()
@@ -73,6 +79,15 @@ class CephCluster:
 
     def _write_conf(self) -> None:
         r = self.root
+        if self.store == "bluestore":
+            # A sparse block file in osd_data (never bluestore_block_path to it: ELOOP).
+            objectstore = f"""osd_objectstore = bluestore
+bluestore_block_create = true
+bluestore_block_size = {self.bluestore_size}
+bdev_aio_poll_ms = 10"""
+        else:
+            objectstore = """osd_objectstore = memstore
+memstore_device_bytes = 2147483648"""
         conf = f"""[global]
 fsid = {self.fsid}
 mon_host = [v2:127.0.0.1:{self.mon_port}]
@@ -113,8 +128,7 @@ mon_data = {r}/mon/$cluster-$id
 
 [osd]
 osd_data = {r}/osd/$cluster-$id
-osd_objectstore = memstore
-memstore_device_bytes = 2147483648
+{objectstore}
 osd_max_object_size = 134217728
 
 [{RGW_NAME}]
