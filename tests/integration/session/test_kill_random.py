@@ -12,8 +12,9 @@ Each trial draws (from a seeded RNG) the filesystem and where to kill:
     teardown    in one of the other cutover phases (stop-app, unmount, mount-dest, start-app,
                 discard) or while the process closes the volume after `done`
 
-The application is tests/apps/ackwriter.py: appended records and in-place slot versions,
-each fsync'd, then logged (fsync'd) outside the mount.
+The application (drawn too) is tests/apps/ackwriter.py (appended records and in-place slot
+versions, each fsync'd, then logged, fsync'd, outside the mount) or the SQLite sample
+application (dmrecover.demo.sampleapp: commits with synchronous=EXTRA, each logged outside).
 
 Replay: every failure names the seed and the trial. DMR_KILLTEST_SEED=<seed> picks the seed
 (default: random, printed), DMR_KILLTEST_TRIALS=<n> the number of trials (default 30),
@@ -40,6 +41,7 @@ import psutil
 import pytest
 
 from dmrecover import testhooks
+from dmrecover.demo import sampleapp
 from dmrecover.repository.backup import backup
 from dmrecover.repository.repo import Repository
 from dmrecover.system import command
@@ -86,6 +88,7 @@ class Trial:
     fstype: str
     where: str
     target: str  # the phase aimed at (restore, checkpoint, or a cutover phase)
+    app: str = "ackwriter"  # or "sqlite": dmrecover.demo.sampleapp
     killed_in: list[str] = field(default_factory=list)  # state/phase seen after each kill
     acks: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -101,7 +104,7 @@ class Trial:
         acks = " ".join(f"{k}={v}" for k, v in self.acks.items())
         verdict = "FAIL " + self.problem if self.problem else "ok"
         steps = " ".join(f"{k} {v:.1f}" for k, v in self.steps.items())
-        return (f"trial {self.index:2d} {self.fstype:4s} {self.where:10s} "
+        return (f"trial {self.index:2d} {self.fstype:4s} {self.app:9s} {self.where:10s} "
                 f"aim {self.target:10s} killed in {','.join(self.killed_in) or '-':28s} "
                 f"{acks:34s} {self.seconds:5.1f}s ({steps}) {verdict}")
 
@@ -247,16 +250,21 @@ def _fsck(dest: Path, fstype: str) -> None:
                               f"{(r.stdout + r.stderr).strip()[-600:]}"
 
 
-def _verify_dest(sb: Sandbox, dest: Path, vol: Volume) -> dict[str, int]:
+def _verify_dest(sb: Sandbox, dest: Path, vol: Volume, app: str) -> dict[str, int]:
     _fsck(dest, vol.fstype)
     opts = "ro,nouuid" if vol.fstype == "xfs" else "ro"
     with images.mounted(dest, options=opts) as m:
         got = tree_checksums(m, skip=SKIP_TREE)
         differ = sorted(k for k in vol.checksums if got.get(k) != vol.checksums[k])
         assert not differ, f"backed-up files differ or missing on DEST: {differ[:5]}"
-        counts, problems = ackwriter.check(str(m), str(sb.appstate))
+        if app == "sqlite":
+            acks = sampleapp.acknowledged(str(sb.appstate))
+            rows, problems = sampleapp.check_database(str(m / sampleapp.DB_NAME), acks)
+            counts = {"commits": len(acks), "rows": rows}
+        else:
+            counts, problems = ackwriter.check(str(m), str(sb.appstate))
     assert not problems, f"{len(problems)} problem(s): {problems[:5]}"
-    assert counts["appended"] > 0, "the application acknowledged nothing"
+    assert any(counts.values()), "the application acknowledged nothing"
     return counts
 
 
@@ -274,6 +282,9 @@ def _run_trial(sb: Sandbox, vols: dict[str, Volume], t: Trial, rng: random.Rando
         env[CHECKPOINT_ENV] = CHECKPOINT_LOG_BYTES
     ballast = BALLAST_MIB if t.where == "merge" else 1
     start = ackwriter.start_command(str(sb.mnt), str(sb.appstate), ballast_mib=ballast)
+    if t.app == "sqlite":
+        start = (f"{sys.executable} -m dmrecover.demo.sampleapp serve --data {sb.mnt} "
+                 f"--state {sb.appstate} --interval 0.005")
     t0 = time.monotonic()
     r = sb.cli("live-restore", "--repo", str(sb.repo), vol.backup_id, str(dest), "--mount",
                str(sb.mnt), "--session", name, "--app-start", start, env=env)
@@ -298,7 +309,7 @@ def _run_trial(sb: Sandbox, vols: dict[str, Volume], t: Trial, rng: random.Rando
     _stop_writer(sb)
     command.run(["umount", str(sb.mnt)])
     t0 = t.step("stop", t0)
-    t.acks = _verify_dest(sb, dest, vol)
+    t.acks = _verify_dest(sb, dest, vol, t.app)
     t.step("verify", t0)
 
 
@@ -309,7 +320,9 @@ def _trial(sb: Sandbox, vols: dict[str, Volume], i: int) -> Trial:
     where = rng.choices(list(WHERE), weights=list(WHERE.values()))[0]
     target = {"restore": "restore", "checkpoint": "recovery",
               "merge": "merge"}.get(where) or rng.choice(TEARDOWN_PHASES)
-    t = Trial(i, fstype, where, target)
+    # The merge trials need the writer's ballast (an overlay worth merging).
+    app = "ackwriter" if where == "merge" else rng.choice(("ackwriter", "sqlite"))
+    t = Trial(i, fstype, where, target, app)
     t0 = time.monotonic()
     try:
         _run_trial(sb, vols, t, rng)
