@@ -180,6 +180,8 @@ class Application:
         """Start the application inside its cgroup; return once it runs (AppError if the start
         command fails at once)."""
         self._stopped = False
+        if self._cg is not None and self._cg.path and not os.path.isdir(self._cg.path):
+            self._cg = None  # removed since (abort, reboot): made again
         cg = self.cgroup
         if self.spec.unit:
             command.run(["systemctl", "start", self.spec.unit], error=AppError,

@@ -310,7 +310,7 @@ class SessionRunner:
         self.presentation = None
         self.volume.close()
         self.app.release()
-        r.set_state(State.ABORTED, pid=None, error=None)
+        r.set_state(State.ABORTED, pid=None, error=None, app_handle=self.app.handle.to_dict())
         return True
 
     def _refuse_abort(self, request_id: str | None, message: str) -> None:
