@@ -6,13 +6,23 @@
 #   vagrant/build-box.sh            build and add the box if missing
 #   vagrant/build-box.sh --force    rebuild and re-add it
 #
+# The box's name carries a hash of this script (vagrant/box-name.sh): a changed recipe (a
+# package, the dm-clone module) is a new box, so a machine that cached an older box builds the
+# right one instead of testing on a stale image. Older boxes of this recipe are removed.
+#
+# Debian builds no dm-clone (`clone` target, CONFIG_DM_CLONE unset): the box gets dm-clone.ko
+# built out of tree from Debian's linux-source for the box's own kernel (same suite, so the
+# source, headers and image versions match), in /lib/modules/KVER/updates; the compiler and the
+# sources are purged again afterwards.
+#
 # The image has no bootloader: the VM boots the guest's kernel and initrd directly (the project's
 # Vagrantfile points libvirt at them), so they are copied to $DMRECOVER_BOOT_DIR, which must be
 # readable by the libvirt-qemu user.
 set -euo pipefail
 
-BOX_NAME=${DMRECOVER_BOX:-dmrecover/bookworm}
-BOOT_DIR=${DMRECOVER_BOOT_DIR:-/var/lib/dmrecover-vagrant/boot}
+here=$(cd "$(dirname "$0")" && pwd)
+BOX_NAME=${DMRECOVER_BOX:-$("$here/box-name.sh")}
+BOOT_DIR=${DMRECOVER_BOOT_DIR:-$("$here/box-name.sh" --boot-dir)}
 WORK=${DMRECOVER_BOX_WORK:-/var/tmp/dmrecover-box}
 SUITE=bookworm
 force=0
@@ -56,7 +66,14 @@ pkgs=(
     ca-certificates procps psmisc util-linux linux-image-amd64 initramfs-tools rsync
     # what dmrecover and its kernel tests need
     python3 python3-venv python3-pyfuse3 python3-trio fuse3 dmsetup lvm2 xfsprogs e2fsprogs
-    sqlite3
+    # (debootstrap resolves no virtual package: python3-cffi-backend provides cryptography's
+    # python3-cffi-backend-api-min/max)
+    python3-cryptography python3-cffi-backend python3-psycopg2
+    sqlite3 fio
+    # a real application for the --app-unit tests (its unit: postgresql@15-main)
+    postgresql-15
+    # building dm-clone.ko (purged after the build)
+    linux-headers-amd64 linux-source-6.1 make gcc xz-utils
 )
 echo "build-box: debootstrap $SUITE from $mirror"
 t0=$(date +%s)
@@ -83,6 +100,37 @@ if [ -d /etc/apt/sources.list.d ]; then
     done
 fi
 
+# dm-clone.ko for the box's kernel, from the box's own linux-source (recipe:
+# ../shared/DM-CLONE.md), then the build tools go again.
+build_dm_clone() {
+    chroot "$root" /bin/sh -eu <<'CHROOT'
+kver=$(ls /lib/modules | head -n1)
+b=/root/build-dm-clone
+mkdir -p $b/persistent-data
+cd /root
+tar -xJf /usr/src/linux-source-6.1.tar.xz --wildcards 'linux-source-6.1/drivers/md/*'
+s=/root/linux-source-6.1/drivers/md
+cp $s/dm-clone-target.c $s/dm-clone-metadata.c $s/dm-clone-metadata.h $s/dm.h $s/dm-stats.h $b/
+for h in dm-bitset.h dm-array.h dm-btree.h dm-block-manager.h dm-space-map-metadata.h \
+         dm-space-map.h dm-transaction-manager.h; do
+    cp $s/persistent-data/$h $b/persistent-data/
+done
+printf 'obj-m := dm-clone.o\ndm-clone-y := dm-clone-target.o dm-clone-metadata.o\n' >$b/Kbuild
+make -s -C /lib/modules/$kver/build M=$b modules >$b/build.log 2>&1 || { tail -n 30 $b/build.log; exit 1; }
+install -D -m 0644 $b/dm-clone.ko /lib/modules/$kver/updates/dm-clone.ko
+depmod -a $kver
+modinfo -F vermagic /lib/modules/$kver/updates/dm-clone.ko
+rm -rf $b /root/linux-source-6.1
+# debootstrap marks nothing automatic: name what the build pulled in.
+pk=$(dpkg-query -W -f='${Package}\n' 'linux-headers-*' 'linux-kbuild-*' 'linux-compiler-gcc-*' \
+     'linux-source-*' gcc gcc-12 cpp cpp-12 make 2>/dev/null || true)
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq $pk >/dev/null \
+    || echo "build-box: warning: could not purge the build tools" >&2
+rm -f /usr/src/linux-source-6.1.tar.xz
+CHROOT
+    echo "build-box: dm-clone.ko built for $(ls "$root/lib/modules" | head -n1)"
+}
+
 mount -t proc proc "$root/proc"
 mount -t sysfs sys "$root/sys"
 mount --bind /dev "$root/dev"
@@ -100,6 +148,8 @@ systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.
     man-db.timer >/dev/null 2>&1 || true
 update-initramfs -u -k all >/dev/null
 CHROOT
+build_dm_clone
+
 install -m 0600 -o 1000 -g 1000 "$pub" "$root/home/vagrant/.ssh/authorized_keys"
 cleanup
 
@@ -109,7 +159,7 @@ cp "$(readlink -f "$root/initrd.img")" "$BOOT_DIR/initrd.img.new"
 chmod 0644 "$BOOT_DIR"/*.new
 mv "$BOOT_DIR/vmlinuz.new" "$BOOT_DIR/vmlinuz"
 mv "$BOOT_DIR/initrd.img.new" "$BOOT_DIR/initrd.img"
-chmod 0755 "$BOOT_DIR" "$(dirname "$BOOT_DIR")"
+chmod 0755 "$BOOT_DIR" "$(dirname "$BOOT_DIR")" "$(dirname "$(dirname "$BOOT_DIR")")"
 
 echo "build-box: making the disk image"
 rm -rf "$root/var/cache/apt/archives/"*.deb
@@ -134,5 +184,21 @@ if grep -q "^${BOX_NAME} " <<<"$(vagrant box list 2>/dev/null)"; then
     done
 fi
 vagrant box add -f --name "$BOX_NAME" "$WORK/dmrecover.box" >/dev/null
+# Boxes of older recipes (and their boot files) only take space now; DMRECOVER_KEEP_OLD_BOXES=1
+# keeps them (a VM of an older box still running uses its image as a backing file).
+prefix=${BOX_NAME%-*}
+[ "${DMRECOVER_KEEP_OLD_BOXES:-0}" = 1 ] || for old in $(vagrant box list 2>/dev/null | awk '{print $1}'); do
+    case $old in "$prefix" | "$prefix"-*) ;; *) continue ;; esac
+    [ "$old" = "$BOX_NAME" ] && continue
+    vagrant box remove -f --all "$old" >/dev/null 2>&1 || true
+    if [ "$old" = "$prefix" ]; then  # the box before recipe hashes: boot files at the top
+        rm -f "$(dirname "$BOOT_DIR")/vmlinuz" "$(dirname "$BOOT_DIR")/initrd.img"
+    else
+        rm -rf "${BOOT_DIR%/*}/${old##*-}"
+    fi
+    for v in $(virsh -c qemu:///system vol-list default 2>/dev/null | awk -v b="${old//\//-VAGRANTSLASH-}" 'index($1, b) == 1 {print $1}'); do
+        virsh -c qemu:///system vol-delete --pool default "$v" >/dev/null 2>&1 || true
+    done
+done
 rm -rf "$WORK"
 echo "build-box: box $BOX_NAME added in $(( $(date +%s) - t0 ))s"

@@ -22,6 +22,10 @@ exec 9>/var/lock/dmrecover-kernel-tests.lock
 flock 9
 
 vagrant/setup-host.sh 9>&-
+# The box of this recipe (its name carries the hash of build-box.sh), built when missing.
+DMRECOVER_BOX=${DMRECOVER_BOX:-$(vagrant/box-name.sh)}
+DMRECOVER_BOOT_DIR=${DMRECOVER_BOOT_DIR:-$(vagrant/box-name.sh --boot-dir)}
+export DMRECOVER_BOX DMRECOVER_BOOT_DIR
 vagrant/build-box.sh 9>&-
 log "host and box ready"
 
