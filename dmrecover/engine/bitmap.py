@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterator
 
 from dmrecover.errors import BitmapError
-from dmrecover.system.files import atomic_write
+from dmrecover.system.files import atomic_write, fsync_dir
 
 MAGIC = b"DMRBMAP"
 VERSION = 1
@@ -230,6 +230,8 @@ class Bitmap:
                 head = f.read(_HEADER.size)
                 if len(head) < _HEADER.size:
                     raise BitmapError(f"bitmap {path} is truncated")
+                if not head.startswith(MAGIC) and SlotFile.is_slot_file(path):
+                    return SlotFile.load_any(path)
                 magic, version, nbits, crc = _HEADER.unpack(head)
                 if magic != MAGIC or version != VERSION:
                     raise BitmapError(f"{path} is not a dmrecover bitmap (version {VERSION})")
@@ -245,3 +247,129 @@ class Bitmap:
             raise BitmapError(f"bitmap {path} fails its checksum")
         return bm
 
+
+
+# ---------------------------------------------------------------------- in-place map file
+
+SLOT_MAGIC = b"DMRBMS2"
+_SLOT_HEADER = struct.Struct("<7sBQQI4x")  # magic, version, nbits, generation, crc32
+_SLOT_ALIGN = 4096
+
+
+class SlotFile:
+    """A bitmap persisted in place, with no new space needed after creation.
+
+    The file holds two slots, each a header (magic, nbits, generation, crc32 of generation
+    and bits) and the bits, allocated in full (written with zeros) when the file is created.
+    `save()` writes the slot the latest generation is not in and fdatasyncs it: a crash
+    mid-write tears that slot only, and `load()` takes the valid slot with the highest
+    generation. So a full filesystem never stops the map from being saved (atomic_write
+    would need a new temp file every time).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], nbits: int) -> None:
+        self.path = os.fspath(path)
+        self.nbits = nbits
+        self.slot_size = -(-(_SLOT_HEADER.size + ((nbits + 7) >> 3)) // _SLOT_ALIGN) \
+            * _SLOT_ALIGN
+        self.generation = 0
+        self._fd = -1
+
+    @staticmethod
+    def is_slot_file(path: str | os.PathLike[str]) -> bool:
+        """True when path is a SlotFile (False: another format). The first slot's header
+        may be torn, the second's then says."""
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                return f.read(len(SLOT_MAGIC)) == SLOT_MAGIC or \
+                    os.pread(f.fileno(), len(SLOT_MAGIC), size // 2) == SLOT_MAGIC
+        except OSError:
+            return False
+
+    @classmethod
+    def load_any(cls, path: str | os.PathLike[str]) -> Bitmap:
+        """The latest bitmap of a SlotFile whose size is not known beforehand."""
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                heads = [os.pread(f.fileno(), _SLOT_HEADER.size, off) for off in (0, size // 2)]
+        except OSError as err:
+            raise BitmapError(f"cannot read bitmap {path}: {err.strerror}") from err
+        for head in heads:
+            if len(head) == _SLOT_HEADER.size and head.startswith(SLOT_MAGIC):
+                return cls(path, _SLOT_HEADER.unpack(head)[2]).load()
+        raise BitmapError(f"{path} is not a dmrecover bitmap")
+
+    def create(self) -> None:
+        """Create the file with both slots allocated (written), durably; an existing file of
+        the right size is kept."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size != 2 * self.slot_size:
+                os.ftruncate(fd, 0)
+                zeros = bytes(min(2 * self.slot_size, 1 << 20))
+                pos = 0
+                while pos < 2 * self.slot_size:
+                    pos += os.pwrite(fd, zeros[:2 * self.slot_size - pos], pos)
+                os.fsync(fd)
+                fsync_dir(os.path.dirname(self.path) or ".")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def load(self) -> Bitmap:
+        """The latest valid bitmap (an empty one when no slot was ever saved); BitmapError
+        when the file is not a SlotFile of nbits."""
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise BitmapError(f"cannot read bitmap {self.path}: {err.strerror}") from err
+        if len(raw) != 2 * self.slot_size:
+            raise BitmapError(f"bitmap {self.path} is {len(raw)} bytes, expected "
+                              f"{2 * self.slot_size} for {self.nbits} bits")
+        nbytes = (self.nbits + 7) >> 3
+        best: tuple[int, bytes] | None = None
+        for slot in range(2):
+            base = slot * self.slot_size
+            magic, version, nbits, gen, crc = _SLOT_HEADER.unpack_from(raw, base)
+            if magic != SLOT_MAGIC:
+                continue
+            if version != VERSION or nbits != self.nbits:
+                raise BitmapError(f"bitmap {self.path} has {nbits} bits, expected "
+                                  f"{self.nbits}")
+            bits = raw[base + _SLOT_HEADER.size:base + _SLOT_HEADER.size + nbytes]
+            if zlib.crc32(bits, zlib.crc32(struct.pack("<Q", gen))) != crc:
+                continue  # torn: the other slot holds the previous generation
+            if best is None or gen > best[0]:
+                best = (gen, bits)
+        if best is None:
+            self.generation = 0
+            return Bitmap(self.nbits)
+        self.generation = best[0]
+        return Bitmap(self.nbits, best[1])
+
+    def save(self, bm: Bitmap) -> None:
+        """Write bm into the older slot and fdatasync (needs create() first)."""
+        if bm.nbits != self.nbits:
+            raise ValueError(f"bitmap of {bm.nbits} bits into a file of {self.nbits}")
+        if self._fd < 0:
+            self.create()
+        gen = self.generation + 1
+        bits = bm.to_bytes()
+        crc = zlib.crc32(bits, zlib.crc32(struct.pack("<Q", gen)))
+        data = _SLOT_HEADER.pack(SLOT_MAGIC, VERSION, self.nbits, gen, crc) + bits
+        base = (gen % 2) * self.slot_size
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            pos += os.pwrite(self._fd, view[pos:], base + pos)
+        os.fdatasync(self._fd)
+        self.generation = gen
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

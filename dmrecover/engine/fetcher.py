@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from dmrecover.engine.bitmap import Bitmap
+from dmrecover.engine.bitmap import Bitmap, SlotFile
 from dmrecover.errors import (
     BitmapError,
     CorruptChunk,
@@ -43,6 +43,7 @@ from dmrecover.errors import (
     EngineError,
     RepositoryUnavailable,
 )
+from dmrecover.system.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -193,17 +194,33 @@ class Fetcher:
             os.close(fd)
             raise DeviceError(f"DEST {self.dest_path} is {dest_size} bytes, the backup needs "
                               f"{source.size}", hint="use a larger destination")
-        self.restored = self._load_map()
+        self._mapfile = SlotFile(self.map_path, source.chunk_count)
+        try:
+            self.restored = self._load_map()
+        except BaseException:
+            os.close(fd)
+            raise
         self._restored_count = self.restored.count()
 
     # ------------------------------------------------------------------ state
 
     def _load_map(self) -> Bitmap:
+        """The persisted restored map; a new map file is created (allocated in full now, so
+        that saving it later needs no new space on a filesystem that may be full). A map of
+        the first format (one Bitmap file replaced on every save) is converted."""
         n = self.source.chunk_count
-        if not self.map_path.exists():
-            return Bitmap(n)
         try:
+            if not self.map_path.exists():
+                self._mapfile.create()
+                self._mapfile.save(Bitmap(n))  # a valid slot from the start
+                return Bitmap(n)
+            if SlotFile.is_slot_file(self.map_path):
+                bm = self._mapfile.load()
+                self._mapfile.create()  # opens it for saving (kept as it is)
+                return bm
             bm = Bitmap.load(self.map_path)
+            if bm.nbits == n:
+                self._convert_map(bm)
         except BitmapError as err:
             raise EngineError(f"restored map {self.map_path} is unreadable: {err}",
                                hint="remove it to restore every chunk again") from err
@@ -211,6 +228,18 @@ class Fetcher:
             raise EngineError(f"restored map {self.map_path} has {bm.nbits} chunks, the "
                                f"backup has {n}", hint="the state dir belongs to another backup")
         return bm
+
+    def _convert_map(self, bm: Bitmap) -> None:
+        """Replace a first-format map file by a SlotFile holding bm (atomically)."""
+        tmp = self.map_path.with_name(self.map_path.name + ".new")
+        new = SlotFile(tmp, bm.nbits)
+        new.create()
+        new.save(bm)
+        new.close()
+        os.replace(tmp, self.map_path)
+        fsync_dir(self.map_path.parent)
+        self._mapfile.load()
+        self._mapfile.create()
 
     def is_restored(self, index: int) -> bool:
         """True when chunk `index` is on DEST (possibly only in its page cache)."""
@@ -455,7 +484,7 @@ class Fetcher:
             with self._lock:
                 snapshot = self.restored.copy()
             self.sync_dest()
-            snapshot.save(self.map_path)
+            self._mapfile.save(snapshot)
             self.synced_at = time.time()
 
     # ------------------------------------------------------------------ status
@@ -503,6 +532,7 @@ class Fetcher:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._mapfile.close()
 
     def close(self) -> None:
         """Sync (DEST, then the map) and close DEST. Idempotent."""
@@ -513,6 +543,7 @@ class Fetcher:
         finally:
             os.close(self._fd)
             self._fd = -1
+            self._mapfile.close()
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:

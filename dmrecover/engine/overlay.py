@@ -19,10 +19,17 @@ data. A torn record at the log's end fails its own CRC and ends the replay.
 Checkpoint: fdatasync the data, save the map snapshot, reset the log (all under the lock, so
 no record is lost between the snapshot and the reset). Done when the log grows large and on
 close.
+
+A full filesystem: a write whose data or journal record does not fit fails with ENOSPC and
+leaves nothing behind (a partly appended record is cut off again: a torn record in front of
+later ones would end the replay there and lose them). A checkpoint that does not fit (the map
+snapshot is a new file) is skipped: the journal still holds every acknowledged write, and the
+next checkpoint, once there is room, takes it. Freeing space is enough to go on.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -94,7 +101,7 @@ class Overlay:
             if not existed:
                 os.ftruncate(self._img, self.nblocks * BLOCK_SIZE)
             self.map = self._load_map()
-            self.recovered_records, self.dropped_blocks = self._replay()
+            self.recovered_records, self.dropped_blocks, valid_end = self._replay()
             self.present_count = self.map.count()
             self._log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
                                 | os.O_CLOEXEC, 0o600)
@@ -102,7 +109,17 @@ class Overlay:
             if self._log_bytes or not self.map_path.exists():
                 # Start from a clean snapshot: the replayed state becomes the new baseline
                 # (and a torn tail never sits in front of new records).
-                self._checkpoint_locked()
+                try:
+                    self._checkpoint_locked()
+                except OSError as err:
+                    if err.errno != errno.ENOSPC or not self.map_path.exists():
+                        raise
+                    # No room for a snapshot: keep the journal, without its torn tail.
+                    log.warning("overlay: no room for a checkpoint (%s); the journal keeps "
+                                "the writes", err.strerror)
+                    os.ftruncate(self._log, valid_end)
+                    os.fsync(self._log)
+                    self._log_bytes = valid_end
         except BaseException:
             self._close_fds()
             raise
@@ -123,12 +140,13 @@ class Overlay:
                                f"{self.nblocks}", hint="the state dir belongs to another volume")
         return bm
 
-    def _replay(self) -> tuple[int, int]:
-        """Apply the log to self.map; returns (records replayed, blocks dropped)."""
+    def _replay(self) -> tuple[int, int, int]:
+        """Apply the log to self.map; returns (records replayed, blocks dropped, the log
+        offset where the valid records end)."""
         try:
             raw = self.log_path.read_bytes()
         except FileNotFoundError:
-            return 0, 0
+            return 0, 0, 0
         # kind, first (a barrier: log offset it covers), count, offset of crcs, record end
         records: list[tuple[bytes, int, int, int, int]] = []
         pos = 0
@@ -163,7 +181,7 @@ class Overlay:
         if dropped:
             log.warning("overlay recovery: dropped %d block(s) of unflushed writes whose data "
                         "did not reach the disk", dropped)
-        return replayed, dropped
+        return replayed, dropped, pos
 
     # ------------------------------------------------------------------ I/O
 
@@ -202,13 +220,35 @@ class Overlay:
             pos += os.pwrite(self._img, view[pos:], off + pos)
         rec = _record(WRITE, first, view)
         with self._lock:
-            write_all(self._log, rec)
-            self._log_bytes += len(rec)
+            self._append(rec)
             already = self.map.count_range(first, count)
             self.map.set_range(first, count)
             self.present_count += count - already
             if self._log_bytes >= self.checkpoint_log_bytes * _FORCE_CHECKPOINT_FACTOR:
-                self._checkpoint_locked()
+                self._try_checkpoint()
+
+    def _append(self, rec: bytes) -> None:
+        """Append a record to the journal (caller holds the lock). When it does not all fit
+        (ENOSPC, EIO), what was appended is cut off again and the error raised: a torn record
+        would end the replay in front of later ones."""
+        try:
+            write_all(self._log, rec)
+        except OSError:
+            try:
+                os.ftruncate(self._log, self._log_bytes)
+            except OSError as err:  # the record is torn for good: the replay ends there
+                log.error("overlay log: cannot cut off a torn record: %s", err)
+            raise
+        self._log_bytes += len(rec)
+
+    def _try_checkpoint(self) -> None:
+        """A checkpoint that may not fit (caller holds the lock): skipped on ENOSPC."""
+        try:
+            self._checkpoint_locked()
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            log.warning("overlay: no room for a checkpoint; the journal keeps the writes")
 
     def flush(self) -> None:
         """Make every write acknowledged before this call durable: fdatasync the data, then
@@ -219,7 +259,7 @@ class Overlay:
         with self._lock:
             self._barrier(mark, gen)
             if self._log_bytes >= self.checkpoint_log_bytes:
-                self._checkpoint_locked()
+                self._try_checkpoint()
 
     def _mark(self) -> tuple[int, int]:
         # caller holds the lock. Every record before this log offset had its data pwritten.
@@ -232,9 +272,7 @@ class Overlay:
         is not durable and must still be CRC-checked at recovery."""
         if gen != self._log_gen:
             return  # a checkpoint since the mark made those writes durable already
-        rec = _record(BARRIER, mark)
-        write_all(self._log, rec)
-        self._log_bytes += len(rec)
+        self._append(_record(BARRIER, mark))
         os.fdatasync(self._log)
 
     def checkpoint(self) -> None:
@@ -276,7 +314,17 @@ class Overlay:
             return
         try:
             with self._lock:
-                self._checkpoint_locked()
+                try:
+                    self._checkpoint_locked()
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
+                    # No room for the snapshot: the journal keeps every write (made
+                    # durable here); the next open replays it.
+                    log.warning("overlay: no room for a checkpoint at close; the journal "
+                                "keeps the writes")
+                    os.fdatasync(self._img)
+                    os.fsync(self._log)
         finally:
             self._close_fds()
 

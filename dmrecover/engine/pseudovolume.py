@@ -9,6 +9,8 @@ threads at once.
 
 State dir layout: overlay.img, overlay.map, overlay.log (the overlay), restored.map (restored
 chunks), merged (marker written once the overlay has been copied into DEST and made durable).
+The restored map may live elsewhere (`map_dir`, the session's state dir): it must not share
+fate with the overlay's space, which the application's writes may fill.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dmrecover.errors import EngineError
 from dmrecover.system.files import atomic_write
 
 MERGED_MARKER = "merged"
+RESTORED_MAP = "restored.map"
 _STRIPES = 64  # striped locks serialising read-modify-write of partial blocks
 
 
@@ -48,7 +51,8 @@ class PseudoVolume:
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
                  state_dir: str | os.PathLike[str], *, fetch_deadline: float = 600.0,
                  read_only: bool = False, on_repository_lost: str = "block",
-                 on_restored: Callable[[], None] | None = None) -> None:
+                 on_restored: Callable[[], None] | None = None,
+                 map_dir: str | os.PathLike[str] | None = None) -> None:
         self.source = source
         self.size = source.size
         self.read_only = read_only
@@ -57,7 +61,9 @@ class PseudoVolume:
         self._on_restored = on_restored
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._closed = False
-        self.fetcher = Fetcher(source, dest_path, self.state_dir / "restored.map",
+        map_path = Path(map_dir or self.state_dir) / RESTORED_MAP
+        _move_map(self.state_dir / RESTORED_MAP, map_path)
+        self.fetcher = Fetcher(source, dest_path, map_path,
                                deadline=fetch_deadline, on_lost=on_repository_lost)
         self.overlay: Overlay | None = None
         try:
@@ -226,6 +232,7 @@ class PseudoVolume:
                                                                         else None),
             overlay_bytes=min(self.overlay.present_bytes, self.size) if self.overlay is not None
             else 0,
+            **self._overlay_room(),
             merged=self.merged,
             read_only=self.read_only,
         )
@@ -315,12 +322,32 @@ class PseudoVolume:
 
     # ------------------------------------------------------------------ internals
 
+    def _overlay_room(self) -> dict:
+        """The overlay's allocated bytes and its room (allocated + what its filesystem has
+        free): how close the application's writes are to filling it."""
+        try:
+            st = os.statvfs(self.state_dir)
+            allocated = sum(os.stat(p).st_blocks * 512 for p in self.state_dir.glob("overlay.*"))
+        except OSError:
+            return {}
+        return {"overlay_allocated": allocated,
+                "overlay_room": allocated + st.f_bavail * st.f_frsize}
+
     def _read_lower(self, start: int, end: int) -> bytes:
         """Bytes [start, end) from DEST, fetching the chunks not restored yet."""
         cs = self.source.chunk_size
         for index in range(start // cs, (end - 1) // cs + 1):
             self.fetcher.ensure(index)
         return self.fetcher.read_dest(start, end - start)
+
+
+def _move_map(old: Path, new: Path) -> None:
+    """A restored map left in the engine dir by an earlier version moves to its place
+    (copied durably, then the old one removed: a crash between leaves two equal maps)."""
+    if old == new or not old.exists() or new.exists():
+        return
+    atomic_write(new, old.read_bytes())
+    old.unlink()
 
 
 def mark_merged(state_dir: str | os.PathLike[str]) -> None:

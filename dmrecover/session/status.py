@@ -8,6 +8,9 @@ session. The CLI renders the model (dmrecover/cli/status_display.py).
 from __future__ import annotations
 
 from dmrecover.session.record import ACTIVE_STATES, SessionRecord
+from dmrecover.units import format_size
+
+OVERLAY_WARN = (95.0, 80.0)  # percent of the overlay's room: status warns from here
 
 
 def _num(v: object) -> float | None:
@@ -31,6 +34,16 @@ def model(record: SessionRecord) -> dict:
     note = None
     if state in ACTIVE_STATES and not alive:
         note = f"the session process is not running: dmrecover resume {r.name}"
+    warnings = list(r.warnings)
+    room, used = _num(stats.get("overlay_room")), _num(stats.get("overlay_allocated"))
+    if room and used is not None and state in ACTIVE_STATES:
+        pct = 100.0 * used / room
+        for level in OVERLAY_WARN:
+            if pct >= level:
+                warnings.append(f"the overlay uses {pct:.0f}% of its room ({format_size(used)} "
+                                f"of {format_size(room)}): free space in {r.engine_path}, or "
+                                "writes that do not fit will fail")
+                break
     app_state = (st.get("app") or {}).get("state")
     if not alive:
         try:
@@ -73,6 +86,8 @@ def model(record: SessionRecord) -> dict:
         "app": app_state,
         "app_pid": (st.get("app") or {}).get("pid"),
         "timings": r.timings,
-        "warnings": r.warnings,
+        "warnings": warnings,
+        "overlay_allocated": used,
+        "overlay_room": room,
         "updated": st.get("time"),
     }

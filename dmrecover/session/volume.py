@@ -76,6 +76,7 @@ def open_volume(record: SessionRecord, backend: Backend,
     return PseudoVolume(source, backend.engine_dest(record.context()), record.engine_path,
                         fetch_deadline=float(record.fetch_deadline or 600.0),
                         read_only=backend.kernel_takes_writes, on_restored=on_restored,
+                        map_dir=record.state_dir,  # never on the overlay's space
                         on_repository_lost=on_lost if on_lost in ON_LOST else "block")
 
 

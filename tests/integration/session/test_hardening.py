@@ -282,3 +282,75 @@ def test_past_the_fetch_deadline_the_session_waits_and_recovers_by_itself(
         if box.repo.with_name("repo.hidden").exists():
             box.repo.with_name("repo.hidden").rename(box.repo)
         _abort_all(box)
+
+
+def _fill_to(path: Path, leave: int) -> None:
+    """Fill path's filesystem, then give `leave` bytes back."""
+    import errno
+
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+        f.truncate(max(0, f.tell() - leave))
+
+
+def _write_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        block = os.urandom(1 << 16)
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_a_full_overlay_filesystem_fails_only_the_writes_and_the_restore_goes_on(
+        box: Sandbox, fs_tools, ext4_image, tmp_path: Path) -> None:
+    from dmrecover.system.mounts import umount
+
+    box.prepare(fs_tools, ext4_image)
+    ovl = tmp_path / "ovl"
+    ovl.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(ovl)],
+                   check=True)
+    try:
+        r = box.live_restore("full", "--overlay", str(ovl), "--overlay-reserve", "1M",
+                             "--cutover", "manual", env=SLOW)
+        assert r.returncode == 0, r.stderr
+        box.wait_app()
+        assert not (ovl / "restored.map").exists(), "the map is not on the overlay's space"
+        _fill_to(ovl / "filler", 1 << 20)
+        with pytest.raises(OSError):
+            _write_file(box.mnt / "big", 8 << 20)
+        deadline = time.monotonic() + 60
+        while not any("room" in w for w in box.status("full")["warnings"]):
+            assert time.monotonic() < deadline, box.status("full")
+            time.sleep(0.2)
+        s = box.wait_state("full", ("ready", "failed"), timeout=600)
+        assert s["state"] == "ready", s.get("error")
+        st = box.status("full")
+        assert st["percent"] == 100.0 and not st["engine_errors"], st
+        # Freeing space is enough: the pseudo-volume takes writes again. (The filesystem
+        # above may have gone read-only on its failed writes: that is ext4's answer to a
+        # write error, remounting it is the administrator's.)
+        (ovl / "filler").unlink()
+        vol = box.session("full")["devices"]["fuse_dir"] + "/volume"
+        fd = os.open(vol, os.O_WRONLY)
+        try:
+            data = os.urandom(1 << 20)
+            assert os.pwrite(fd, data, box.size - len(data)) == len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(vol, "rb") as f:
+            f.seek(box.size - len(data))
+            assert f.read(len(data)) == data
+        assert box.session("full")["state"] == "ready"
+        r = box.cli("abort", "full")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert box.session("full")["state"] == "aborted"
+    finally:
+        _abort_all(box)
+        umount(str(ovl))

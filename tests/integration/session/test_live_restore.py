@@ -153,8 +153,10 @@ def test_manual_cutover(box: Sandbox, fs_tools, request) -> None:
     box.wait_app()
     ready = box.wait_state("man", ("ready", "failed"))
     assert ready["state"] == "ready"
-    # --overlay puts the engine's files (overlay, maps) there instead of the state dir.
-    assert (overlay_dir / "overlay.img").exists() and (overlay_dir / "restored.map").exists()
+    # --overlay puts the overlay there instead of the state dir; the restored map stays in
+    # the state dir (it must not share fate with the overlay's space).
+    assert (overlay_dir / "overlay.img").exists() and not (overlay_dir / "restored.map").exists()
+    assert (box.state_root / "man" / "restored.map").exists()
     assert not (box.state_root / "man" / "overlay.img").exists()
     time.sleep(0.6)
     assert box.status("man")["state"] == "ready"

@@ -116,3 +116,67 @@ def test_load_rejects_damaged_files(tmp_path, damage: str) -> None:
 def test_load_missing_file_is_a_bitmap_error(tmp_path) -> None:
     with pytest.raises(BitmapError):
         Bitmap.load(tmp_path / "nope")
+
+
+def test_slot_file_saves_in_place_and_survives_a_torn_slot(tmp_path) -> None:
+    from dmrecover.engine.bitmap import SlotFile
+
+    p = tmp_path / "m"
+    sf = SlotFile(p, 1000)
+    sf.create()
+    size = p.stat().st_size
+    blocks = p.stat().st_blocks
+    assert blocks * 512 >= size, "allocated in full at creation"
+    a, b = Bitmap(1000), Bitmap(1000)
+    a.set_range(0, 10)
+    b.set_range(0, 20)
+    sf.save(a)
+    sf.save(b)
+    assert p.stat().st_size == size and p.stat().st_blocks == blocks, "no new space"
+    assert Bitmap.load(p) == b and SlotFile(p, 1000).load() == b
+    # A crash while writing a save tears the slot it writes: the previous save stays.
+    with open(p, "r+b") as f:
+        f.seek(sf.generation % 2 * sf.slot_size + 40)
+        f.write(b"\xff" * 8)
+    assert SlotFile(p, 1000).load() == a
+    sf.close()
+    sf = SlotFile(p, 1000)
+    sf.load()
+    sf.create()
+    c = Bitmap(1000)
+    c.set(999)
+    sf.save(c)  # over the torn slot
+    with open(p, "r+b") as f:  # the other slot (a) torn: c is still the latest
+        f.seek((sf.generation + 1) % 2 * sf.slot_size + 40)
+        f.write(b"\xff" * 8)
+    assert SlotFile(p, 1000).load() == c and Bitmap.load(p) == c
+    sf.close()
+
+
+@pytest.mark.root
+def test_a_full_filesystem_does_not_stop_the_slot_file_from_saving(tmp_path) -> None:
+    import errno
+    import subprocess
+
+    from dmrecover.engine.bitmap import SlotFile
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        sf = SlotFile(mnt / "m", 100_000)
+        sf.create()
+        with open(mnt / "filler", "wb") as f, pytest.raises(OSError) as err:
+            while True:
+                f.write(bytes(65536))
+                f.flush()
+        assert err.value.errno == errno.ENOSPC
+        bm = Bitmap(100_000)
+        bm.set_range(5, 5000)
+        sf.save(bm)  # no new space needed
+        with pytest.raises(OSError):
+            bm.save(mnt / "other")  # what atomic_write would have needed
+        assert SlotFile(mnt / "m", 100_000).load() == bm
+        sf.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

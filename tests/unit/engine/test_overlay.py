@@ -187,3 +187,72 @@ def test_new_records_after_a_torn_tail_are_not_lost(tmp_path) -> None:
     ov3 = Overlay(tmp_path, SIZE)
     assert list(ov3.extents()) == [(1, 2)]
     ov3.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs: the overlay's filesystem, easy to fill."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _fill(path) -> None:
+    import errno
+
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+
+
+@pytest.mark.root
+def test_a_full_overlay_filesystem_fails_only_the_writes_that_do_not_fit(small_fs) -> None:
+    import errno
+
+    size = 64 << 20
+    ov = Overlay(small_fs, size, checkpoint_log_bytes=1 << 30)
+    for b in range(16):
+        ov.write_blocks(b, blk(b))
+    ov.flush()
+    _fill(small_fs / "filler")
+    # New blocks need room: refused, nothing marked present.
+    with pytest.raises(OSError) as err:
+        ov.write_blocks(1000, blk(7, 8))
+    assert err.value.errno == errno.ENOSPC and not ov.present(1000)
+    # Overwrites need no data room, but the journal grows until it has none either: the
+    # write that does not fit fails, and leaves no torn record behind.
+    acked: dict[int, bytes] = {}
+    for i in range(100_000):
+        data = bytes([i % 251 + 1]) * BLOCK_SIZE
+        try:
+            ov.write_blocks(i % 16, data)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+            # A failed write leaves its range undefined (as a disk does): old or new data.
+            failed = (i % 16, acked.pop(i % 16, None), data)
+            break
+        acked[i % 16] = data
+    else:
+        raise AssertionError("the journal never filled the filesystem")
+    assert os.path.getsize(small_fs / "overlay.log") == ov._log_bytes
+    ov.close()  # no room for a checkpoint: close still keeps every acknowledged write
+    ov = Overlay(small_fs, size, checkpoint_log_bytes=1 << 30)
+    for b, data in acked.items():
+        assert ov.read(b * BLOCK_SIZE, BLOCK_SIZE) == data, b
+    assert ov.read(failed[0] * BLOCK_SIZE, BLOCK_SIZE) in failed[1:]
+    # Freeing space is enough.
+    os.unlink(small_fs / "filler")
+    ov.write_blocks(1000, blk(9, 8))
+    ov.flush()
+    assert ov.read(1000 * BLOCK_SIZE, 8 * BLOCK_SIZE) == blk(9, 8)
+    ov.close()

@@ -441,3 +441,22 @@ def test_background_restore_follows_the_application_reads(tmp_path) -> None:
     assert sorted(set(src.reads)) == list(range(100))
     assert len(src.reads) == 100  # nothing fetched twice
     pv.close()
+
+
+def test_the_restored_map_lives_in_map_dir_and_an_old_one_moves_there(tmp_path) -> None:
+    data = make_data(4)
+    src = MemorySource(data, CS)
+    dest = make_dest(tmp_path, len(data))
+    eng, state = tmp_path / "eng", tmp_path / "state"
+    state.mkdir()
+    pv = PseudoVolume(src, dest, eng)  # an earlier session: the map beside the overlay
+    pv.read(0, 10)
+    pv.close()
+    assert (eng / "restored.map").exists()
+    pv = PseudoVolume(src, dest, eng, map_dir=state)
+    assert not (eng / "restored.map").exists() and pv.fetcher.is_restored(0)
+    pv.read(CS, 10)
+    st = pv.stats()
+    assert st["overlay_room"] >= st["overlay_allocated"] >= 0
+    pv.close()
+    assert Bitmap.load(state / "restored.map").count() == 2
