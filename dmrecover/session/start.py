@@ -135,6 +135,11 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
     dest = os.path.abspath(req.dest)
     mp = os.path.abspath(req.mountpoint)
     d = session_dir(name, req.state_dir)
+    engine = os.path.abspath(req.overlay) if req.overlay else d
+    # Nothing the session writes may be in the repository, or hold it (issue 9 item 4).
+    for path, what in ((dest, "destination"), (d, "state dir"), (engine, "overlay dir"),
+                       (mp, "mount point")):
+        repo.check_apart(path, what)
     # The session first: a half-done one explains a DEST that already holds a filesystem.
     _check_state_dir(d)
     check_writable_destination(dest, manifest.size, force=req.force, claimed=True)

@@ -354,3 +354,36 @@ def test_a_full_overlay_filesystem_fails_only_the_writes_and_the_restore_goes_on
     finally:
         _abort_all(box)
         umount(str(ovl))
+
+
+def test_dest_overlay_and_state_dir_inside_the_repository_or_holding_it_are_refused(
+        box: Sandbox, fs_tools, ext4_image, tmp_path: Path) -> None:
+    box.prepare(fs_tools, ext4_image)
+    config = box.repo / "config.json"
+    before = config.read_bytes()
+    manifests = sorted(p.name for p in (box.repo / "backups").iterdir())
+    keep = box.dest
+    cases = [("--dest", str(config)), ("--dest", str(box.repo / "new.img")),
+             ("--overlay", str(box.repo / "ovl")), ("--state-dir", str(box.repo / "st")),
+             ("--state-dir", str(tmp_path))]
+    for opt, value in cases:
+        extra: list[str] = []
+        if opt == "--dest":
+            box.dest = Path(value)
+        else:
+            extra = [opt, value]
+        r = box.live_restore("inrepo", *extra)
+        box.dest = keep
+        assert r.returncode != 0, (opt, value, r.stdout)
+        assert "repository" in r.stderr and "Traceback" not in r.stderr, (opt, r.stderr)
+        assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    assert config.read_bytes() == before
+    assert sorted(p.name for p in (box.repo / "backups").iterdir()) == manifests
+    for name in ("new.img", "ovl", "st"):
+        assert not (box.repo / name).exists(), name
+
+
+def test_the_boot_unit_runs_the_session_under_umask_0077() -> None:
+    unit = Path(__file__).resolve().parents[3] / "systemd" / "dmrecover-session@.service"
+    lines = [ln.strip() for ln in unit.read_text().splitlines()]
+    assert "UMask=0077" in lines
