@@ -2,6 +2,7 @@
 
     same-dest    one DEST, two mount points
     same-mount   one mount point, two DESTs
+    restore      an offline `dmrecover restore` and a live-restore of one DEST
 
 Each contender is a real CLI process that imports everything first, then waits on a FIFO; the
 test releases both with one write. Exactly one must be accepted; the other must be refused with
@@ -11,7 +12,7 @@ changed (no session record, its own DEST untouched). The accepted session then r
 backed-up file and every acknowledged write.
 
 DMR_RACE_ROUNDS=<n> sets the rounds per case (default 20), DMR_RACE_SECONDS=<s> the time a case
-may take (default 60; at least 5 rounds run whatever it says), DMR_RACE_SEED=<seed> the order
+may take (default 45; at least 5 rounds run whatever it says), DMR_RACE_SEED=<seed> the order
 the two are started in (default random, printed in failures).
 """
 
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 MiB = 1 << 20
 ROUNDS = int(os.environ.get("DMR_RACE_ROUNDS", "20"))
-CASE_SECONDS = float(os.environ.get("DMR_RACE_SECONDS", "60"))
+CASE_SECONDS = float(os.environ.get("DMR_RACE_SECONDS", "45"))
 MIN_ROUNDS = 5
 SEED = int(os.environ.get("DMR_RACE_SEED") or random.SystemRandom().randrange(1 << 32))
 SKIP_TREE = ("app.db", "app.db-journal", "lost+found", ackwriter.SUBDIR)
@@ -182,7 +183,52 @@ def _finish_and_verify(sb: Sandbox, session: str, dest: Path, mnt: Path) -> dict
     return counts
 
 
+def _verify_restored(dest: Path, sb: Sandbox) -> None:
+    """DEST after an offline restore: the backup, fsck clean."""
+    r = command.run(["e2fsck", "-fn", str(dest)], check=False, timeout=300)
+    assert r.returncode == 0, f"e2fsck on DEST: {(r.stdout + r.stderr).strip()[-600:]}"
+    with images.mounted(dest, options="ro") as m:
+        got = tree_checksums(m, skip=SKIP_TREE)
+    assert got == sb.checksums, "the restored DEST differs from the backup"
+
+
+def _restore_round(sb: Sandbox, r: int, rng: random.Random) -> str:
+    """An offline restore and a live-restore of one DEST at once."""
+    live, offline = f"r{r}a", f"r{r}b"
+    dest = sb.tmp / f"dest-{r}.img"
+    _zero_dest(dest, sb.size)
+    argvs = {live: _live_restore_argv(sb, live, dest, sb.mnt),
+             offline: ["restore", "--repo", str(sb.repo), "--progress", "none", sb.backup_id,
+                       str(dest)]}
+    order = [live, offline]
+    rng.shuffle(order)
+    outcomes = _release_together(sb, {s: argvs[s] for s in order}, f"restore-{r}")
+    accepted = [o for o in outcomes if o.returncode == 0]
+    summary = "; ".join(f"{o.session}: rc {o.returncode} {o.stderr.strip()[:300]!r}"
+                        for o in outcomes)
+    assert len(accepted) == 1, f"{len(accepted)} of 2 accepted: {summary}"
+    winner = accepted[0].session
+    loser = next(o for o in outcomes if o.session != winner)
+    err = loser.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("dmrecover: error: "), err
+    if winner == live:
+        assert live in err, f"the refused restore does not name the session {live}: {err!r}"
+        _finish_and_verify(sb, live, dest, sb.mnt)
+    else:
+        # The restore claimed DEST first: the live-restore is refused because of that claim,
+        # or (the restore already done) because DEST now holds a filesystem.
+        assert "restore" in err or "filesystem" in err, err
+        assert not (sb.state_root / live / "session.json").exists(), \
+            "the refused session left a record"
+        _verify_restored(dest, sb)
+    dest.unlink()
+    return f"{'live-restore' if winner == live else 'restore'} accepted, the other refused: {err}"
+
+
 def _round(sb: Sandbox, case: str, r: int, rng: random.Random) -> str:
+    if case == "restore":
+        return _restore_round(sb, r, rng)
     a, b = f"{case[5]}{r}a", f"{case[5]}{r}b"  # d3a/d3b (same-dest), m3a/m3b (same-mount)
     if case == "same-dest":
         dest = sb.tmp / f"dest-{r}.img"
@@ -215,7 +261,7 @@ def _round(sb: Sandbox, case: str, r: int, rng: random.Random) -> str:
             f"{loser.stderr.strip()}")
 
 
-@pytest.mark.parametrize("case", ["same-dest", "same-mount"])
+@pytest.mark.parametrize("case", ["same-dest", "same-mount", "restore"])
 def test_two_sessions_at_once_one_accepted(race: Sandbox, case: str) -> None:
     rng = random.Random(f"{SEED}:{case}")
     t0 = time.monotonic()
