@@ -72,6 +72,8 @@ def render_text(m: dict) -> str:
     lines.append(f"  backup:      {m.get('backup_name') or ''} {m['backup']} from {m['repo']}")
     lines.append(f"  destination: {m['dest']}  mounted at {m['mountpoint']} ({m['fstype']}, "
                  f"{m['backend']} backend, cutover {m['cutover']})")
+    if m.get("dest_state"):
+        lines.append(f"  DEST:        {m['dest_state']}")
     if m["restored_bytes"] is not None:
         lines.append(f"  restored:    {format_size(m['restored_bytes'])} of "
                      f"{format_size(m['total_bytes'])} ({m['percent']:.1f}%)")

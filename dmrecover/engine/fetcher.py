@@ -11,6 +11,15 @@ dm-snapshot for good) reads keep waiting; with on_lost="error" on-demand reads f
 application) at once while it is lost. The background restore always waits. The first read
 that succeeds ends the lost state: the session recovers by itself.
 
+The mark: with `mark_head` (a file in the state dir), DEST's first MARK_SIZE bytes are kept
+aside in that file and are zeros on DEST for as long as the restore is incomplete, so that no
+filesystem is found on a half-restored DEST (after an abort, a crash) and no one mounts it by
+mistake. Order: the head is saved aside durably BEFORE DEST's is zeroed; writes to it go to
+the saved copy (durably, before the restored map can name chunk 0), reads come from it; once
+every chunk is restored and synced, the head is written back to DEST and synced BEFORE the
+saved copy is deleted. A crash at any point leaves either the saved copy (the mark is made
+again / put back again: both idempotent) or a complete DEST.
+
 Priority: on-demand fetches run directly in the calling thread (no queue to wait in). The
 background restorer calls `ensure(..., background=True)` one chunk at a time and, before each
 chunk, `yield_to_demand()` waits while on-demand fetches are in flight, so it never holds one
@@ -43,7 +52,7 @@ from dmrecover.errors import (
     EngineError,
     RepositoryUnavailable,
 )
-from dmrecover.system.files import fsync_dir
+from dmrecover.system.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,7 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_ZERO_RANGE = 0x10
 _LATENCY_SAMPLES = 4096
 ON_LOST = ("block", "error")
+MARK_SIZE = 4096
 
 
 @runtime_checkable
@@ -152,7 +162,8 @@ class Fetcher:
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
                  map_path: str | os.PathLike[str], *, deadline: float = 600.0,
-                 backoff_max: float = 5.0, on_lost: str = "block") -> None:
+                 backoff_max: float = 5.0, on_lost: str = "block",
+                 mark_head: str | os.PathLike[str] | None = None) -> None:
         if on_lost not in ON_LOST:
             raise ValueError(f"on_lost must be one of {ON_LOST}, not {on_lost!r}")
         self.on_lost = on_lost
@@ -195,12 +206,19 @@ class Fetcher:
             raise DeviceError(f"DEST {self.dest_path} is {dest_size} bytes, the backup needs "
                               f"{source.size}", hint="use a larger destination")
         self._mapfile = SlotFile(self.map_path, source.chunk_count)
+        self.mark_path = Path(mark_head) if mark_head is not None else None
+        self._head: bytearray | None = None  # DEST's first bytes while it is marked
         try:
             self.restored = self._load_map()
+            self._restored_count = self.restored.count()
+            if self.mark_path is not None:
+                if self.restored_all():
+                    self.unmark()  # a crash after the restore completed: put it back
+                else:
+                    self._mark()
         except BaseException:
             os.close(fd)
             raise
-        self._restored_count = self.restored.count()
 
     # ------------------------------------------------------------------ state
 
@@ -426,10 +444,73 @@ class Fetcher:
             f"{self.deadline:g}s) fetching chunk {index}: {err}",
             hint="bring the repository back: reads work again as soon as it is")
 
+    # ------------------------------------------------------------------ the mark
+
+    @property
+    def marked(self) -> bool:
+        """True while DEST's head is kept aside (zeros on DEST)."""
+        return self._head is not None
+
+    def _mark(self) -> None:
+        assert self.mark_path is not None
+        n = min(MARK_SIZE, self.source.size)
+        if self.mark_path.exists():
+            head = self.mark_path.read_bytes()
+            if len(head) != n:
+                raise EngineError(f"{self.mark_path} holds {len(head)} bytes, not {n}",
+                                  hint="the state dir belongs to another volume")
+        else:
+            head = os.pread(self._fd, n, 0)
+            atomic_write(self.mark_path, head)  # durable before DEST's head is zeroed
+        self._head = bytearray(head)
+        self._pwrite(0, bytes(n))
+        self.sync_dest()
+
+    def unmark(self) -> None:
+        """Put DEST's head back (every chunk must be restored): DEST synced, then the saved
+        copy removed. No-op when not marked."""
+        if self.mark_path is None:
+            return
+        with self._lock:
+            head = self._head
+            if head is None and self.mark_path.exists():
+                head = bytearray(self.mark_path.read_bytes())
+            if head is None:
+                return
+            self._pwrite(0, bytes(head))
+            self.sync_dest()
+            self._head = None
+        self.mark_path.unlink(missing_ok=True)
+        fsync_dir(self.mark_path.parent)
+        log.info("DEST %s is complete: its first %d bytes are back", self.dest_path, len(head))
+
+    def _split_head(self, offset: int, data: bytes | memoryview) -> tuple[int, memoryview]:
+        """Write the part of data that falls in the marked head into the saved copy (durably);
+        returns what remains for DEST. Caller checked self._head."""
+        view = memoryview(data)
+        with self._lock:
+            head = self._head
+            if head is None or offset >= len(head):
+                return offset, view
+            n = min(len(view), len(head) - offset)
+            head[offset:offset + n] = view[:n]
+            assert self.mark_path is not None
+            atomic_write(self.mark_path, bytes(head))
+        return offset + n, view[n:]
+
     # ------------------------------------------------------------------ DEST I/O
 
     def read_dest(self, offset: int, length: int) -> bytes:
         """pread from DEST (the caller made sure the chunks are restored)."""
+        head = self._head
+        if head is not None and offset < len(head):
+            with self._lock:
+                head = self._head
+                if head is not None and offset < len(head):
+                    n = min(length, len(head) - offset)
+                    first = bytes(head[offset:offset + n])
+                    return first + (self.read_dest(offset + n, length - n) if length > n
+                                    else b"")
         out = os.pread(self._fd, length, offset)
         while len(out) < length:  # pread may return short on block devices
             more = os.pread(self._fd, length - len(out), offset + len(out))
@@ -439,7 +520,12 @@ class Fetcher:
         return out
 
     def write_dest(self, offset: int, data: bytes | memoryview) -> None:
-        """pwrite all of data to DEST at offset."""
+        """pwrite all of data to DEST at offset (into the saved head while DEST is marked)."""
+        if self._head is not None and offset < MARK_SIZE:
+            offset, data = self._split_head(offset, data)
+        self._pwrite(offset, data)
+
+    def _pwrite(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -454,6 +540,12 @@ class Fetcher:
         """Make [offset, offset+length) of DEST read as zeros, cheaply when possible."""
         if length <= 0:
             return
+        if self._head is not None and offset < MARK_SIZE:
+            n = min(length, MARK_SIZE - offset)
+            self.write_dest(offset, bytes(n))
+            offset, length = offset + n, length - n
+            if length <= 0:
+                return
         if self._is_blockdev:
             if offset % 512 == 0 and length % 512 == 0:
                 try:
@@ -513,6 +605,7 @@ class Fetcher:
                 "retries": self.retries,
                 "waiting_for_repository_since": waiting,
                 "repository_lost_since": self.lost_since,
+                "dest_marked": self._head is not None,
                 "on_repository_lost": self.on_lost,
                 "failed": str(self.failure) if self.failure is not None else None,
                 "errors": list(self.errors),

@@ -52,7 +52,8 @@ class PseudoVolume:
                  state_dir: str | os.PathLike[str], *, fetch_deadline: float = 600.0,
                  read_only: bool = False, on_repository_lost: str = "block",
                  on_restored: Callable[[], None] | None = None,
-                 map_dir: str | os.PathLike[str] | None = None) -> None:
+                 map_dir: str | os.PathLike[str] | None = None,
+                 mark_dest: str | os.PathLike[str] | None = None) -> None:
         self.source = source
         self.size = source.size
         self.read_only = read_only
@@ -64,7 +65,8 @@ class PseudoVolume:
         map_path = Path(map_dir or self.state_dir) / RESTORED_MAP
         _move_map(self.state_dir / RESTORED_MAP, map_path)
         self.fetcher = Fetcher(source, dest_path, map_path,
-                               deadline=fetch_deadline, on_lost=on_repository_lost)
+                               deadline=fetch_deadline, on_lost=on_repository_lost,
+                               mark_head=mark_dest)
         self.overlay: Overlay | None = None
         try:
             if not read_only:
@@ -182,8 +184,14 @@ class PseudoVolume:
         """Start (or restart) the background restorer thread; no-op when it runs already."""
         if self.restorer is not None and self.restorer.running:
             return
-        self.restorer = Restorer(self.fetcher, on_complete=self._on_restored)
+        self.restorer = Restorer(self.fetcher, on_complete=self._restored)
         self.restorer.start()
+
+    def _restored(self) -> None:
+        """Every chunk restored and synced: DEST is complete, its mark goes."""
+        self.fetcher.unmark()
+        if self._on_restored is not None:
+            self._on_restored()
 
     def stop_restore(self, timeout: float | None = 10.0) -> None:
         """Stop the background restorer and wait for its thread (returns promptly: at most
@@ -261,6 +269,7 @@ class PseudoVolume:
                                hint="wait until every chunk is restored")
         # The restored map must be durable before "merged" is: resume trusts both.
         self.fetcher.sync()
+        self.fetcher.unmark()  # before the overlay's block 0 may land on DEST
         copied = 0
         if self.overlay is not None:
             self.overlay.flush()

@@ -7,7 +7,10 @@ session. The CLI renders the model (dmrecover/cli/status_display.py).
 
 from __future__ import annotations
 
+import os
+
 from dmrecover.session.record import ACTIVE_STATES, SessionRecord
+from dmrecover.session.volume import dest_head_path
 from dmrecover.units import format_size
 
 OVERLAY_WARN = (95.0, 80.0)  # percent of the overlay's room: status warns from here
@@ -44,6 +47,15 @@ def model(record: SessionRecord) -> dict:
                                 f"of {format_size(room)}): free space in {r.engine_path}, or "
                                 "writes that do not fit will fail")
                 break
+    if state == "done":
+        dest_state = "complete"
+    elif os.path.exists(dest_head_path(r.state_dir)):
+        dest_state = ("incomplete, marked: its first 4 KiB are kept in "
+                      f"{dest_head_path(r.state_dir)} until the restore completes")
+    elif restored is not None and restored == total:
+        dest_state = "restored (the application's writes join it at the cutover)"
+    else:
+        dest_state = "incomplete"
     app_state = (st.get("app") or {}).get("state")
     if not alive:
         try:
@@ -63,6 +75,7 @@ def model(record: SessionRecord) -> dict:
         "backup": r.backup,
         "backup_name": r.backup_name,
         "dest": r.dest,
+        "dest_state": dest_state,
         "mountpoint": r.mountpoint,
         "fstype": r.fstype,
         "backend": r.backend,

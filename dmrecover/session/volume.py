@@ -20,6 +20,7 @@ from dmrecover.system import claims
 from dmrecover.system.claims import Claim
 
 RESTORER_THREAD = "dmrecover-restorer"
+DEST_HEAD = "dest-head"
 # The unsealed master key of an encrypted repository, for resume without a person (keys.py).
 KEY_CACHE = "repo.key"
 
@@ -73,11 +74,19 @@ def open_volume(record: SessionRecord, backend: Backend,
     # its reads always wait for a lost repository.
     on_lost = "block" if backend.kernel_takes_writes else record.on_repository_lost
     # The backend says where the engine restores to (dm-clone: a staging file, not DEST).
-    return PseudoVolume(source, backend.engine_dest(record.context()), record.engine_path,
+    target = backend.engine_dest(record.context())
+    # DEST is marked (its head kept aside) while the engine restores into it.
+    mark = dest_head_path(record.state_dir) if os.path.abspath(target) == record.dest else None
+    return PseudoVolume(source, target, record.engine_path, mark_dest=mark,
                         fetch_deadline=float(record.fetch_deadline or 600.0),
                         read_only=backend.kernel_takes_writes, on_restored=on_restored,
                         map_dir=record.state_dir,  # never on the overlay's space
                         on_repository_lost=on_lost if on_lost in ON_LOST else "block")
+
+
+def dest_head_path(state_dir: str) -> str:
+    """Where DEST's first 4 KiB are kept while it is marked incomplete."""
+    return os.path.join(state_dir, DEST_HEAD)
 
 
 def claim_for_session(name: str, dest: str, mountpoint: str, *,

@@ -387,3 +387,38 @@ def test_the_boot_unit_runs_the_session_under_umask_0077() -> None:
     unit = Path(__file__).resolve().parents[3] / "systemd" / "dmrecover-session@.service"
     lines = [ln.strip() for ln in unit.read_text().splitlines()]
     assert "UMask=0077" in lines
+
+
+def _blkid(path: Path) -> str:
+    r = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    return r.stdout.strip()
+
+
+def test_an_aborted_dest_is_marked_and_resume_completes_it(box: Sandbox, fs_tools,
+                                                           ext4_image) -> None:
+    box.prepare(fs_tools, ext4_image)
+    try:
+        r = box.live_restore("mark", env=SLOW)
+        assert r.returncode == 0, r.stderr
+        box.wait_app()
+        assert _blkid(box.dest) == "", "no filesystem on DEST while it is incomplete"
+        assert "marked" in box.status("mark")["dest_state"]
+        r = box.cli("abort", "mark")
+        assert r.returncode == 0, r.stderr
+        st = box.status("mark")
+        assert st["restored_bytes"] < st["total_bytes"], "aborted mid-restore"
+        assert _blkid(box.dest) == "", "an aborted DEST holds no filesystem"
+        assert "marked" in st["dest_state"]
+        r = subprocess.run(["mount", "-o", "ro", str(box.dest), str(box.mnt)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0, "an aborted DEST does not mount"
+        r = box.cli("resume", "mark")
+        assert r.returncode == 0, r.stderr
+        done = box.wait_state("mark", ("done", "failed"), timeout=600)
+        assert done["state"] == "done", done.get("error")
+        assert box.status("mark")["dest_state"] == "complete"
+        assert not (box.state_root / "mark" / "dest-head").exists()
+        _finish_done(box, fs_tools)
+    finally:
+        _abort_all(box)

@@ -460,3 +460,24 @@ def test_the_restored_map_lives_in_map_dir_and_an_old_one_moves_there(tmp_path) 
     assert st["overlay_room"] >= st["overlay_allocated"] >= 0
     pv.close()
     assert Bitmap.load(state / "restored.map").count() == 2
+
+
+def test_an_incomplete_dest_is_marked_until_the_restore_completes(tmp_path) -> None:
+    data = make_data(4)
+    src = MemorySource(data, CS)
+    dest = make_dest(tmp_path, len(data))
+    head = tmp_path / "state" / "dest-head"
+    pv = PseudoVolume(src, dest, tmp_path / "state", mark_dest=head)
+    assert head.exists() and dest.read_bytes()[:4096] == bytes(4096), "marked at once"
+    assert pv.read(0, 8192) == data[:8192]  # served as restored, DEST still marked
+    assert dest.read_bytes()[:4096] == bytes(4096)
+    assert dest.read_bytes()[4096:8192] == data[4096:8192]
+    assert pv.stats()["dest_marked"]
+    pv.abandon()  # a kill: the mark stays, the saved head is durable
+    pv = PseudoVolume(src, dest, tmp_path / "state", mark_dest=head)
+    assert dest.read_bytes()[:4096] == bytes(4096) and pv.read(0, 100) == data[:100]
+    pv.start_restore()
+    assert pv.wait_restored(30)
+    assert not head.exists() and not pv.stats()["dest_marked"]
+    assert dest.read_bytes() == data, "the head is back once everything is restored"
+    pv.close()
