@@ -3,6 +3,7 @@
     same-dest    one DEST, two mount points
     same-mount   one mount point, two DESTs
     restore      an offline `dmrecover restore` and a live-restore of one DEST
+    resume       two `dmrecover resume`s of one session whose process was killed
 
 Each contender is a real CLI process that imports everything first, then waits on a FIFO; the
 test releases both with one write. Exactly one must be accepted; the other must be refused with
@@ -226,9 +227,48 @@ def _restore_round(sb: Sandbox, r: int, rng: random.Random) -> str:
     return f"{'live-restore' if winner == live else 'restore'} accepted, the other refused: {err}"
 
 
+def _resume_round(sb: Sandbox, r: int, rng: random.Random) -> str:
+    """Kill a session's process mid-restore, then two resumes of it at once: one brings it
+    back, the other is refused, and the one that runs must not lose its stack to the other's
+    clean-up of the dead process's leftovers."""
+    name = f"s{r}"
+    dest = sb.tmp / f"dest-{r}.img"
+    _zero_dest(dest, sb.size)
+    slow = {**_env(sb), "DMRECOVER_TEST_RESTORE_DELAY": "0.05"}
+    p = subprocess.run([sys.executable, "-m", "dmrecover",
+                        *_live_restore_argv(sb, name, dest, sb.mnt)],
+                       env=slow, capture_output=True, text=True, timeout=300, cwd="/")
+    assert p.returncode == 0, p.stderr
+    time.sleep(rng.uniform(0.2, 1.0))
+    pid = sb.session(name)["pid"]
+    proc = psutil.Process(pid)
+    assert "session-run" in proc.cmdline()
+    proc.kill()
+    proc.wait(30)
+    outcomes = _release_together(sb, {f"{name}-1": ["resume", name],
+                                      f"{name}-2": ["resume", name]}, f"resume-{r}")
+    accepted = [o for o in outcomes if o.returncode == 0]
+    summary = "; ".join(f"{o.session}: rc {o.returncode} {o.stderr.strip()[:300]!r}"
+                        for o in outcomes)
+    assert len(accepted) == 1, f"{len(accepted)} of 2 resumes accepted: {summary}"
+    loser = next(o for o in outcomes if o.returncode != 0)
+    err = loser.stderr.strip()
+    # First what matters most: the resumed session keeps its stack and loses nothing.
+    rec = sb.session(name)
+    assert rec["state"] in ("restoring", "ready", "cutting-over", "done"), rec
+    assert mount_at(str(sb.mnt)) is not None, f"the mount point lost its mount: {summary}"
+    _finish_and_verify(sb, name, dest, sb.mnt)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, \
+        f"the refused resume did not say why in one line: {err!r}"
+    dest.unlink()
+    return f"one resume accepted, the other refused: {err}"
+
+
 def _round(sb: Sandbox, case: str, r: int, rng: random.Random) -> str:
     if case == "restore":
         return _restore_round(sb, r, rng)
+    if case == "resume":
+        return _resume_round(sb, r, rng)
     a, b = f"{case[5]}{r}a", f"{case[5]}{r}b"  # d3a/d3b (same-dest), m3a/m3b (same-mount)
     if case == "same-dest":
         dest = sb.tmp / f"dest-{r}.img"
@@ -261,7 +301,7 @@ def _round(sb: Sandbox, case: str, r: int, rng: random.Random) -> str:
             f"{loser.stderr.strip()}")
 
 
-@pytest.mark.parametrize("case", ["same-dest", "same-mount", "restore"])
+@pytest.mark.parametrize("case", ["same-dest", "same-mount", "restore", "resume"])
 def test_two_sessions_at_once_one_accepted(race: Sandbox, case: str) -> None:
     rng = random.Random(f"{SEED}:{case}")
     t0 = time.monotonic()
