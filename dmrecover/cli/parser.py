@@ -12,6 +12,7 @@ from dmrecover import __version__
 from dmrecover.backends import registry
 from dmrecover.cli import demo_cmd, repository_cmds, session_cmds
 from dmrecover.cli.progress_display import MODES as PROGRESS_MODES
+from dmrecover.demo.pgdemo import APPS as DEMO_APPS
 from dmrecover.demo.volume import FSTYPES
 from dmrecover.errors import DmrecoverError
 from dmrecover.session.app import STOP_TIMEOUT
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workdir", metavar="DIR",
                     help="work directory (default: a new one under /var/tmp)")
     sp.add_argument("--keep", action="store_true", help="keep the work directory")
+    sp.add_argument("--app", choices=DEMO_APPS, default="sample",
+                    help="the application: the sample SQLite app (default), PostgreSQL 15, or "
+                         "auto (PostgreSQL where installed)")
     return p
 
 

@@ -80,7 +80,13 @@ def _line(m: dict) -> str:
 
 
 class Demo:
-    """The demo's steps, in order; `cleanup` takes down whatever is left."""
+    """The demo's steps, in order; `cleanup` takes down whatever is left. This class runs the
+    sample application; a subclass overrides the application's hooks (`_fill`, `app_spec`,
+    `first_answer`, `probe`, `check_app_after_cutover`, `verify_data`)."""
+
+    app_title = "a SQLite database"
+    min_size = MIN_SIZE
+    first_answer_timeout = 60.0  # seconds from live-restore to the application's first answer
 
     def __init__(self, options: DemoOptions, view: StatusView | None = None) -> None:
         self.options = options
@@ -126,11 +132,72 @@ class Demo:
                 self.checksums[rel] = file_digest(p)
 
     def build_volume(self) -> None:
-        _say(f"[1/5] building a {format_size(self.size)} {self.fstype} volume with a SQLite "
-             f"database in {self.work}")
+        _say(f"[1/5] building a {format_size(self.size)} {self.fstype} volume with "
+             f"{self.app_title} in {self.work}")
         build_sample_volume(self.image, self.size, self._fill, fstype=self.fstype,
                             label="demo")
         _say(f"      {self.seed_rows} database rows, {len(self.checksums)} files")
+
+    # ------------------------------------------------------------ the application's hooks
+
+    def app_spec(self) -> AppSpec:
+        """How the session starts and stops the application."""
+        self.appstate.mkdir(exist_ok=True)
+        py = sys.executable
+        return AppSpec(
+            start=f"{py} -m dmrecover.demo.sampleapp serve --data {self.mnt} "
+                  f"--state {self.appstate} --interval 0.01",
+            stop=f"{py} -m dmrecover.demo.sampleapp stop --state {self.appstate}")
+
+    def first_answer(self) -> str:
+        """Ask the application its first question; what it answered (OSError while it is not
+        up yet)."""
+        rows = query(str(self.appstate), {"op": "count"}, timeout=30)["rows"]
+        return f"{rows} rows"
+
+    def probe(self, rng: random.Random) -> None:
+        """One check through the application while the session runs (OSError when it is down
+        for the cutover; DemoFailed on a wrong answer)."""
+        rel = rng.choice(sorted(self.checksums))
+        r = query(str(self.appstate), {"op": "sha256", "path": rel}, timeout=30)
+        if r.get("sha256") != self.checksums[rel]:
+            raise DemoFailed(f"the application read wrong data from {rel}")
+
+    def check_app_after_cutover(self) -> None:
+        """The application runs on DEST now: it must answer and keep writing."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                before = query(str(self.appstate), {"op": "count"})["rows"]
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DemoFailed("the application does not answer after the cutover") \
+                        from None
+                time.sleep(0.05)
+        time.sleep(0.3)
+        if query(str(self.appstate), {"op": "count"})["rows"] <= before:
+            raise DemoFailed("the application does not write after the cutover")
+
+    def verify_data(self, check: Path) -> None:
+        """With DEST mounted read-only at `check` (the application stopped): its database
+        holds every acknowledged write."""
+        acks = acknowledged(str(self.appstate))
+        rows, problems = check_database(str(check / "app.db"), acks)
+        if problems:
+            raise DemoFailed(f"database check: {problems[0]} ({len(problems)} problems)")
+        seeded = self.seed_rows
+        if rows < seeded + len(acks):
+            raise DemoFailed(f"the database has {rows} rows, expected at least "
+                             f"{seeded + len(acks)}")
+        self.results.update(acknowledged_writes=len(acks), rows=rows)
+        _say(f"      {seeded} seed rows and all {len(acks)} acknowledged writes present")
+
+    def extra_summary(self) -> list[tuple[str, str]]:
+        return [("reads checked during the restore", str(self.results["reads_checked"])),
+                ("acknowledged writes verified", str(self.results["acknowledged_writes"]))]
+
+    # ------------------------------------------------------------ the live restore
 
     def backup(self) -> str:
         _say("[2/5] backing it up into a new repository")
@@ -148,12 +215,7 @@ class Demo:
         with open(self.dest, "wb") as f:
             f.truncate(self.size)
         self.mnt.mkdir(exist_ok=True)
-        self.appstate.mkdir(exist_ok=True)
-        py = sys.executable
-        app = AppSpec(
-            start=f"{py} -m dmrecover.demo.sampleapp serve --data {self.mnt} "
-                  f"--state {self.appstate} --interval 0.01",
-            stop=f"{py} -m dmrecover.demo.sampleapp stop --state {self.appstate}")
+        app = self.app_spec()
         req = LiveRestoreRequest(repo=str(self.repo), backup=backup_id, dest=str(self.dest),
                                  mountpoint=str(self.mnt), app=app, session=SESSION,
                                  state_dir=str(self.state_dir), backend=self.options.backend)
@@ -162,30 +224,27 @@ class Demo:
         t_started = time.monotonic() - t0
         while True:
             try:
-                rows = query(str(self.appstate), {"op": "count"}, timeout=30)["rows"]
+                answer = self.first_answer()
                 break
             except OSError:
-                if time.monotonic() - t0 > 60:
-                    raise DemoFailed("the application did not answer within 60 s") from None
+                if time.monotonic() - t0 > self.first_answer_timeout:
+                    raise DemoFailed(f"the application did not answer within "
+                                     f"{self.first_answer_timeout:g} s") from None
                 time.sleep(0.01)
         t_first = time.monotonic() - t0
         self.results.update(live_restore_returned=t_started, first_query=t_first)
         _say(f"      the application answered its first query after {t_first:.2f} s "
-             f"({rows} rows) while the restore runs")
+             f"({answer}) while the restore runs")
         self.watch(record)
 
     def _check_reads(self, record: SessionRecord) -> SessionRecord:
         """Read files through the application until the session ends; count the answers."""
-        names = sorted(self.checksums)
         rng = random.Random(2)
         answered = failed = 0
         last_line = 0.0
         while (record := record.reload()).state not in FINAL_STATES:
             try:
-                rel = rng.choice(names)
-                r = query(str(self.appstate), {"op": "sha256", "path": rel}, timeout=30)
-                if r.get("sha256") != self.checksums[rel]:
-                    raise DemoFailed(f"the application read wrong data from {rel}")
+                self.probe(rng)
                 answered += 1
             except OSError:
                 failed += 1  # during the cutover the application is briefly down
@@ -222,42 +281,22 @@ class Demo:
 
     def verify(self) -> None:
         _say("[5/5] checking the destination")
-        # The application now runs on DEST; it must answer and keep writing.
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                before = query(str(self.appstate), {"op": "count"})["rows"]
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise DemoFailed("the application does not answer after the cutover") \
-                        from None
-                time.sleep(0.05)
-        time.sleep(0.3)
-        if query(str(self.appstate), {"op": "count"})["rows"] <= before:
-            raise DemoFailed("the application does not write after the cutover")
+        self.check_app_after_cutover()
         app = load_session(None, str(self.state_dir)).application()
         app.stop()
         if app.processes():
             raise DemoFailed("the application did not stop")
+        app.release()  # its (now empty) cgroup
         umount(str(self.mnt))
-        acks = acknowledged(str(self.appstate))
         with mounted_image(self.dest, self.fstype, read_only=True) as check:
             bad = [rel for rel, digest in self.checksums.items()
                    if not (check / rel).is_file() or file_digest(check / rel) != digest]
-            rows, problems = check_database(str(check / "app.db"), acks)
-        if bad:
-            raise DemoFailed(f"{len(bad)} file(s) differ on the destination, e.g. {bad[0]}")
-        if problems:
-            raise DemoFailed(f"database check: {problems[0]} ({len(problems)} problems)")
-        seeded = self.seed_rows
-        if rows < seeded + len(acks):
-            raise DemoFailed(f"the database has {rows} rows, expected at least "
-                             f"{seeded + len(acks)}")
-        self.results.update(files_checked=len(self.checksums), acknowledged_writes=len(acks),
-                            rows=rows)
-        _say(f"      all {len(self.checksums)} files identical, {seeded} seed rows and all "
-             f"{len(acks)} acknowledged writes present")
+            if bad:
+                raise DemoFailed(f"{len(bad)} file(s) differ on the destination, e.g. "
+                                 f"{bad[0]}")
+            _say(f"      all {len(self.checksums)} files identical")
+            self.verify_data(check)
+        self.results.update(files_checked=len(self.checksums))
 
     def summary(self) -> None:
         r = self.results
@@ -270,8 +309,7 @@ class Demo:
             ("overlay merged into the destination", format_size(r["merged_bytes"])),
             ("on-demand fetches (p99 latency)",
              f"{r['demand_fetches']} ({r['demand_latency_p99'] * 1000:.1f} ms)"),
-            ("reads checked during the restore", str(r["reads_checked"])),
-            ("acknowledged writes verified", str(r["acknowledged_writes"])),
+            *self.extra_summary(),
             ("files verified byte for byte", str(r["files_checked"])),
         ]
         _say("")
@@ -290,7 +328,9 @@ class Demo:
                     abort_session(SESSION, state_dir=str(self.state_dir))
                 except DmrecoverError:
                     pass
-            record.application().stop(timeout=10)
+            app = record.application()
+            app.stop(timeout=10)
+            app.release()
         except DmrecoverError:
             pass
         root = str(self.work) + "/"
@@ -311,13 +351,14 @@ class Demo:
             _say(f"kept {self.work}")
 
 
-def run_demo(options: DemoOptions, view: StatusView | None = None) -> int:
+def run_demo(options: DemoOptions, view: StatusView | None = None,
+             demo_class: type[Demo] = Demo) -> int:
     """The demo; 0 only if every check passed. `view`: a live status display (else one plain
-    line a second)."""
+    line a second). `demo_class`: the application (Demo: the sample app; pgdemo.PostgresDemo)."""
     registry.choose(options.backend)  # one-line error before anything is built
-    if options.size < MIN_SIZE:
-        raise UsageError("--size must be at least 64M")
-    demo = Demo(options, view)
+    if options.size < demo_class.min_size:
+        raise UsageError(f"--size must be at least {format_size(demo_class.min_size)}")
+    demo = demo_class(options, view)
     t = time.monotonic()
     try:
         demo.build_volume()

@@ -1,10 +1,11 @@
 """Real databases for the application tests: PostgreSQL 15 and MariaDB from Debian's packages.
 
-Importable helpers, no pytest here. Each database keeps its data directory on a given
-directory (the volume under test) and everything else (socket, pid file, server log) in a
-private runtime directory outside it, listens on a Unix socket only, and is started and stopped
-by commands given as strings that dmrecover's --app-start/--app-stop split with shlex (no
-shell):
+Importable helpers, no pytest here. The PostgreSQL cluster itself is
+dmrecover.demo.postgres.PostgresCluster (`dmrecover demo --app postgres` runs it too).
+Each database keeps its data directory on a given directory (the volume under test) and
+everything else (socket, pid file, server log) in a private runtime directory outside it,
+listens on a Unix socket only, and is started and stopped by commands given as strings that
+dmrecover's --app-start/--app-stop split with shlex (no shell):
 
     Postgres.start_command():  runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl
         -D DATA -l RUN/postgres.log -o "-k RUN -p PORT -c listen_addresses=''" -w -t 60 start
@@ -25,29 +26,38 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
-import random
 import re
 import shlex
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmrecover.demo.postgres import (  # the demo runs the same cluster: one harness
+    PAYLOAD,
+    PG_BIN,
+    PG_USER,
+    RECORD_TABLE,
+    DatabaseError,
+    PostgresCluster,
+    missing,
+    owned_dir,
+    read_record,
+    run_checked,
+    wait_until,
+)
 from dmrecover.system import command
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
-PG_USER = "postgres"
 MY_USER = "mysql"
-RECORD_TABLE = "recorded"
-PAYLOAD = 200  # bytes of payload a row: the table and its index grow over pages
 
+__all__ = ["PAYLOAD", "PG_BIN", "PG_USER", "RECORD_TABLE", "DatabaseError", "MariaDB",
+           "Postgres", "RecordingClient", "available", "make_traversable", "missing",
+           "read_record", "scratch_dir", "wait_until"]
 
-class DatabaseError(Exception):
-    """A harness step failed (the message says which and shows the tool's output)."""
+_run = run_checked  # kept: the tests and benchmarks call databases._run
+_owned_dir = owned_dir
 
 
 def available() -> dict[str, bool]:
@@ -55,23 +65,6 @@ def available() -> dict[str, bool]:
     return {"postgres": os.path.exists(f"{PG_BIN}/pg_ctl"),
             "mariadb": shutil.which("mariadbd-safe") is not None
             and os.path.exists("/usr/sbin/mariadbd")}
-
-
-def _run(argv: list[str], *, what: str, timeout: float = 120,
-         input: str | None = None) -> str:
-    r = command.run(argv, check=False, timeout=timeout, input=input, what=what)
-    if r.returncode != 0:
-        raise DatabaseError(f"{what} failed (exit {r.returncode}): "
-                            f"{(r.stderr.strip() or r.stdout.strip())[-2000:]}")
-    return r.stdout
-
-
-def _owned_dir(path: str, user: str, mode: int = 0o700) -> str:
-    os.makedirs(path, exist_ok=True)
-    pw = pwd.getpwnam(user)
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    os.chmod(path, mode)
-    return path
 
 
 def make_traversable(path: str) -> None:
@@ -102,83 +95,27 @@ def scratch_dir(prefix: str) -> str:
     return d
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.1) -> None:
-    """Poll check() until true; DatabaseError naming `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: S110 - not ready yet looks like any error
-            pass
-        if time.monotonic() >= deadline:
-            raise DatabaseError(f"{what}: not ready after {timeout:g}s")
-        time.sleep(interval)
-
-
 # ---------------------------------------------------------------- PostgreSQL 15
 
-@dataclass
-class Postgres:
-    """A PostgreSQL 15 cluster: data in `datadir` (on the volume), socket and log in `rundir`."""
-
-    datadir: str
-    rundir: str
-    port: int = field(default_factory=lambda: random.randrange(20000, 40000))
+class Postgres(PostgresCluster):
+    """A PostgreSQL 15 cluster (dmrecover.demo.postgres.PostgresCluster, which the demo uses
+    too) plus a psycopg2 connection and the threaded recording client."""
 
     @classmethod
     def create(cls, directory: str, *, rundir: str | None = None) -> Postgres:
-        """initdb a new cluster in directory/pgdata as the postgres user."""
-        pg = cls(os.path.join(directory, "pgdata"), rundir or scratch_dir("dmr-pg-"))
+        """initdb a new cluster in directory/pgdata as the postgres user (its ancestors made
+        traversable; the run directory a new scratch_dir() unless given)."""
+        make_traversable(os.path.join(directory, "pgdata"))
+        ours = rundir is None
+        rundir = rundir or scratch_dir("dmr-pg-")
         try:
-            make_traversable(pg.datadir)
-            _owned_dir(pg.rundir, PG_USER, 0o700)
-            _owned_dir(pg.datadir, PG_USER, 0o700)
-            _run(["runuser", "-u", PG_USER, "--", f"{PG_BIN}/initdb", "-D", pg.datadir,
-                  "--auth=trust", "-U", PG_USER, "-E", "UTF8", "--locale=C.UTF-8"],
-                 what="initdb", timeout=120)
+            pg = super().create(directory, rundir=rundir)
         except BaseException:
-            if rundir is None:  # ours: nobody else will remove it
-                shutil.rmtree(pg.rundir, ignore_errors=True)
+            if ours:  # nobody else will remove it
+                shutil.rmtree(rundir, ignore_errors=True)
             raise
+        assert isinstance(pg, Postgres)
         return pg
-
-    @property
-    def logfile(self) -> str:
-        return os.path.join(self.rundir, "postgres.log")
-
-    def start_argv(self) -> list[str]:
-        opts = f"-k {self.rundir} -p {self.port} -c listen_addresses=''"
-        return ["runuser", "-u", PG_USER, "--", f"{PG_BIN}/pg_ctl", "-D", self.datadir,
-                "-l", self.logfile, "-o", opts, "-w", "-t", "60", "start"]
-
-    def stop_argv(self) -> list[str]:
-        return ["runuser", "-u", PG_USER, "--", f"{PG_BIN}/pg_ctl", "-D", self.datadir,
-                "-m", "fast", "-w", "-t", "60", "stop"]
-
-    def start_command(self) -> str:
-        """--app-start string."""
-        return shlex.join(self.start_argv())
-
-    def stop_command(self) -> str:
-        """--app-stop string."""
-        return shlex.join(self.stop_argv())
-
-    def start(self) -> None:
-        """Start directly (no cgroup, no dmrecover)."""
-        _run(self.start_argv(), what="pg_ctl start", timeout=90)
-
-    def stop(self) -> None:
-        _run(self.stop_argv(), what="pg_ctl stop", timeout=90)
-
-    def postmaster_pid(self) -> int | None:
-        """The postmaster's pid from postmaster.pid, or None."""
-        try:
-            with open(os.path.join(self.datadir, "postmaster.pid")) as f:
-                return int(f.readline())
-        except (FileNotFoundError, ValueError):
-            return None
 
     def connect(self, dbname: str = "postgres") -> Any:
         # deferred: psycopg2 is a test-only dependency (python3-psycopg2)
@@ -186,48 +123,8 @@ class Postgres:
         return psycopg2.connect(host=self.rundir, port=self.port, user=PG_USER, dbname=dbname,
                                 connect_timeout=5)
 
-    def psql(self, sql: str, dbname: str = "postgres") -> str:
-        """Run sql with psql; its unaligned, tuples-only output."""
-        return _run(["runuser", "-u", PG_USER, "--", f"{PG_BIN}/psql", "-X", "-At",
-                     "-v", "ON_ERROR_STOP=1", "-h", self.rundir, "-p", str(self.port),
-                     "-d", dbname, "-c", sql], what="psql", timeout=120)
-
-    def ready(self) -> bool:
-        r = command.run([f"{PG_BIN}/pg_isready", "-h", self.rundir, "-p", str(self.port)],
-                        check=False, timeout=10)
-        return r.returncode == 0
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        wait_until(self.ready, timeout, "PostgreSQL")
-
-    def pgbench_init(self, scale: int = 1, dbname: str = "postgres") -> None:
-        _run(["runuser", "-u", PG_USER, "--", f"{PG_BIN}/pgbench", "-h", self.rundir,
-              "-p", str(self.port), "-i", "-q", "-s", str(scale), dbname],
-             what="pgbench -i", timeout=300)
-
-    def pgbench(self, seconds: int, *, clients: int = 2, dbname: str = "postgres") -> float:
-        """Run pgbench for `seconds`; its TPS."""
-        out = _run(["runuser", "-u", PG_USER, "--", f"{PG_BIN}/pgbench", "-h", self.rundir,
-                    "-p", str(self.port), "-T", str(seconds), "-c", str(clients), "-j", "1",
-                    "-n", dbname], what="pgbench", timeout=seconds + 120)
-        m = re.search(r"^tps = ([0-9.]+)", out, re.M)
-        if not m:
-            raise DatabaseError(f"pgbench printed no tps: {out[-500:]}")
-        return float(m.group(1))
-
-    def amcheck(self) -> str:
-        """pg_amcheck --heapallindexed over every database (installing amcheck where it is
-        missing); DatabaseError with its report when anything is corrupt."""
-        return _run(["runuser", "-u", PG_USER, "--", f"{PG_BIN}/pg_amcheck", "-h", self.rundir,
-                     "-p", str(self.port), "--all", "--install-missing", "--heapallindexed",
-                     "--rootdescend"], what="pg_amcheck", timeout=600)
-
     def recording_client(self, record_file: str, **kw: Any) -> RecordingClient:
         return RecordingClient(self.connect, record_file, dialect="postgres", **kw)
-
-    def recorded_ids(self) -> set[int]:
-        out = self.psql(f"SELECT id FROM {RECORD_TABLE}")
-        return {int(x) for x in out.split()}
 
 
 # ---------------------------------------------------------------- MariaDB
@@ -437,14 +334,3 @@ class RecordingClient:
                 with contextlib.suppress(Exception):
                     conn.close()
             os.close(fd)
-
-
-def read_record(record_file: str) -> list[int]:
-    """The ids a RecordingClient recorded as committed."""
-    with open(record_file) as f:
-        return [int(x) for x in f.read().split()]
-
-
-def missing(record_file: str, present: set[int]) -> list[int]:
-    """Recorded (committed) ids that the database does not have: must be empty."""
-    return sorted(set(read_record(record_file)) - present)
