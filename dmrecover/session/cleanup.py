@@ -4,19 +4,35 @@ Each backend finds its own leftovers (by looking at the system, never by trustin
 removes them; this module only answers the backends' questions about sessions (`SessionLookup`:
 which state dir holds a path, is its session process alive) and goes through every backend of
 the registry in turn, in its order (a backend whose devices sit on another's goes first).
+
+Last come the applications' cgroups (`<cgroup v2 root>/dmrecover/SESSION-DIGEST`, see
+session/app.py's cgroup_name) that dead sessions left: only empty ones (the kernel refuses to
+remove a populated cgroup anyway), never a live session's (found by the state dirs whose lock a
+process holds open, wherever they are: --state-dir too), and only names a session gives (other
+tools' and the tests' own cgroups under dmrecover/ are left alone).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dmrecover.backends import registry
 from dmrecover.backends.base import Backend, Leftover
 from dmrecover.errors import DmrecoverError
-from dmrecover.session.record import SESSION_FILE, lock_held, read_json, session_dir
+from dmrecover.session.app import cgroup_name
+from dmrecover.session.record import (
+    LOCK_FILE,
+    SESSION_FILE,
+    lock_held,
+    read_json,
+    session_dir,
+    state_root,
+)
+from dmrecover.system import cgroups
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +67,27 @@ class StateDirLookup:
 
 @dataclass(frozen=True)
 class Found:
-    """One leftover and the backend that removes it."""
+    """One leftover and the backend that removes it (None: an application cgroup, removed
+    here)."""
 
-    backend: Backend
+    backend: Backend | None
     item: Leftover
 
     def __str__(self) -> str:
         return str(self.item)
 
 
-def find_leftovers(backends: Iterable[Backend] | None = None) -> list[Found]:
-    """What dead sessions left, in removal order (every backend of the registry by default)."""
+def find_leftovers(backends: Iterable[Backend] | None = None, *,
+                   app_cgroups: bool | None = None) -> list[Found]:
+    """What dead sessions left, in removal order: every backend of the registry by default,
+    then the applications' empty cgroups (by default only when every backend is asked)."""
     lookup = StateDirLookup()
     found: list[Found] = []
     for backend in backends if backends is not None else all_backends():
         found += [Found(backend, item) for item in backend.leftovers(lookup)]
+    if app_cgroups if app_cgroups is not None else backends is None:
+        found += [Found(None, Leftover("session", "cgroup", path))
+                  for path in find_app_cgroups()]
     return found
 
 
@@ -74,7 +96,11 @@ def remove_leftovers(found: Iterable[Found]) -> list[str]:
     problems = []
     for f in found:
         try:
-            f.backend.remove_leftover(f.item)
+            if f.backend is None:
+                if not cgroups.remove_empty_cgroup(f.item.name):
+                    problems.append(f"{f.item}: a process joined it meanwhile; left alone")
+            else:
+                f.backend.remove_leftover(f.item)
         except DmrecoverError as err:
             log.error("cleanup: %s: %s", f.item, err)
             problems.append(f"{f.item}: {err}")
@@ -83,3 +109,64 @@ def remove_leftovers(found: Iterable[Found]) -> list[str]:
 
 def all_backends() -> list[Backend]:
     return [registry.get(name) for name in registry.names()]
+
+
+# ---------------------------------------------------------------- application cgroups
+
+_SESSION_CGROUP = re.compile(r"^.+-[0-9a-f]{8}$")  # app.cgroup_name(): SESSION-DIGEST
+
+
+def find_app_cgroups() -> list[str]:
+    """The application cgroups of dead sessions that are empty now (paths)."""
+    keep = _live_cgroups()
+    out = []
+    for path in cgroups.app_cgroup_dirs():
+        name = os.path.basename(path)
+        if not _SESSION_CGROUP.match(name) or name in keep or path in keep:
+            continue
+        if not cgroups.cgroup_populated(path):
+            out.append(path)
+    return out
+
+
+def _live_cgroups() -> set[str]:
+    """The cgroup names and paths of every live session (never removed)."""
+    keep: set[str] = set()
+    for d in live_state_dirs():
+        try:
+            data = read_json(os.path.join(d, SESSION_FILE)) or {}
+        except DmrecoverError:
+            data = {}
+        if isinstance(data.get("name"), str):
+            keep.add(cgroup_name(data["name"], d))
+        cg = (data.get("app_handle") or {}).get("cgroup") or {}
+        for key in ("name", "path"):
+            if isinstance(cg.get(key), str):
+                keep.add(cg[key])
+    return keep
+
+
+def live_state_dirs() -> set[str]:
+    """The state dirs whose session process runs: those under the state root, and any other
+    (--state-dir) whose lock file a process holds open; each checked with lock_held."""
+    dirs: set[str] = set()
+    root = state_root()
+    try:
+        dirs.update(os.path.join(root, n) for n in os.listdir(root))
+    except OSError:
+        pass
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if os.path.basename(target) == LOCK_FILE and target.startswith("/"):
+                dirs.add(os.path.dirname(target))
+    return {d for d in dirs if os.path.isfile(os.path.join(d, SESSION_FILE)) and lock_held(d)}

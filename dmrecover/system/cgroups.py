@@ -37,6 +37,7 @@ of subprocess.run. `reaping()` does it in a thread while a blocking stop command
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -576,6 +577,63 @@ class AppCgroup:
         elif self.kind == "systemd-scope":
             command.run(["systemctl", "stop", self.unit], check=False, timeout=60)
             command.run(["systemctl", "reset-failed", self.unit], check=False, timeout=30)
+
+
+# ---------------------------------------------------------------- leftovers (dmrecover cleanup)
+
+def app_cgroup_dirs(entries: Sequence[mounts.MountEntry] | None = None) -> list[str]:
+    """The application cgroup directories dmrecover made and that exist now:
+    `<v2 root>/dmrecover/NAME` and, where the named v1 hierarchy is mounted, its `NAME`s."""
+    entries = mounts.mounts() if entries is None else entries
+    parents = []
+    root = cgroup2_root(entries)
+    if root is not None:
+        parents.append(os.path.join(root, PARENT))
+    v1 = v1_named_root(entries)
+    if v1 is not None:
+        parents.append(v1)
+    out = []
+    for parent in parents:
+        try:
+            names = sorted(os.listdir(parent))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        out += [os.path.join(parent, n) for n in names
+                if _NAME.match(n) and os.path.isdir(os.path.join(parent, n))]
+    return out
+
+
+def cgroup_populated(path: str) -> bool:
+    """True when a process is in the cgroup at path or below (cgroup.events where there is
+    one, else every cgroup.procs of the subtree)."""
+    events = _read(os.path.join(path, "cgroup.events"))
+    if events is not None and "populated" in parse_events(events):
+        return parse_events(events)["populated"] == 1
+    for dirpath, _dirs, _files in os.walk(path):
+        if parse_procs(_read(os.path.join(dirpath, "cgroup.procs")) or ""):
+            return True
+    return False
+
+
+def remove_empty_cgroup(path: str) -> bool:
+    """Remove the cgroup at path and its child cgroups, only when no process is in any of
+    them; False (nothing removed) when populated. The kernel refuses to remove a populated
+    cgroup (EBUSY) even if a process joins after the check: that is False too. AppError when
+    it cannot be removed for another reason."""
+    if not os.path.isdir(path):
+        return True
+    if cgroup_populated(path):
+        return False
+    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(dirpath)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            if err.errno == errno.EBUSY:
+                return False
+            raise AppError(f"cannot remove cgroup {dirpath}: {err.strerror}") from err
+    return True
 
 
 def _read_status(fd: int, timeout: float) -> str | None:
