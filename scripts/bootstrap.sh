@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Everything dmrecover needs on a fresh Debian 12 machine, as root: apt packages and a venv in
-# .venv with dmrecover installed (editable) and its test tools. Idempotent: a second run is quick.
+# Everything dmrecover needs on a fresh Debian 12 machine, as root: apt packages, a venv in
+# .venv with dmrecover installed (editable) and its test tools, then scripts/install.sh puts
+# `dmrecover` on root's PATH (/usr/local/sbin), the udev rules, the session unit, the man page
+# and the bash completion where they belong (scripts/uninstall.sh removes them).
+# Idempotent: a second run is quick.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 if [ "$(id -u)" -ne 0 ]; then
-    echo "bootstrap: needs root (apt packages, loop devices): run it with sudo" >&2
+    echo "bootstrap: needs root (apt packages, loop devices): run it as root" >&2
     exit 1
 fi
 pkgs=$(grep -v '^\s*#' scripts/apt-packages.txt | grep -v '^\s*$' | tr '\n' ' ')
@@ -30,4 +33,5 @@ if ! .venv/bin/python -c 'import dmrecover, blake3, zstandard, pyudev, psutil, r
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e ".[test]"
 fi
-echo "bootstrap: ready (.venv/bin/dmrecover)"
+scripts/install.sh
+echo "bootstrap: ready: dmrecover (/usr/local/sbin/dmrecover -> $here/.venv/bin/dmrecover)"
