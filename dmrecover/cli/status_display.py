@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -60,6 +61,24 @@ def _repository(m: dict) -> str:
     return retries
 
 
+def _tracking(m: dict) -> str | None:
+    """How the application is tracked: its cgroup, or the weaker fallback's warning."""
+    if m.get("app_tracking_warning"):
+        return f"WARNING: {m['app_tracking_warning']}"
+    return m.get("app_tracking")
+
+
+def _retry(m: dict) -> str | None:
+    """A refused automatic cutover that is tried again ('refused: held by X; retrying in
+    N s (attempt K)', after the label 'cutover')."""
+    r = m.get("cutover_retry")
+    if not r:
+        return None
+    reason = f": {r['reason']}" if r.get("reason") else ""
+    return (f"refused{reason}; retrying in {max(0.0, r.get('in') or 0.0):.0f} s "
+            f"(attempt {r.get('attempt')})")
+
+
 def render_text(m: dict) -> str:
     """One session in plain text, one fact per line."""
     lines = [f"session {m['session']}: {m['state']}"
@@ -87,6 +106,12 @@ def render_text(m: dict) -> str:
         lines.append(f"  overlay:     {format_size(m['overlay_bytes'])} of application writes")
     lines.append(f"  repository:  {_repository(m)}")
     lines.append(f"  application: {_app(m)}")
+    if _tracking(m):
+        lines.append(f"  tracking:    {_tracking(m)}")
+    for i, step in enumerate(m.get("app_stop_log") or []):
+        lines.append(f"  {'last stop:' if i == 0 else '':<12} {step}")
+    if _retry(m):
+        lines.append(f"  cutover:     {_retry(m)}")
     t = m["timings"]
     if t.get("cutover_downtime") is not None:
         lines.append(f"  cutover:     downtime {t['cutover_downtime']:.2f} s, "
@@ -132,6 +157,14 @@ def render_rich(m: dict) -> RenderableType:
     t.add_row("repository", f"[red]{_repository(m)}[/]" if waiting
               else f"ok ({m.get('retries') or 0} retries)")
     t.add_row("application", _app(m))
+    if m.get("app_tracking_warning"):
+        t.add_row("tracking", f"[yellow]{escape(_tracking(m) or '')}[/]")
+    elif m.get("app_tracking"):
+        t.add_row("tracking", escape(m["app_tracking"]))
+    if m.get("app_stop_log"):
+        t.add_row("last stop", escape("\n".join(m["app_stop_log"])))
+    if _retry(m):
+        t.add_row("cutover", f"[yellow]{escape(_retry(m) or '')}[/]")
     t.add_row("mount", f"{m['mountpoint']}  ->  {m['dest']}")
     down = m["timings"].get("cutover_downtime")
     if down is not None:

@@ -8,6 +8,7 @@ session. The CLI renders the model (dmrecover/cli/status_display.py).
 from __future__ import annotations
 
 import os
+import re
 
 from dmrecover.session.record import ACTIVE_STATES, SessionRecord
 from dmrecover.session.volume import dest_head_path
@@ -18,6 +19,32 @@ OVERLAY_WARN = (95.0, 80.0)  # percent of the overlay's room: status warns from 
 
 def _num(v: object) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
+
+
+def _refusal(error: str | None) -> str | None:
+    """Why the last cutover was refused, shortly ('held by 123 (sleep)'), from the error."""
+    if not error:
+        return None
+    m = re.search(r"is held by (.+?), not by the application", error)
+    if m:
+        return f"held by {m.group(1)}"
+    return error.split(";")[0].removeprefix("cutover refused: ").strip() or None
+
+
+def _app_details(st: dict, handle: dict | None, alive: bool) -> dict:
+    """How the application is tracked and how its last stop went: from status.json while the
+    session process runs, else from the record's handle."""
+    app = st.get("app") or {}
+    handle = handle or {}
+    cg = handle.get("cgroup") if isinstance(handle.get("cgroup"), dict) else {}
+    tracking = app.get("tracking") if alive else None
+    if tracking is None and cg.get("kind"):
+        tracking = f"{cg['kind']} {cg.get('unit') or cg.get('path') or ''}".strip()
+    warning = app.get("tracking_warning") if alive else None
+    stop_log = app.get("stop_log") if alive and "stop_log" in app else handle.get("stop_log")
+    return {"app_tracking": tracking,
+            "app_tracking_warning": warning or cg.get("warning"),
+            "app_stop_log": list(stop_log) if isinstance(stop_log, list) else []}
 
 
 def model(record: SessionRecord) -> dict:
@@ -98,6 +125,9 @@ def model(record: SessionRecord) -> dict:
         "engine_errors": stats.get("errors") or [],
         "app": app_state,
         "app_pid": (st.get("app") or {}).get("pid"),
+        **_app_details(st, r.app_handle, alive),
+        "cutover_retry": ({**st["cutover_retry"], "reason": _refusal(r.error)}
+                          if alive and isinstance(st.get("cutover_retry"), dict) else None),
         "timings": r.timings,
         "warnings": warnings,
         "overlay_allocated": used,

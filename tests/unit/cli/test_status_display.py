@@ -85,3 +85,38 @@ def test_live_display() -> None:
         live.update([a_model()])
         live.update([])
     assert "no sessions" in out.getvalue()
+
+
+TRACKED = {"app_tracking": "cgroup2 /sys/fs/cgroup/unified/dmrecover/a-1234abcd",
+           "app_stop_log": ["   0.0s running the stop command",
+                            "  10.0s still running after 10s: 7 (postgres); sending SIGTERM",
+                            "  10.3s stopped by SIGTERM"],
+           "cutover_retry": {"attempt": 2, "in": 9.6, "reason": "held by 77 (sleep)"}}
+
+
+def test_text_shows_tracking_the_last_stop_and_a_pending_retry() -> None:
+    lines = sd.render_text(a_model(state="ready", **TRACKED)).splitlines()
+    assert "  tracking:    cgroup2 /sys/fs/cgroup/unified/dmrecover/a-1234abcd" in lines
+    i = next(n for n, line in enumerate(lines) if line.startswith("  last stop:"))
+    assert lines[i].split(":", 1)[1].strip() == "0.0s running the stop command"
+    assert lines[i + 1].strip() == "10.0s still running after 10s: 7 (postgres); sending SIGTERM"
+    assert lines[i + 2].strip() == "10.3s stopped by SIGTERM"
+    assert "  cutover:     refused: held by 77 (sleep); retrying in 10 s (attempt 2)" \
+        in lines
+
+
+def test_text_shows_the_tracking_fallback_as_a_warning() -> None:
+    text = sd.render_text(a_model(app_tracking="pgroup process group 9",
+                                  app_tracking_warning="no cgroup could be made"))
+    assert "  tracking:    WARNING: no cgroup could be made" in text
+    assert "last stop" not in text and "retrying" not in text
+
+
+def test_rich_panel_shows_tracking_the_last_stop_and_a_pending_retry() -> None:
+    out = io.StringIO()
+    Console(file=out, width=120).print(sd.render_rich(a_model(state="ready", **TRACKED)))
+    text = out.getvalue()
+    assert "dmrecover/a-1234abcd" in text
+    assert "still running after 10s: 7 (postgres); sending SIGTERM" in text
+    assert "10.3s stopped by SIGTERM" in text
+    assert "refused: held by 77 (sleep); retrying in 10 s (attempt 2)" in text

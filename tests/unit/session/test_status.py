@@ -4,6 +4,7 @@ note (no root: files only). The rendering is the CLI's (tests/unit/cli/test_stat
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
@@ -81,3 +82,49 @@ def test_list_sessions(root: Path) -> None:
     models = [model(r) for r in list_sessions()]
     assert [m["session"] for m in models] == ["one", "two"]
     assert models[0]["note"] and models[1]["percent"] == 100.0
+
+
+HELD = ("cutover refused: /srv/data is held by 77 (sleep), not by the application; the "
+        "application runs again on the pseudo-volume; `dmrecover cutover r` retries once they "
+        "are gone; the automatic cutover retries in 20s (attempt 3)")
+STOP_LOG = ["   0.0s running the stop command", "   1.2s the stop command exited 0"]
+
+
+def test_live_model_has_tracking_stop_log_and_cutover_retry(root: Path) -> None:
+    d = _make(root, "r", state="ready", restored=100 * MiB)
+    st = json.loads((d / "status.json").read_text())
+    st["app"].update(tracking="cgroup2 /sys/fs/cgroup/dmrecover/r-1234abcd",
+                     tracking_warning=None, stop_log=STOP_LOG)
+    st["cutover_retry"] = {"attempt": 3, "in": 12.5}
+    write_json_atomic(d / "status.json", st)
+    data = json.loads((d / "session.json").read_text())
+    write_json_atomic(d / "session.json", {**data, "error": HELD})
+    fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        m = model(load_session("r"))
+    finally:
+        os.close(fd)
+    assert m["app_tracking"] == "cgroup2 /sys/fs/cgroup/dmrecover/r-1234abcd"
+    assert m["app_tracking_warning"] is None
+    assert m["app_stop_log"] == STOP_LOG
+    assert m["cutover_retry"] == {"attempt": 3, "in": 12.5, "reason": "held by 77 (sleep)"}
+
+
+def test_dead_model_reads_tracking_and_stop_log_from_the_record(root: Path) -> None:
+    """The process is gone: status.json is stale (no retry is pending), the record's handle
+    says how the application was tracked and stopped."""
+    d = _make(root, "s")
+    st = json.loads((d / "status.json").read_text())
+    st["cutover_retry"] = {"attempt": 2, "in": 5.0}
+    write_json_atomic(d / "status.json", st)
+    data = json.loads((d / "session.json").read_text())
+    data["app_handle"] = {"pid": None, "stop_log": STOP_LOG, "cgroup": {
+        "kind": "pgroup", "name": "s-1", "path": None, "unit": None, "leader": 9,
+        "warning": "no cgroup could be made for the application (...)"}}
+    write_json_atomic(d / "session.json", data)
+    m = model(load_session("s"))
+    assert not m["alive"] and m["cutover_retry"] is None
+    assert m["app_tracking"] == "pgroup"
+    assert m["app_tracking_warning"].startswith("no cgroup could be made")
+    assert m["app_stop_log"] == STOP_LOG
