@@ -3,8 +3,14 @@ encrypted (format 2) vs --encryption none; restic's S3 backend on the same RGW f
 
     .venv/bin/python bench/bench_s3.py [--size 512M] [--json out.json]
     .venv/bin/python bench/bench_s3.py --live --store bluestore --size 2G
+    .venv/bin/python bench/bench_s3.py --rto --store bluestore [--rto-size 8G]
+    .venv/bin/python bench/bench_s3.py --all --store bluestore --size 2G --json s3.json
 
-One run each; prints a table and JSON. --live: the live restore's background restore from RGW
+One run each; prints Markdown tables (with the ratios: encryption cost, dmrecover vs restic,
+background vs offline restore) and JSON. --rto: the live-restore RTO from RGW (bench_live's
+session driver and sample volume: time from the `dmrecover live-restore` command to the
+sample application's first answered query) at --rto-size. --all: everything, one cluster.
+--live: the live restore's background restore from RGW
 (the engine's Fetcher and Restorer, the pool at 1, 4 and 8 fetches, no application reading)
 against the offline restore from the same RGW repository (encrypted), as a ratio. Data: half
 random, a quarter zeros, a quarter text (so compression and zero-skipping play their real
@@ -70,23 +76,37 @@ def run_one(where: str, enc: str, image: Path, tmp: Path) -> dict:
 
 
 def run_restic(endpoint: str, image: Path, tmp: Path) -> dict | None:
+    """restic 0.14's S3 backend on the same RGW: `backup --stdin`, then both ways restic gets
+    the volume back (`dump` to a file, `restore --target`); the faster counts."""
     if not shutil.which("restic"):
         return None
     env = dict(os.environ, RESTIC_PASSWORD="bench",
                RESTIC_REPOSITORY=f"s3:{endpoint}/restic-bench/{uuid.uuid4().hex[:8]}")
     subprocess.run(["restic", "init"], env=env, check=True, capture_output=True)
     t = time.monotonic()
-    subprocess.run(["restic", "backup", "--stdin", "--stdin-filename", "vol.img"],
-                   stdin=open(image, "rb"), env=env, check=True, capture_output=True)
+    with open(image, "rb") as f:
+        subprocess.run(["restic", "backup", "--stdin", "--stdin-filename", "vol.img"],
+                       stdin=f, env=env, check=True, capture_output=True)
     t_backup = time.monotonic() - t
     t = time.monotonic()
     with open(tmp / "restic.out", "wb") as f:
         subprocess.run(["restic", "dump", "latest", "vol.img"], stdout=f, env=env, check=True)
-    t_restore = time.monotonic() - t
+        os.fsync(f.fileno())
+    t_dump = time.monotonic() - t
     (tmp / "restic.out").unlink()
+    target = tmp / "restic-target"
+    t = time.monotonic()
+    subprocess.run(["restic", "restore", "latest", "--target", str(target)], env=env,
+                   check=True, capture_output=True)
+    subprocess.run(["sync", "-f", str(target / "vol.img")], check=True)
+    t_restore = time.monotonic() - t
+    assert (target / "vol.img").stat().st_size == image.stat().st_size
+    shutil.rmtree(target)
     size = image.stat().st_size
     return {"store": "rgw", "encryption": "restic", "backup_MiBps": size / MiB / t_backup,
-            "restore_MiBps": size / MiB / t_restore}
+            "restore_MiBps": size / MiB / min(t_dump, t_restore),
+            "restic_dump_MiBps": size / MiB / t_dump,
+            "restic_restore_MiBps": size / MiB / t_restore}
 
 
 def run_live(image: Path, tmp: Path) -> list[dict]:
@@ -122,6 +142,86 @@ def run_live(image: Path, tmp: Path) -> list[dict]:
     return rows
 
 
+def run_rto(tmp: Path, size: int, data_fraction: float) -> dict:
+    """Live-restore RTO from RGW: a sparse `size` ext4 volume with the sample application's
+    database and `data_fraction` of it in random data, backed up (4 MiB chunks) into an
+    encrypted repository on RGW with the default KDF; then the time from the `dmrecover
+    live-restore` command (password from DMRECOVER_PASSWORD) to the application's first
+    answered query, through bench_live's session driver."""
+    from bench_live import Live, build_image  # bench/ is sys.path[0] when run as a script
+
+    work = tmp / "rto"
+    work.mkdir()
+    img = build_image(work, size, data_fraction)
+    url = f"s3://bench/{uuid.uuid4().hex[:8]}-rto"
+    repo = Repository.init(url, password="bench")  # the default scrypt parameters
+    m = backup(img, repo, name="rto", chunk_size=4 * MiB)
+    stored = sum(1 for d in m.chunks if d is not None)
+    img.unlink()
+    os.environ["DMRECOVER_PASSWORD"] = "bench"
+    live = Live(work, url, m.id, size, "rgw")  # type: ignore[arg-type]  # a URL is fine
+    try:
+        wall0 = time.time()
+        t = live.start()
+        timings = live.session()["timings"]
+    finally:
+        live.teardown()
+        os.environ.pop("DMRECOVER_PASSWORD", None)
+    # Where the time goes: the CLI's start, the repository opened (S3 client, the KDF) and
+    # checked; then the session process (its own start, the repository, the FUSE file, the
+    # loop, the mount) and the application's start.
+    return {"size": size, "stored_MiB": stored * 4, "command_returned_s": t["command_returned"],
+            "first_query_s": t["first_query"],
+            "to_session_record_s": timings["command_started"] - wall0,
+            "to_app_started_s": timings["app_started"] - wall0}
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def markdown(result: dict) -> str:
+    """The report: one Markdown table per part that ran, with the ratios the issue asks for."""
+    out = [f"Image {result['size'] / MiB:.0f} MiB, Ceph OSD {result['store']}, one run each "
+           f"(load average at start {result['load']:.1f} on {os.cpu_count()} cores)."]
+    rows = result.get("rows")
+    if rows:
+        out += ["", "| store | encryption | backup MiB/s | restore MiB/s |",
+                "|---|---|---:|---:|"]
+        out += [f"| {r['store']} | {r['encryption']} | {r['backup_MiBps']:.0f} | "
+                f"{r['restore_MiBps']:.0f} |" for r in rows]
+        by = {(r["store"], r["encryption"]): r for r in rows}
+        enc, plain = by.get(("local", "aes-256-gcm")), by.get(("local", "none"))
+        rgw, restic = by.get(("rgw", "aes-256-gcm")), by.get(("rgw", "restic"))
+        out.append("")
+        if enc and plain:
+            out.append(f"- encryption cost (local, format 2 / none): backup "
+                       f"{_ratio(enc['backup_MiBps'], plain['backup_MiBps'])}, restore "
+                       f"{_ratio(enc['restore_MiBps'], plain['restore_MiBps'])}")
+        if rgw and restic:
+            out.append(f"- dmrecover (encrypted) / restic on the same RGW: backup "
+                       f"{_ratio(rgw['backup_MiBps'], restic['backup_MiBps'])}, restore "
+                       f"{_ratio(rgw['restore_MiBps'], restic['restore_MiBps'])} (goal >= 1.5x; "
+                       f"restic's faster of dump {restic['restic_dump_MiBps']:.0f} and restore "
+                       f"{restic['restic_restore_MiBps']:.0f} MiB/s)")
+    live = result.get("live")
+    if live:
+        out += ["", "| restore from RGW (encrypted) | fetch workers | MiB/s | vs offline |",
+                "|---|---:|---:|---:|"]
+        out += [f"| {r['mode']} | {r['workers'] or '-'} | {r['MiBps']:.0f} | "
+                f"{r['ratio']:.2f}x |" for r in live]
+    rto = result.get("rto")
+    if rto:
+        out += ["", "| live-restore RTO from RGW | volume | data stored | repository open, "
+                "session recorded | app started | command returned | first answered query |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+                f"| sample application, encrypted | {rto['size'] / (1 << 30):.0f} GiB | "
+                f"{rto['stored_MiB']} MiB | {rto['to_session_record_s']:.2f} s | "
+                f"{rto['to_app_started_s']:.2f} s | {rto['command_returned_s']:.2f} s | "
+                f"{rto['first_query_s']:.2f} s (goal <= 2 s) |"]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="512M")
@@ -130,47 +230,43 @@ def main() -> None:
                     help="the OSD's object store (bluestore for sizes of GiBs)")
     ap.add_argument("--live", action="store_true",
                     help="background restore of a live restore vs offline restore only")
+    ap.add_argument("--rto", action="store_true", help="the live-restore RTO from RGW only")
+    ap.add_argument("--all", action="store_true",
+                    help="throughput (with restic and the encryption cost), --live and --rto")
+    ap.add_argument("--rto-size", default="8G", help="the RTO volume's size")
+    ap.add_argument("--rto-data", type=float, default=0.04,
+                    help="the fraction of the RTO volume holding data")
     args = ap.parse_args()
     size = parse_size(args.size)
+    throughput = args.all or not (args.live or args.rto)
+    result: dict = {"size": size, "store": args.store, "load": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
         tmp = Path(d)
         image = tmp / "src.img"
-        make_image(image, size)
+        if throughput or args.live:
+            make_image(image, size)
         ceph = CephCluster(tmp / "ceph", store=args.store)
-        ceph.start()
-        if args.live:
-            try:
-                os.environ.update(ceph.env())
-                live = run_live(image, tmp)
-            finally:
-                ceph.stop()
-            print(f"{'restore from RGW (' + args.store + ')':<28} {'workers':>7} "
-                  f"{'MiB/s':>7} {'ratio':>6}")
-            for r in live:
-                print(f"{r['mode']:<28} {r['workers'] or '-':>7} {r['MiBps']:>7.0f} "
-                      f"{r['ratio']:>6.2f}")
-            result = {"size": size, "store": args.store, "live": live}
-            print(json.dumps(result))
-            if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=2))
-            return
         try:
+            ceph.start()
             os.environ.update(ceph.env())
-            rows = []
-            for enc in ("aes-256-gcm", "none"):
-                rows.append(run_one(str(tmp / f"local-{enc}"), enc, image, tmp))
-                rows.append(run_one(f"s3://bench/{uuid.uuid4().hex[:8]}-{enc}", enc, image,
-                                    tmp))
-            restic = run_restic(ceph.endpoint, image, tmp)
-            if restic:
-                rows.append(restic)
+            if throughput:
+                rows = []
+                for enc in ("aes-256-gcm", "none"):
+                    rows.append(run_one(str(tmp / f"local-{enc}"), enc, image, tmp))
+                    rows.append(run_one(f"s3://bench/{uuid.uuid4().hex[:8]}-{enc}", enc,
+                                        image, tmp))
+                restic = run_restic(ceph.endpoint, image, tmp)
+                if restic:
+                    rows.append(restic)
+                result["rows"] = rows
+            if args.live or args.all:
+                result["live"] = run_live(image, tmp)
+            image.unlink(missing_ok=True)
+            if args.rto or args.all:
+                result["rto"] = run_rto(tmp, parse_size(args.rto_size), args.rto_data)
         finally:
             ceph.stop()
-    print(f"{'store':<6} {'encryption':<12} {'backup MiB/s':>13} {'restore MiB/s':>14}")
-    for r in rows:
-        print(f"{r['store']:<6} {r['encryption']:<12} {r['backup_MiBps']:>13.0f} "
-              f"{r['restore_MiBps']:>14.0f}")
-    result = {"size": size, "rows": rows}
+    print(markdown(result))
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
