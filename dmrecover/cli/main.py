@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     """`dmrecover ...`; returns the exit code (usage errors exit 2 through SystemExit)."""
     try:
         args = build_parser().parse_args(argv)
-        level = logging.WARNING - 10 * min(args.verbose, 2)
+        verbose = args.verbose + getattr(args, "verbose_after", 0)  # -v before/after the verb
+        level = logging.WARNING - 10 * min(verbose, 2)
         logging.basicConfig(level=level,
                             format="%(asctime)s %(name)s %(levelname)s: %(message)s")
         return args.handler(args)

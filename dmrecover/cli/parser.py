@@ -16,14 +16,33 @@ from dmrecover.demo.pgdemo import APPS as DEMO_APPS
 from dmrecover.demo.volume import FSTYPES
 from dmrecover.errors import DmrecoverError
 from dmrecover.session.app import STOP_TIMEOUT
+from dmrecover.session.record import state_root
 from dmrecover.units import parse_size
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with "(default: X)" added to every option whose help does not name its
+    default already (no "(default: None)" or "(default: False)" noise)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse._CountAction)
+                or not (action.option_strings or action.nargs == "?")):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors: `dmrecover: error: ...`, exit code 2."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
         print(f"dmrecover: error: {message} (see: {self.prog} --help)", file=sys.stderr)
@@ -49,6 +68,23 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _global_opts(sp: argparse.ArgumentParser) -> None:
+    """The global options again on every verb, so `dmrecover status -v` works like
+    `dmrecover -v status` (a dest of their own: one does not reset the other)."""
+    sp.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_after",
+                    help="more logging (-vv: debug); also accepted before the verb")
+
+
+def _repo_opt(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--repo", required=True, metavar="REPO",
+                    help="the repository: a directory or s3://BUCKET/PREFIX")
+
+
+def _session_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("session", metavar="SESSION",
+                    help="the session's name (`dmrecover status` lists them)")
+
+
 def _progress_opt(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                     help="progress display (default: rich on a TTY, else plain lines)")
@@ -69,19 +105,28 @@ def _password_opt(sp: argparse.ArgumentParser, export: bool = False) -> None:
 
 def _state_dir_opt(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--state-dir", metavar="DIR",
-                    help="the session's state dir (default: /var/lib/dmrecover/SESSION)")
+                    help=f"the session's state dir (default: {state_root()}/SESSION; "
+                    "$DMRECOVER_STATE_ROOT moves the root)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; every verb's parser sets `handler`."""
-    p = Parser(prog="dmrecover", description="Instant recovery of a data volume from backup.")
+    p = Parser(prog="dmrecover", description="Instant recovery of a data volume from backup.",
+               epilog="Sessions live in "
+               f"{state_root()}/SESSION (root only). `dmrecover VERB --help` for a verb's "
+               "options; `man dmrecover` for all of them; docs/operations.md is the runbook.")
     p.add_argument("--version", action="version", version=f"dmrecover {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging (-vv: debug); also accepted after the verb")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=Parser)
 
-    def verb(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+    def verb(name: str, handler: Handler, help: str, hidden: bool = False
+             ) -> argparse.ArgumentParser:
+        # An internal verb is added without `help`: argparse then leaves it out of the list.
+        sp = (sub.add_parser(name, description=help) if hidden
+              else sub.add_parser(name, help=help, description=help))
         sp.set_defaults(handler=handler)
+        _global_opts(sp)
         return sp
 
     _repository_verbs(sub, verb)
@@ -89,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = verb("demo", demo_cmd.do_demo, "live-restore a sample database volume, end to end")
     sp.add_argument("--size", type=_size, default=256 << 20, help="volume size (default 256M)")
-    sp.add_argument("--fstype", choices=FSTYPES, default="ext4")
-    _backend_opt(sp)
+    sp.add_argument("--fstype", choices=FSTYPES, default="ext4",
+                    help="the sample volume's filesystem")
+    _backend_opt(sp, "how the pseudo-volume is presented (default: the best available)")
     sp.add_argument("--workdir", metavar="DIR",
                     help="work directory (default: a new one under /var/tmp)")
     sp.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -101,10 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _repository_verbs(sub: argparse._SubParsersAction,
-                      verb: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
-    repo = sub.add_parser("repo", help="manage a backup repository")
+                      verb: Callable[..., argparse.ArgumentParser]) -> None:
+    repo = sub.add_parser("repo", help="manage a backup repository",
+                          description="manage a backup repository")
     repo_sub = repo.add_subparsers(dest="repo_verb", metavar="ACTION", required=True)
-    ri = repo_sub.add_parser("init", help="create a new repository")
+    ri = repo_sub.add_parser("init", help="create a new repository",
+                             description="create a new repository")
+    _global_opts(ri)
     ri.add_argument("repo", metavar="REPO", help="a directory or s3://BUCKET/PREFIX")
     ri.add_argument("--encryption", choices=["aes-256-gcm", "none"], default="aes-256-gcm",
                     help="encrypt and authenticate (default) or store plain chunks")
@@ -113,8 +162,8 @@ def _repository_verbs(sub: argparse._SubParsersAction,
     _key_verbs(repo_sub)
 
     sp = verb("backup", repository_cmds.do_backup, "back up a block device or image file")
-    sp.add_argument("source", metavar="SOURCE")
-    sp.add_argument("--repo", required=True)
+    sp.add_argument("source", metavar="SOURCE", help="the block device or image file to read")
+    _repo_opt(sp)
     _password_opt(sp)
     sp.add_argument("--name", default=None, help="a name for the backup (default: source name)")
     sp.add_argument("--chunk-size", type=_size, default=4 << 20,
@@ -122,29 +171,31 @@ def _repository_verbs(sub: argparse._SubParsersAction,
     _progress_opt(sp)
 
     sp = verb("list", repository_cmds.do_list, "list the backups in a repository")
-    sp.add_argument("--repo", required=True)
+    _repo_opt(sp)
     _password_opt(sp)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     sp = verb("verify", repository_cmds.do_verify, "re-read and re-hash every chunk")
-    sp.add_argument("--repo", required=True)
+    _repo_opt(sp)
     _password_opt(sp)
     sp.add_argument("backup", nargs="?", metavar="BACKUP", help="one backup (default: all)")
     _progress_opt(sp)
 
     sp = verb("restore", repository_cmds.do_restore,
               "full offline restore to a block device or file")
-    sp.add_argument("--repo", required=True)
+    _repo_opt(sp)
     _password_opt(sp)
-    sp.add_argument("backup", metavar="BACKUP")
-    sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("backup", metavar="BACKUP", help="the backup's name or id (`dmrecover list`)")
+    sp.add_argument("dest", metavar="DEST",
+                    help="the block device or file to write (a file is created)")
     sp.add_argument("--force", action="store_true",
                     help="overwrite a destination that holds a filesystem")
     _progress_opt(sp)
 
 
 def _key_verbs(repo_sub: argparse._SubParsersAction) -> None:
-    key = repo_sub.add_parser("key", help="manage the passwords of an encrypted repository")
+    key = repo_sub.add_parser("key", help="manage the passwords of an encrypted repository",
+                              description="manage the passwords of an encrypted repository")
     key_sub = key.add_subparsers(dest="key_verb", metavar="ACTION", required=True)
     for name, handler, help in (
             ("list", repository_cmds.do_key_list, "list the key files"),
@@ -153,27 +204,40 @@ def _key_verbs(repo_sub: argparse._SubParsersAction) -> None:
             ("passwd", repository_cmds.do_key_passwd, "change the password used")):
         sp = key_sub.add_parser(name, help=help, description=help)
         sp.set_defaults(handler=handler)
-        sp.add_argument("--repo", required=True)
+        _global_opts(sp)
+        _repo_opt(sp)
         _password_opt(sp)
         if name in ("add", "passwd"):
             sp.add_argument("--new-password-file", metavar="FILE", required=True,
                             help="the new password, FILE's first line")
         if name == "remove":
-            sp.add_argument("key_id", metavar="KEY_ID")
+            sp.add_argument("key_id", metavar="KEY_ID", help="the key file's id (`repo key list`)")
 
 
-def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+def _app_opts(sp: argparse.ArgumentParser, required: bool) -> None:
+    """The application: --app-start [--app-stop], or --app-unit (one of them is required)."""
+    g = sp.add_mutually_exclusive_group(required=required)
+    g.add_argument("--app-start", metavar="CMD",
+                   help="shell command that starts the application (it may stay in the "
+                   "foreground or daemonize); required unless --app-unit")
+    g.add_argument("--app-unit", metavar="UNIT",
+                   help="a systemd unit that runs the application, instead of --app-start")
+    sp.add_argument("--app-stop", metavar="CMD",
+                    help="command that stops the application (default: SIGTERM to its "
+                    "processes); with --app-start")
+
+
+def _session_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     sp = verb("live-restore", session_cmds.do_live_restore,
               "restore while the application runs on a pseudo-volume")
-    sp.add_argument("--repo", required=True)
+    _repo_opt(sp)
     _password_opt(sp, export=True)
-    sp.add_argument("backup", metavar="BACKUP")
-    sp.add_argument("dest", metavar="DEST")
+    sp.add_argument("backup", metavar="BACKUP", help="the backup's name or id (`dmrecover list`)")
+    sp.add_argument("dest", metavar="DEST",
+                    help="the block device or file the backup is restored to")
     sp.add_argument("--mount", required=True, metavar="MOUNTPOINT",
                     help="where the application finds its volume (an empty directory)")
-    sp.add_argument("--app-start", metavar="CMD", help="command that starts the application")
-    sp.add_argument("--app-stop", metavar="CMD", help="command that stops the application")
-    sp.add_argument("--app-unit", metavar="UNIT", help="a systemd unit instead of commands")
+    _app_opts(sp, required=True)
     sp.add_argument("--stop-timeout", type=_seconds, default=STOP_TIMEOUT, metavar="SECONDS",
                     help="how long the application may take to stop (the stop command, or "
                     "`systemctl stop`, and its processes exiting) before dmrecover sends "
@@ -203,34 +267,37 @@ def _session_verbs(verb: Callable[[str, Handler, str], argparse.ArgumentParser])
                     help="overwrite a destination that holds a filesystem")
 
     sp = verb("resume", session_cmds.do_resume, "continue a session after a crash or reboot")
-    sp.add_argument("session", metavar="SESSION")
+    _session_arg(sp)
     _state_dir_opt(sp)
-    sp.add_argument("--foreground", action="store_true")
+    sp.add_argument("--foreground", action="store_true",
+                    help="run the session in this process instead of in the background")
 
     sp = verb("session-run", session_cmds.do_session_run,
-              "internal: the session process that live-restore and resume start")
-    sp.add_argument("session", metavar="SESSION")
+              "internal: the session process that live-restore and resume start", hidden=True)
+    _session_arg(sp)
     _state_dir_opt(sp)
-    sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--resume", action="store_true",
+                    help="rebuild the stack from the persisted state")
 
     sp = verb("status", session_cmds.do_status, "show live-restore sessions")
-    sp.add_argument("session", nargs="?", metavar="SESSION")
+    sp.add_argument("session", nargs="?", metavar="SESSION",
+                    help="one session, in full (default: every session, one line each)")
     _state_dir_opt(sp)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the status model as JSON")
     sp.add_argument("--watch", action="store_true", help="live display; Ctrl-C leaves")
 
     sp = verb("cutover", session_cmds.do_cutover,
               "switch the application to the restored volume")
-    sp.add_argument("session", metavar="SESSION")
+    _session_arg(sp)
     _state_dir_opt(sp)
     sp.add_argument("--online", action="store_true", help="merge without stopping the app (dm)")
     sp.add_argument("--no-wait", action="store_true",
                     help="return once the request is queued")
 
     sp = verb("abort", session_cmds.do_abort, "stop the application and tear the session down")
-    sp.add_argument("session", metavar="SESSION")
+    _session_arg(sp)
     _state_dir_opt(sp)
 
     sp = verb("cleanup", session_cmds.do_cleanup,
               "remove stale devices, loops and mounts left by a crash")
-    sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--dry-run", action="store_true", help="only say what would be removed")

@@ -61,6 +61,7 @@ def test_install_twice_then_uninstall(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert man.returncode == 0 and "warning" not in man.stderr, man.stderr
     assert "dmrecover - " in man.stdout and "live-restore" in man.stdout
+    assert "session-run" not in man.stdout  # internal
     bash = subprocess.run(["bash", "-n", str(dest / "usr/share/bash-completion/completions/"
                                                      "dmrecover")], capture_output=True,
                           text=True)

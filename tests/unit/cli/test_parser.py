@@ -20,7 +20,8 @@ VERBS = {
     ("list", "--repo", "/r"): repository_cmds.do_list,
     ("verify", "--repo", "/r"): repository_cmds.do_verify,
     ("restore", "--repo", "/r", "b", "/d"): repository_cmds.do_restore,
-    ("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m"): session_cmds.do_live_restore,
+    ("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m", "--app-unit", "u"):
+        session_cmds.do_live_restore,
     ("session-run", "s"): session_cmds.do_session_run,
     ("resume", "s"): session_cmds.do_resume,
     ("status",): session_cmds.do_status,
@@ -49,7 +50,7 @@ def test_every_verb_is_tested() -> None:
 def test_defaults_and_sizes() -> None:
     a = parse("backup", "/dev/x", "--repo", "/r", "--chunk-size", "1M")
     assert a.chunk_size == 1 << 20 and a.progress == "auto" and a.name is None
-    a = parse("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m")
+    a = parse("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m", "--app-start", "x")
     assert (a.backend, a.cutover, a.fetch_deadline, a.overlay, a.force, a.foreground) == \
         ("auto", "auto", 600.0, None, False, False)
     a = parse("demo", "--size", "64M", "--fstype", "xfs")
@@ -58,7 +59,7 @@ def test_defaults_and_sizes() -> None:
 
 
 def test_backend_choices_are_the_registry_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    lr = ("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m")
+    lr = ("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m", "--app-start", "x")
     for verb in (lr, ("demo",)):
         for name in (registry.AUTO, *registry.names()):
             assert parse(*verb, "--backend", name).backend == name
@@ -78,7 +79,8 @@ def test_overlay_help_promises_no_volume_group(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize("argv", [
     ("backup", "x.img", "--repo", "r", "--chunk-size", "4X"),
     ("demo", "--size", "lots"),
-    ("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m", "--backend", "nope"),
+    ("live-restore", "--repo", "/r", "b", "/d", "--mount", "/m", "--app-start", "x",
+     "--backend", "nope"),
     ("status", "--bogus"),
     ("frobnicate",),
     (),
@@ -125,7 +127,8 @@ def test_closed_stdout_exits_quietly(tmp_path) -> None:
     for argv in (["list", "--repo", str(tmp_path / "r")], ["--help"]):
         if argv[0] == "list":
             subprocess.run([sys.executable, "-m", "dmrecover", "repo", "init",
-                            "--encryption", "none", str(tmp_path / "r")], check=True, capture_output=True)
+                            "--encryption", "none", str(tmp_path / "r")], check=True,
+                           capture_output=True)
         code = ("import os, sys; from dmrecover.cli import main; r, w = os.pipe(); "
                 f"os.close(r); os.dup2(w, 1); sys.exit(main.main({argv!r}))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
