@@ -6,6 +6,7 @@ during live-restore reads (they wait, no error, then recover), chunks fetched on
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.errors import CorruptChunk, RepositoryError, RepositoryUnavailable
 from dmrecover.repository.backup import backup
 from dmrecover.repository.repo import Repository
-from dmrecover.repository.s3 import S3Storage
+from dmrecover.repository.s3 import S3Storage, parse_s3_url
 from dmrecover.repository.source import RepositorySource
 from dmrecover.repository.verify import verify
 from tests.helpers.ceph import CephCluster, ceph_available
@@ -176,3 +177,69 @@ def test_unreachable_endpoint_is_transient(url: str, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard: refused
     with pytest.raises(RepositoryUnavailable, match="S3 endpoint unreachable"):
         S3Storage(url).get("config.json")
+
+
+def _all_objects(url: str) -> dict[str, bytes]:
+    """Every object under the repository's prefix, with its bytes (boto3 directly)."""
+    import boto3  # the server's view, not through the store under test
+
+    bucket, prefix = parse_s3_url(url)
+    client = boto3.client("s3")
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                 Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def _rewrite_config(url: str, edit) -> None:
+    store = S3Storage(url)
+    cfg = json.loads(store.get("config.json"))
+    edit(cfg)
+    store.put_atomic("config.json", json.dumps(cfg).encode())
+
+
+def test_format_1_repository_read_through_the_cli(url: str, image, tmp_path: Path,
+                                                  cli: CliRunner) -> None:
+    """A repository as the format-1 code wrote it (version 1, plain ids and manifests, no id,
+    no encryption field, no keys) on S3: list says so, verify and restore work, and a
+    backup into it adds to it. A newer format is refused in one line, nothing changed."""
+    src, data = image
+    assert cli("repo", "init", url, "--encryption", "none")[0] == 0
+    rc, out, err = cli("backup", str(src), "--repo", url, "--chunk-size", "256K")
+    assert rc == 0, err
+    bid = out.strip()
+
+    def to_v1(cfg: dict) -> None:
+        for k in ("id", "encryption"):
+            cfg.pop(k, None)
+        cfg["version"] = 1
+    _rewrite_config(url, to_v1)
+    assert S3Storage(url).list("keys") == []
+    rc, out, err = cli("list", "--repo", url)
+    assert rc == 0 and bid in out and "format 1, encryption none" in out, err
+    rc, out, err = cli("list", "--repo", url, "--json")
+    assert rc == 0 and [b["encryption"] for b in json.loads(out)] == ["none"], err
+    rc, out, err = cli("verify", "--repo", url)
+    assert rc == 0 and "all chunks good" in out, err
+    dest = tmp_path / "out.img"
+    rc, _, err = cli("restore", "--repo", url, bid, str(dest))
+    assert rc == 0, err
+    assert dest.read_bytes() == data
+    # A format from a newer dmrecover: refused in one line, nothing written.
+    before = _all_objects(url)
+    assert len(before) > 3
+
+    def to_v3(cfg: dict) -> None:
+        cfg["version"] = 3
+    _rewrite_config(url, to_v3)
+    for verb in (("list", "--repo", url), ("verify", "--repo", url),
+                 ("restore", "--repo", url, bid, str(tmp_path / "again.img"))):
+        rc, _, err = cli(*verb)
+        line = cli.error_line(err)
+        assert rc == 66 and "unsupported format version 3" in line, (verb, line)
+    assert not (tmp_path / "again.img").exists()
+    after = _all_objects(url)
+    assert after.keys() == before.keys()
+    assert all(after[k] == before[k] for k in before if not k.endswith("/config.json"))
