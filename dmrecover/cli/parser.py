@@ -297,6 +297,9 @@ def _session_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     sp = verb("abort", session_cmds.do_abort, "stop the application and tear the session down")
     _session_arg(sp)
     _state_dir_opt(sp)
+    sp.add_argument("--force", action="store_true",
+                    help="when processes other than the application hold the mount: name "
+                         "them and unmount it lazily under them (their I/O then fails)")
 
     sp = verb("cleanup", session_cmds.do_cleanup,
               "remove stale devices, loops and mounts left by a crash")

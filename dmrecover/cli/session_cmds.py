@@ -106,11 +106,15 @@ def do_cutover(args: argparse.Namespace) -> int:
 
 def do_abort(args: argparse.Namespace) -> int:
     require_root("abort")
-    res = control.abort_session(args.session, state_dir=args.state_dir)
+    res = control.abort_session(args.session, state_dir=args.state_dir,
+                                force=args.force)
     name = res.record.name
     if res.already:
         print(f"session {name} is already aborted")
         return 0
+    for w in res.record.warnings:
+        if args.force and w.startswith("abort --force:"):
+            print(f"dmrecover: warning: {w}", file=sys.stderr)
     print(f"session {name} aborted; the application is stopped and {res.record.mountpoint}"
           f" unmounted")
     print(f"the overlay (application writes, {res.overlay_bytes} bytes allocated) is kept in "

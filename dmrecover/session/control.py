@@ -202,8 +202,11 @@ def request_cutover(name: str, *, state_dir: str | None = None, online: bool = F
 
 def abort_session(name: str, *, state_dir: str | None = None,
                   services: ServicesFactory = default_services,
-                  timeout: float = ABORT_WAIT) -> AbortResult:
-    """Stop the application, tear the stack down, keep the overlay (resume continues)."""
+                  timeout: float = ABORT_WAIT, force: bool = False) -> AbortResult:
+    """Stop the application, tear the stack down, keep the overlay (resume continues).
+    Refused (SessionError naming them) while other processes hold the mount, unless force:
+    then they are named in the record's warnings and the mount is unmounted lazily under
+    them (see SessionRunner.abort)."""
     record = SessionRecord.load(name, state_dir)
     if record.state == State.DONE:
         raise SessionError(f"session {record.name} is done; nothing to abort")
@@ -215,7 +218,7 @@ def abort_session(name: str, *, state_dir: str | None = None,
     if already:
         pass
     elif record.alive():
-        rid = send_request(record, "abort")
+        rid = send_request(record, "abort", force=force)
         record = wait_state(record, (State.ABORTED,), timeout=timeout, request_id=rid)
     else:
         teardown_dead(record, services(record))

@@ -39,8 +39,9 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.services import Services, ServicesFactory, default_services
 from dmrecover.session.volume import claim_for_session, forget_key, release_claims
-from dmrecover.system import claims
+from dmrecover.system import claims, command
 from dmrecover.system.claims import Claim
+from dmrecover.system.mounts import umount
 from dmrecover.testhooks import fault_point
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class SessionRunner:
         if self.stop_requested:
             return self.suspend()
         if req.get("request") == "abort":
-            if self.abort(req.get("id")):
+            if self.abort(req.get("id"), force=bool(req.get("force"))):
                 return 0
         elif req.get("request") == "cutover":
             self.cutover_request_id = req.get("id")
@@ -278,12 +279,18 @@ class SessionRunner:
         self.record.save(pid=None)
         return 0
 
-    def abort(self, request_id: str | None = None) -> bool:
+    def abort(self, request_id: str | None = None, *, force: bool = False) -> bool:
         """Stop the application whatever it does (stop command, SIGTERM, SIGKILL), tear down,
         keep the overlay. False (and the reason recorded) when something else still holds
         the mount: processes of the application that survived SIGKILL, or strangers, named.
         The application then stays stopped (that is what abort is for) and no automatic
-        cutover restarts it; `abort` again once they are gone."""
+        cutover restarts it; `abort` again once they are gone.
+
+        force (`abort --force`): those processes are named in the warnings, never signalled
+        (they are not the application), the filesystem is synced into the overlay and
+        unmounted lazily: nothing stays mounted at the mount point, and their I/O on the
+        detached filesystem fails once this process stops serving it (docs/architecture.md,
+        'abort --force')."""
         r = self.record
         assert self.volume is not None and self.presentation is not None
         r.add_warnings(self.app.stop())
@@ -293,25 +300,51 @@ class SessionRunner:
         if stray:
             what = "processes of the application that survived SIGKILL" if survivors \
                 else "processes other than the application"
-            self._refuse_abort(request_id, f"abort refused: the application is stopped, but "
-                                           f"{r.mountpoint} is held by {stray} ({what}); "
-                                           f"stop them and run `dmrecover abort {r.name}` "
-                                           "again")
-            return False
+            if not force:
+                self._refuse_abort(request_id, f"abort refused: the application is stopped, "
+                                               f"but {r.mountpoint} is held by {stray} "
+                                               f"({what}); stop them and run `dmrecover abort "
+                                               f"{r.name}` again, or `dmrecover abort --force "
+                                               f"{r.name}` to unmount it lazily under them")
+                return False
+            self._unmount_under(stray, what)
         self.volume.stop_restore()
         self._flush_overlay()
         try:
             self.presentation.teardown()
         except StackError as err:
-            self.volume.start_restore()
-            self._refuse_abort(request_id, f"abort refused: the application is stopped, but "
-                                           f"{err}")
-            return False
+            if not stray:  # nothing forced: the stack is intact, say why
+                self.volume.start_restore()
+                self._refuse_abort(request_id, f"abort refused: the application is stopped, "
+                                               f"but {err}")
+                return False
+            # Forced: the mount is gone; the layers under it stay busy until the processes
+            # let go of the detached filesystem. Undo what can be undone, then the backend's
+            # teardown of a dead session's stack (lazy where busy).
+            problems = self.presentation.undo.unwind()
+            try:
+                problems += [f"left to cleanup: {x}" for x in
+                             self.backend.teardown_dead(r.context())]
+            except DmrecoverError as err2:
+                problems.append(str(err2))
+            log.warning("abort --force: %s; %s", err, problems)
         self.presentation = None
         self.volume.close()
         self.app.release()
         r.set_state(State.ABORTED, pid=None, error=None, app_handle=self.app.handle.to_dict())
         return True
+
+    def _unmount_under(self, holders: str, what: str) -> None:
+        """abort --force: sync the filesystem (everyone's writes into the overlay), then
+        unmount it lazily under the processes that hold it, named in the warnings."""
+        r = self.record
+        r.add_warnings([f"abort --force: {r.mountpoint} was held by {holders} ({what}); they "
+                        "were not signalled; it was unmounted lazily, and their I/O on it "
+                        "fails from now on"])
+        sync = command.run(["sync", "-f", r.mountpoint], check=False, timeout=600)
+        if sync.returncode != 0:
+            log.warning("sync -f %s: %s", r.mountpoint, sync.stderr.strip())
+        umount(r.mountpoint, lazy=True)
 
     def _flush_overlay(self) -> None:
         """Flush before a teardown; a full overlay filesystem is no reason to fail it (the
