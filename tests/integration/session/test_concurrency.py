@@ -50,15 +50,17 @@ SKIP_TREE = ("app.db", "app.db-journal", "lost+found", ackwriter.SUBDIR)
 ENV = {"DMRECOVER_TEST_RESTORE_DELAY": "0.01"}
 
 # A contender: imports the CLI (and what live-restore uses) first, signals that it is ready,
-# blocks on the FIFO, then runs `dmrecover ARGS` the moment the test writes to it.
+# blocks on the FIFO, then runs `dmrecover ARGS` the moment the test writes to it (after a
+# delay, when the test staggers them).
 CONTENDER = """
-import os, sys
+import os, sys, time
 import dmrecover.cli.main as cli
 import dmrecover.cli.parser, dmrecover.session.start  # noqa: the work starts after the barrier
 fd = os.open(sys.argv[1], os.O_RDONLY)
 open(sys.argv[2], "w").close()
 os.read(fd, 1)
-sys.exit(cli.main(sys.argv[3:]))
+time.sleep(float(sys.argv[3]))
+sys.exit(cli.main(sys.argv[4:]))
 """
 
 
@@ -102,9 +104,11 @@ def _zero_dest(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def _release_together(sb: Sandbox, argvs: dict[str, list[str]], tag: str) -> list[Outcome]:
+def _release_together(sb: Sandbox, argvs: dict[str, list[str]], tag: str,
+                      delays: dict[str, float] | None = None) -> list[Outcome]:
     """Start one contender per session, wait until each is blocked on the FIFO, release them
-    with one write; their outcomes once both have exited."""
+    with one write (each then waits its delay, 0 by default); their outcomes once both have
+    exited."""
     fifo = sb.tmp / f"barrier-{tag}"
     os.mkfifo(fifo, 0o600)
     # Held open read-write by the test: the contenders' opens never block, and the FIFO
@@ -115,7 +119,8 @@ def _release_together(sb: Sandbox, argvs: dict[str, list[str]], tag: str) -> lis
         for name, argv in argvs.items():
             ready = sb.tmp / f"ready-{tag}-{name}"
             procs[name] = subprocess.Popen(
-                [sys.executable, "-c", CONTENDER, str(fifo), str(ready), *argv],
+                [sys.executable, "-c", CONTENDER, str(fifo), str(ready),
+                 str((delays or {}).get(name, 0.0)), *argv],
                 env=_env(sb), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 cwd="/")
         deadline = time.monotonic() + 120
@@ -245,8 +250,12 @@ def _resume_round(sb: Sandbox, r: int, rng: random.Random) -> str:
     assert "session-run" in proc.cmdline()
     proc.kill()
     proc.wait(30)
+    # Every other round the second one comes a little later: while the first one's new
+    # process builds the stack, not at the same instant.
+    stagger = 0.0 if r % 2 == 0 else rng.uniform(0.05, 0.8)
     outcomes = _release_together(sb, {f"{name}-1": ["resume", name],
-                                      f"{name}-2": ["resume", name]}, f"resume-{r}")
+                                      f"{name}-2": ["resume", name]}, f"resume-{r}",
+                                 delays={f"{name}-2": stagger})
     accepted = [o for o in outcomes if o.returncode == 0]
     summary = "; ".join(f"{o.session}: rc {o.returncode} {o.stderr.strip()[:300]!r}"
                         for o in outcomes)
@@ -261,7 +270,7 @@ def _resume_round(sb: Sandbox, r: int, rng: random.Random) -> str:
     assert "Traceback" not in err and len(err.splitlines()) == 1, \
         f"the refused resume did not say why in one line: {err!r}"
     dest.unlink()
-    return f"one resume accepted, the other refused: {err}"
+    return f"one resume accepted, the other ({stagger:.2f} s later) refused: {err}"
 
 
 def _round(sb: Sandbox, case: str, r: int, rng: random.Random) -> str:
