@@ -269,6 +269,8 @@ def _resume_round(sb: Sandbox, r: int, rng: random.Random) -> str:
     _finish_and_verify(sb, name, dest, sb.mnt)
     assert "Traceback" not in err and len(err.splitlines()) == 1, \
         f"the refused resume did not say why in one line: {err!r}"
+    assert f"session {name} failed" not in err, \
+        f"the refused resume says the session failed, but it runs: {err!r}"
     dest.unlink()
     return f"one resume accepted, the other ({stagger:.2f} s later) refused: {err}"
 
