@@ -219,7 +219,8 @@ def _app_opts(sp: argparse.ArgumentParser, required: bool) -> None:
     g = sp.add_mutually_exclusive_group(required=required)
     g.add_argument("--app-start", metavar="CMD",
                    help="shell command that starts the application (it may stay in the "
-                   "foreground or daemonize); required unless --app-unit")
+                   "foreground or daemonize)" + ("; required unless --app-unit" if required
+                                                 else ""))
     g.add_argument("--app-unit", metavar="UNIT",
                    help="a systemd unit that runs the application, instead of --app-start")
     sp.add_argument("--app-stop", metavar="CMD",
@@ -271,6 +272,10 @@ def _session_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     _state_dir_opt(sp)
     sp.add_argument("--foreground", action="store_true",
                     help="run the session in this process instead of in the background")
+    _app_opts(sp, required=False)
+    sp.epilog = ("--app-start/--app-stop/--app-unit correct how the application is started "
+                 "and stopped (e.g. a typo that made it fail): checked as for live-restore, "
+                 "recorded, then used from this resume on.")
 
     sp = verb("session-run", session_cmds.do_session_run,
               "internal: the session process that live-restore and resume start", hidden=True)
@@ -300,6 +305,15 @@ def _session_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--force", action="store_true",
                     help="when processes other than the application hold the mount: name "
                          "them and unmount it lazily under them (their I/O then fails)")
+
+    sp = verb("forget", session_cmds.do_forget,
+              "close a finished (done, failed or aborted) session: remove its state dir, free "
+              "its name")
+    _session_arg(sp)
+    _state_dir_opt(sp)
+    sp.add_argument("--discard-overlay", action="store_true",
+                    help="also when the overlay of an aborted or failed session still holds "
+                    "the application's writes (they are lost: resume could continue them)")
 
     sp = verb("cleanup", session_cmds.do_cleanup,
               "remove stale devices, loops and mounts left by a crash")

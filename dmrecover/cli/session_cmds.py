@@ -9,7 +9,7 @@ import sys
 
 from dmrecover.cli import status_display
 from dmrecover.cli.common import require_root
-from dmrecover.session import cleanup, control
+from dmrecover.session import boot, cleanup, control
 from dmrecover.session.app import AppSpec
 from dmrecover.session.record import SessionRecord, State, session_dir
 from dmrecover.session.runner import run_session
@@ -60,8 +60,15 @@ def do_resume(args: argparse.Namespace) -> int:
         started.append(record)
         print_started(record)
 
+    given = AppSpec(start=args.app_start, stop=args.app_stop, unit=args.app_unit)
     record = control.resume_session(args.session, state_dir=args.state_dir,
-                                    foreground=args.foreground, on_started=on_started)
+                                    foreground=args.foreground, on_started=on_started,
+                                    app=given)
+    if given.start or given.stop or given.unit:
+        a = record.app
+        how = f"unit {a.unit}" if a.unit else f"start `{a.start}`" + (
+            f", stop `{a.stop}`" if a.stop else "")
+        print(f"session {record.name}: the application is now run by {how} (recorded)")
     if not started and record.state == State.DONE:
         print(f"session {record.name} is done; nothing to resume")
     return 0
@@ -119,7 +126,21 @@ def do_abort(args: argparse.Namespace) -> int:
           f" unmounted")
     print(f"the overlay (application writes, {res.overlay_bytes} bytes allocated) is kept in "
           f"{res.overlay_dir} (overlay.img, overlay.map, overlay.log); "
-          f"`dmrecover resume {name}` continues")
+          f"`dmrecover resume {name}` continues, `dmrecover forget {name} --discard-overlay`"
+          " drops it")
+    return 0
+
+
+def do_forget(args: argparse.Namespace) -> int:
+    """Close a finished session: its state dir goes, its name is free again."""
+    require_root("forget")
+    res = control.forget_session(args.session, state_dir=args.state_dir,
+                                 discard_overlay=args.discard_overlay)
+    boot.disable(res.record.name)  # nothing left to resume at boot
+    print(f"session {res.record.name} ({res.record.state}) forgotten: removed "
+          f"{', '.join(res.removed)}")
+    for line in res.left:
+        print(f"  {line}")
     return 0
 
 

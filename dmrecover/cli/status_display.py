@@ -123,16 +123,41 @@ def render_text(m: dict) -> str:
     return "\n".join(lines)
 
 
+def _finished_line(m: dict) -> str:
+    """A finished session in one line: what it left and what to do with it."""
+    name, state = m["session"], m["state"]
+    if state == "done":
+        what = f"the application runs on {m['dest']} at {m['mountpoint']}"
+    elif state == "aborted":
+        what = (f"overlay kept: `dmrecover resume {name}`, or `dmrecover forget {name} "
+                "--discard-overlay`")
+    else:
+        what = (m.get("error") or "see its log").splitlines()[0][:70]
+    when = m["timings"].get("done") if state == "done" else None
+    at = time.strftime(" %Y-%m-%d %H:%M", time.localtime(when)) if when else ""
+    return f"  {name:<20} {state + at:<24} {what}"
+
+
 def render_list(models: Sequence[dict]) -> str:
-    """Every session on one line each ('!' after the state: see its note)."""
+    """Running sessions one line each ('!' after the state: see its note), then the
+    finished ones (done, failed, aborted) briefly, with what `forget` does to them."""
     if not models:
         return "no sessions"
-    lines = [f"{'SESSION':<20} {'STATE':<14} {'RESTORED':>8} {'APP':<12} MOUNTPOINT"]
-    for m in models:
+    active = [m for m in models if m["state"] in ACTIVE_STATES]
+    finished = [m for m in models if m["state"] not in ACTIVE_STATES]
+    lines = []
+    if active:
+        lines.append(f"{'SESSION':<20} {'STATE':<14} {'RESTORED':>8} {'APP':<12} MOUNTPOINT")
+    for m in active:
         pct = f"{m['percent']:.1f}%" if m["percent"] is not None else "-"
         state = m["state"] + ("!" if m["note"] else "")
         lines.append(f"{m['session']:<20} {state:<14} {pct:>8} {str(m['app'] or '-'):<12} "
                      f"{m['mountpoint']}")
+    if finished:
+        if lines:
+            lines.append("")
+        lines.append("finished (`dmrecover forget SESSION` closes one and frees its name):")
+        lines += [_finished_line(m) for m in finished]
     return "\n".join(lines)
 
 

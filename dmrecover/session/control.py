@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -15,9 +16,13 @@ from dataclasses import dataclass
 
 from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
+from dmrecover.engine import overlay as overlay_files
+from dmrecover.engine.pseudovolume import MERGED_MARKER, RESTORED_MAP
 from dmrecover.errors import SessionError, UsageError
+from dmrecover.session.app import AppSpec
 from dmrecover.session.cutover import RESUMABLE_PHASES
 from dmrecover.session.record import (
+    ACTIVE_STATES,
     CONTROL_FILE,
     LOG_FILE,
     SESSION_FILE,
@@ -30,6 +35,7 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.runner import OnStarted, launch
 from dmrecover.session.services import Services, ServicesFactory, default_services
+from dmrecover.system import files, mounts
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +99,53 @@ def teardown_dead(record: SessionRecord, services: Services, *, stop_app: bool =
     return done
 
 
+def corrected_app(current: AppSpec, given: AppSpec | None) -> AppSpec | None:
+    """The application spec `resume --app-start/--app-stop/--app-unit` asks for (None: no
+    change): --app-unit replaces the commands, --app-start replaces the unit or the start
+    command (and the stop command unless given), --app-stop alone replaces the stop command.
+    UsageError when the result is incomplete or ambiguous, as for live-restore."""
+    if given is None or not (given.start or given.stop or given.unit):
+        return None
+    if given.unit:
+        new = AppSpec(unit=given.unit, stop=given.stop, stop_timeout=current.stop_timeout)
+    elif given.start:
+        new = AppSpec(start=given.start, stop=given.stop, stop_timeout=current.stop_timeout)
+    else:
+        if current.unit:
+            raise UsageError("--app-stop alone cannot change a session run by --app-unit",
+                             hint="give --app-start CMD --app-stop CMD, or --app-unit UNIT")
+        new = AppSpec(start=current.start, stop=given.stop, stop_timeout=current.stop_timeout)
+    new.validate()
+    return new
+
+
 def resume_session(name: str, *, state_dir: str | None = None, foreground: bool = False,
                    on_started: OnStarted | None = None,
-                   services: ServicesFactory = default_services) -> SessionRecord:
+                   services: ServicesFactory = default_services,
+                   app: AppSpec | None = None) -> SessionRecord:
     """Tear down what a dead session left, then run it again (as `launch`). A session that
-    is done is returned as it is (nothing to resume)."""
+    is done is returned as it is (nothing to resume). `app` corrects how the application
+    is started and stopped (see corrected_app): validated before anything changes, recorded
+    after the old application is stopped, then used."""
     record = SessionRecord.load(name, state_dir)
     if record.alive():
         raise SessionError(f"session {record.name} is running", hint="nothing to resume")
+    new_app = corrected_app(record.app, app)
     if record.state == State.DONE:
+        if new_app is not None:
+            raise SessionError(f"session {record.name} is done: its application runs on "
+                               f"{record.dest}; there is nothing to resume")
         return record
     # In the last phase the application already runs on DEST: leave it alone.
     last_phase = record.state == State.CUTTING_OVER and record.phase == Phase.DISCARD
+    if new_app is not None and last_phase:
+        raise SessionError(f"session {record.name} has restarted its application on "
+                           f"{record.dest} already; its command cannot change now")
     teardown_dead(record, services(record), stop_app=not last_phase)
+    if new_app is not None:  # the old application is stopped (by its old spec): switch
+        log.info("session %s: application changed from %s to %s", record.name,
+                 record.app.to_dict(), new_app.to_dict())
+        record.save(app=new_app, app_handle=None)
     if record.state in (State.FAILED, State.ABORTED):
         failed_in = record.failed_in if record.state == State.FAILED else None
         if failed_in == State.CUTTING_OVER and record.phase in RESUMABLE_PHASES:
@@ -248,3 +288,85 @@ def _allocated(path: str) -> int:
         return os.stat(path).st_blocks * 512
     except OSError:
         return 0
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    record: SessionRecord
+    removed: list[str]  # the paths removed
+    left: list[str]  # what stays, in sentences (the application on DEST, an incomplete DEST)
+
+
+def forget_session(name: str, *, state_dir: str | None = None, discard_overlay: bool = False,
+                   services: ServicesFactory = default_services) -> ForgetResult:
+    """Close a finished (done, failed or aborted) session for good: remove its state dir
+    and engine files, so its name can be used again. Refused while it runs or can still be
+    resumed, and - unless discard_overlay - while its overlay holds application writes that
+    are not on DEST (an aborted or failed session: resume would continue from them)."""
+    record = SessionRecord.load(name, state_dir)
+    n = record.name
+    if record.alive():
+        raise SessionError(f"session {n} is running ({record.state})",
+                           hint=f"`dmrecover cutover {n}` finishes it, `dmrecover abort {n}` "
+                                "stops it; then forget it")
+    if record.state in ACTIVE_STATES:
+        raise SessionError(f"session {n} is {record.state} and its process is not running",
+                           hint=f"`dmrecover resume {n}` continues it, `dmrecover abort {n}` "
+                                "stops it; then forget it")
+    eng = record.engine_path
+    overlay_img = os.path.join(eng, overlay_files.IMG)
+    held = _allocated(overlay_img)
+    if record.state != State.DONE and held and not discard_overlay:
+        raise SessionError(f"session {n} is {record.state}: its overlay {overlay_img} holds "
+                           f"the application's writes ({held} bytes allocated), which are not "
+                           f"on {record.dest}",
+                           hint=f"`dmrecover resume {n}` continues with them; to drop them: "
+                                f"dmrecover forget {n} --discard-overlay")
+    left: list[str] = []
+    if record.state == State.DONE:
+        stop = (f"systemctl stop {record.app.unit}" if record.app.unit
+                else record.app.stop or "its own tools")
+        left.append(f"the application keeps running on {record.dest} at {record.mountpoint}; "
+                    f"dmrecover no longer tracks it (stop it with: {stop})")
+    else:
+        # nothing of the stack may stay behind the files removed below
+        teardown_dead(record, services(record), stop_app=False)
+        left.append(f"{record.dest} holds an incomplete restore: restore to it again (or "
+                    "use it for something else)")
+        if held:
+            left.append(f"the application's writes in the overlay ({held} bytes) are "
+                        "discarded")
+    _check_nothing_mounted(record.state_dir, eng)
+    removed: list[str] = []
+    if eng != record.state_dir and os.path.isdir(eng):
+        for f in (overlay_files.IMG, overlay_files.MAP, overlay_files.LOG, RESTORED_MAP,
+                  MERGED_MARKER):
+            path = os.path.join(eng, f)
+            if os.path.lexists(path):
+                os.unlink(path)
+                removed.append(path)
+        try:
+            os.rmdir(eng)  # only when nothing else is in it
+            removed.append(eng)
+        except OSError:
+            left.append(f"{eng} is kept: it holds other files")
+    _remove_dir(record.state_dir)
+    removed.append(record.state_dir)
+    log.info("session %s forgotten: removed %s", n, ", ".join(removed))
+    return ForgetResult(record, removed=removed, left=left)
+
+
+def _check_nothing_mounted(*dirs: str) -> None:
+    """rmtree must never walk into a mount (e.g. the FUSE mount of a session not torn down)."""
+    for d in dirs:
+        inside = [m.target for m in mounts.mounts() if os.path.commonpath([m.target, d]) == d]
+        if inside:
+            raise SessionError(f"{inside[0]} is still mounted inside {d}",
+                               hint="dmrecover cleanup removes what a dead session left; then "
+                                    "forget again")
+
+
+def _remove_dir(path: str) -> None:
+    """Remove a state dir (files and subdirectories), durably: its parent is synced."""
+    shutil.rmtree(path)
+    files.fsync_dir(os.path.dirname(path))

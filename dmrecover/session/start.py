@@ -254,11 +254,14 @@ def _check_state_dir(d: str) -> None:
     if lock_held(d):
         raise SessionError(f"state dir {d} is in use by a running session",
                            hint="pick another --session or --state-dir")
-    if data is not None and data.get("state") != State.DONE:
+    if data is not None:
         other = data.get("name")
-        if data.get("state") == State.ABORTED:
+        if data.get("state") == State.DONE:  # reused only after forget (issue 13)
+            hint = (f"its application runs on {data.get('dest')}: `dmrecover forget {other}` "
+                    "closes it and frees the name; or pick another --session")
+        elif data.get("state") == State.ABORTED:
             hint = (f"its overlay is kept there: `dmrecover resume {other}` continues it; "
-                    f"remove {d} to start over")
+                    f"`dmrecover forget {other} --discard-overlay` drops it")
         else:
             hint = (f"`dmrecover resume {other}` continues it, `dmrecover abort {other}` "
                     "stops it; or pick another --session")

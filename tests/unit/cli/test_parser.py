@@ -27,6 +27,8 @@ VERBS = {
     ("status",): session_cmds.do_status,
     ("cutover", "s"): session_cmds.do_cutover,
     ("abort", "s"): session_cmds.do_abort,
+    ("forget", "s", "--discard-overlay"): session_cmds.do_forget,
+    ("resume", "s", "--app-start", "x", "--app-stop", "y"): session_cmds.do_resume,
     ("cleanup",): session_cmds.do_cleanup,
     ("demo",): demo_cmd.do_demo,
 }

@@ -68,6 +68,22 @@ def test_list() -> None:
     assert lines[2].startswith("two") and "100.0%" in lines[2]
 
 
+def test_list_shows_finished_sessions_apart_and_briefly() -> None:
+    lines = sd.render_list([
+        a_model(session="run"),
+        a_model(session="old", state="done", alive=False, timings={"done": 0.0}),
+        a_model(session="ab", state="aborted", alive=False),
+        a_model(session="bad", state="failed", alive=False, error="app exited 7\nmore")],
+    ).splitlines()
+    assert lines[0].startswith("SESSION") and lines[1].startswith("run ")
+    assert lines[2] == "" and lines[3].startswith("finished (`dmrecover forget SESSION`")
+    assert lines[4].split()[:2] == ["old", "done"] and "runs on /dev/x at /srv/data" in lines[4]
+    assert "dmrecover forget ab --discard-overlay" in lines[5]
+    assert lines[6].endswith("failed                   app exited 7")
+    only_done = sd.render_list([a_model(session="old", state="done")]).splitlines()
+    assert only_done[0].startswith("finished") and len(only_done) == 2
+
+
 @pytest.mark.parametrize("changes", [{}, {"error": "boom", "alive": False},
                                      {"state": "failed", "restored_bytes": None, "percent": None}])
 def test_rich_panel_renders(changes: dict) -> None:
