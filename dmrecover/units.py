@@ -43,3 +43,23 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def format_rate(bytes_per_second: float | None) -> str:
+    """A throughput in IEC units, as every display shows it: 5242880 -> '5.0 MiB/s'."""
+    return f"{format_size(bytes_per_second or 0)}/s"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 fetch', '2 fetches', '0 retries' (many: the plural, default word + 's')."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+# filesystem names said with a vowel sound ("an xfs", "an ntfs") besides those starting with one
+_AN = ("xfs", "ntfs", "f2fs", "hfs", "hfsplus")
+
+
+def article(word: str) -> str:
+    """'an ext4', 'an xfs', 'a btrfs': the indefinite article and the word."""
+    an = word[:1].lower() in "aeiou" or word.lower() in _AN
+    return f"{'an' if an else 'a'} {word}"

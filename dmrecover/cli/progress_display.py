@@ -9,11 +9,12 @@ import sys
 import time
 from typing import IO
 
-from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, ProgressColumn, Task, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 from dmrecover.progress import NullRenderer, ProgressEvent, Renderer
-from dmrecover.units import format_size
+from dmrecover.units import format_rate, format_size
 
 MODES = ("auto", "rich", "plain", "json", "none")
 
@@ -46,7 +47,7 @@ class PlainRenderer:
         state = "done" if event.finished else f"{event.percent:5.1f}%"
         print(
             f"{event.operation}: {state} {format_size(event.done_bytes)}"
-            f"/{format_size(event.total_bytes)} at {format_size(event.rate)}/s"
+            f"/{format_size(event.total_bytes)} at {format_rate(event.rate)}"
             + (f" {event.message}" if event.message else ""),
             file=self.stream,
             flush=True,
@@ -71,6 +72,14 @@ class JsonRenderer:
         pass
 
 
+class RateColumn(ProgressColumn):
+    """The rate in IEC units like every other display (rich's own says MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(format_rate(task.speed) if task.speed is not None else "?",
+                    style="progress.data.speed")
+
+
 class RichRenderer:
     """A rich progress bar on a TTY."""
 
@@ -79,7 +88,7 @@ class RichRenderer:
             "[bold]{task.description}",
             BarColumn(),
             DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
+            RateColumn(),
             TimeRemainingColumn(),
             transient=False,
         )

@@ -16,7 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from dmrecover.session.record import ACTIVE_STATES
-from dmrecover.units import format_size
+from dmrecover.units import format_rate, format_size, plural
 
 
 def _duration(sec: float | None) -> str:
@@ -49,7 +49,7 @@ def _since(t: float) -> str:
 
 def _repository(m: dict) -> str:
     """Reachable, retrying, or lost past the fetch deadline (reads then wait, or fail)."""
-    retries = f"{m.get('retries') or 0} retries"
+    retries = plural(m.get("retries") or 0, "retry", "retries")
     lost = m.get("repository_lost_since")
     if lost:
         reads = "reads fail" if m.get("on_repository_lost") == "error" else "reads wait"
@@ -79,6 +79,20 @@ def _retry(m: dict) -> str | None:
             f"(attempt {r.get('attempt')})")
 
 
+def _where(m: dict) -> str:
+    """Where the application's volume is: mounted only while the session holds it (or the
+    application runs on DEST after the cutover); not after abort, failure or a crash."""
+    if m["state"] == "done" or (m["state"] in ACTIVE_STATES and m["alive"]):
+        return f"mounted at {m['mountpoint']}"
+    if m["state"] in ACTIVE_STATES:
+        return f"for {m['mountpoint']} (the session process is not running)"
+    return f"not mounted (mount point {m['mountpoint']})"
+
+
+def _fetches(m: dict) -> str:
+    return plural(m.get("demand_fetches") or 0, "fetch", "fetches")
+
+
 def render_text(m: dict) -> str:
     """One session in plain text, one fact per line."""
     lines = [f"session {m['session']}: {m['state']}"
@@ -89,7 +103,7 @@ def render_text(m: dict) -> str:
     if m.get("error"):
         lines.append(f"  error:       {m['error']}")
     lines.append(f"  backup:      {m.get('backup_name') or ''} {m['backup']} from {m['repo']}")
-    lines.append(f"  destination: {m['dest']}  mounted at {m['mountpoint']} ({m['fstype']}, "
+    lines.append(f"  destination: {m['dest']}  {_where(m)} ({m['fstype']}, "
                  f"{m['backend']} backend, cutover {m['cutover']})")
     if m.get("dest_state"):
         lines.append(f"  DEST:        {m['dest_state']}")
@@ -97,9 +111,9 @@ def render_text(m: dict) -> str:
         lines.append(f"  restored:    {format_size(m['restored_bytes'])} of "
                      f"{format_size(m['total_bytes'])} ({m['percent']:.1f}%)")
     if m["state"] in ("starting", "restoring"):
-        lines.append(f"  throughput:  {format_size(m['rate'] or 0)}/s   ETA {_duration(m['eta'])}")
+        lines.append(f"  throughput:  {format_rate(m['rate'])}   ETA {_duration(m['eta'])}")
     if m["demand_fetches"] is not None:
-        lines.append(f"  on demand:   {m['demand_fetches']} fetches, latency mean "
+        lines.append(f"  on demand:   {_fetches(m)}, latency mean "
                      f"{_ms(m['demand_latency_mean'])}, p99 {_ms(m['demand_latency_p99'])}, "
                      f"max {_ms(m['demand_latency_max'])}")
     if m["overlay_bytes"] is not None:

@@ -20,6 +20,7 @@ from dmrecover.system.loops import loop_of
 from dmrecover.system.mounts import mounts_of
 from dmrecover.system.processes import processes_using
 from dmrecover.system.sysfs import devnum, holders_of, stat_path
+from dmrecover.units import article
 
 log = logging.getLogger(__name__)
 
@@ -140,5 +141,5 @@ def check_writable_destination(path: str | os.PathLike[str], min_size: int,
     if not force and (stat.S_ISBLK(st.st_mode) or st.st_size > 0):
         fs = filesystem_type(p)
         if fs:
-            raise DeviceError(f"destination {path} holds a {fs} filesystem",
+            raise DeviceError(f"destination {path} holds {article(fs)} filesystem",
                               hint="use --force to overwrite it")

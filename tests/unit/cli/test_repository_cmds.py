@@ -182,7 +182,7 @@ def test_destination_with_filesystem_needs_force(setup: dict,
     rc, _, err = cli("restore", "--repo", str(setup["repo"]), setup["id"], str(dest),
                      "--progress", "none")
     assert rc == DeviceError.exit_code
-    assert "holds a ext4 filesystem" in cli.error_line(err) and "--force" in err
+    assert "holds an ext4 filesystem" in cli.error_line(err) and "--force" in err
     assert dest.read_bytes() == before
     rc, _, _ = cli("restore", "--repo", str(setup["repo"]), setup["id"], str(dest),
                    "--progress", "none", "--force")
