@@ -2,7 +2,8 @@
 while an application writes with fsync, resume, let the automatic cutover finish, and check
 DEST alone: fsck clean, every backed-up file intact, every acknowledged write there.
 
-Each trial draws (from a seeded RNG) the filesystem and where to kill:
+Each trial draws (from a seeded RNG) the filesystem (ext4, xfs), the application and where
+to kill:
 
     restore     at a random moment of the background restore
     checkpoint  once mid-restore, then again while the resumed process recovers the overlay
