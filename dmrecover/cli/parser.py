@@ -289,7 +289,11 @@ def _session_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
                     help="one session, in full (default: every session, one line each)")
     _state_dir_opt(sp)
     sp.add_argument("--json", action="store_true", help="print the status model as JSON")
-    sp.add_argument("--watch", action="store_true", help="live display; Ctrl-C leaves")
+    sp.add_argument("--watch", action="store_true",
+                    help="live display (plain lines when not a terminal); it ends with a "
+                    "summary once the sessions have ended; Ctrl-C leaves")
+    sp.add_argument("--follow", action="store_true",
+                    help="with --watch: keep watching after the sessions have ended")
 
     sp = verb("cutover", session_cmds.do_cutover,
               "switch the application to the restored volume")

@@ -83,7 +83,7 @@ def do_status(args: argparse.Namespace) -> int:
         return [model(r) for r in control.list_sessions()]
 
     if args.watch:
-        return status_display.watch(models)
+        return status_display.watch(models, follow=args.follow)
     ms = models()
     if args.json:
         print(json.dumps(ms[0] if single else ms, indent=2))

@@ -6,6 +6,7 @@ JSON-ready dict; this module only formats it.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from rich.console import Console, Group, RenderableType
@@ -14,6 +15,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from dmrecover.session.record import ACTIVE_STATES
 from dmrecover.units import format_rate, format_size, plural
@@ -175,52 +177,204 @@ def render_list(models: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_rich(m: dict) -> RenderableType:
-    """One session as a rich panel with a progress bar."""
-    t = Table.grid(padding=(0, 2))
-    t.add_column(style="bold")
-    t.add_column()
+def health(m: dict) -> tuple[str, str]:
+    """(word, colour) for the top line: healthy green, waiting for the repository yellow,
+    failed or dead red, aborted yellow."""
+    if _dead(m):
+        return "DEAD: session process not running", "red"
+    if m["state"] == "failed":
+        return "needs the operator (see error)", "red"
+    if m["state"] == "aborted":
+        return "aborted", "yellow"
+    if m.get("repository_lost_since") or m.get("waiting_for_repository_since"):
+        return "waiting for repository", "yellow"
+    if m["warnings"] or _retry(m):
+        return "healthy, with warnings", "yellow"
+    return ("finished: the application runs on DEST" if m["state"] == "done"
+            else "healthy"), "green"
+
+
+def _restored(m: dict) -> bool:
+    return m["restored_bytes"] is not None and m["restored_bytes"] >= (m["total_bytes"] or 0)
+
+
+def _rate_eta(m: dict) -> str:
+    """Rate and ETA while bytes are still coming; "restored" once they all are; nothing for
+    a dead or finished session (no stale rate)."""
+    if _restored(m):
+        return "restored"
+    if _dead(m) or m["state"] not in ACTIVE_STATES:
+        return "-"
+    return f"{format_rate(m['rate'])}   ETA {_duration(m['eta'])}"
+
+
+CUTOVER_STEPS = (("stop app", "cutover_started", "app_stopped"),
+                 ("merge", "app_stopped", "merged"),
+                 ("restart app", "merged", "app_restarted"))
+
+
+def _cutover_steps(m: dict) -> str | None:
+    """The cutover's phases as they happen: each finished one with its time, the current
+    one running."""
+    t = m["timings"]
+    if "cutover_started" not in t:
+        return None
+    parts = []
+    for name, start, end in CUTOVER_STEPS:
+        if isinstance(t.get(end), (int, float)) and isinstance(t.get(start), (int, float)):
+            parts.append(f"{name} {t[end] - t[start]:.2f} s")
+        elif isinstance(t.get(start), (int, float)):
+            running = "" if _dead(m) or m["state"] != "cutting-over" else " ..."
+            parts.append(f"[bold]{name}{running}[/]")
+            break
+    down = t.get("cutover_downtime")
+    if isinstance(down, (int, float)):
+        parts.append(f"downtime {down:.2f} s")
+    return " > ".join(parts)
+
+
+def render_rich(m: dict, width: int = 100) -> RenderableType:
+    """One session for a wall screen: state and phase on top in the health colour, the
+    progress bar with restored bytes, rate and ETA, on-demand latency, overlay against its
+    room, repository, application, cutover steps, warnings."""
+    word, colour = health(m)
     state = m["state"] + (f" ({m['phase']})" if m.get("phase") else "")
-    color = {"done": "green", "failed": "red", "aborted": "yellow"}.get(m["state"], "cyan")
-    t.add_row("state", f"[{color}]{state}[/]" + (" [red](not running)[/]" if _dead(m) else ""))
+    top = Text.from_markup(f"[bold {colour}]{escape(state.upper())}[/]  [{colour}]"
+                           f"{escape(word)}[/]")
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column()
     if m.get("error"):
-        t.add_row("error", f"[red]{m['error']}[/]")
+        t.add_row("error", f"[red]{escape(m['error'])}[/]")
+    if m.get("note"):
+        t.add_row("note", f"[red]{escape(m['note'])}[/]")
+    bar = ProgressBar(total=100.0, completed=m["percent"] or 0.0, width=max(20, width - 20),
+                      complete_style=colour, finished_style=colour)
+    t.add_row("progress", bar)
     if m["restored_bytes"] is not None:
-        t.add_row("restored", f"{format_size(m['restored_bytes'])} / "
-                  f"{format_size(m['total_bytes'])}  ({m['percent']:.1f}%)")
-    t.add_row("throughput", f"{format_size(m['rate'] or 0)}/s   ETA {_duration(m['eta'])}")
-    t.add_row("on demand", f"{m['demand_fetches'] or 0} fetches, mean "
-              f"{_ms(m['demand_latency_mean'])}, p99 {_ms(m['demand_latency_p99'])}")
-    t.add_row("overlay", format_size(m["overlay_bytes"] or 0))
+        t.add_row("restored", f"{format_size(m['restored_bytes'])} of "
+                  f"{format_size(m['total_bytes'])} ({m['percent'] or 0:.1f}%)")
+    t.add_row("rate", _rate_eta(m))
+    t.add_row("on demand", f"{_fetches(m)}, mean {_ms(m['demand_latency_mean'])}, "
+              f"p99 {_ms(m['demand_latency_p99'])}, max {_ms(m['demand_latency_max'])}")
+    room, used = m.get("overlay_room"), m.get("overlay_allocated")
+    overlay = format_size(m["overlay_bytes"] or 0) + " of application writes"
+    if room and used is not None:
+        overlay += f"; {format_size(used)} used of {format_size(room)} room " \
+                   f"({100.0 * used / room:.0f}%)"
+    t.add_row("overlay", overlay)
     waiting = m.get("repository_lost_since") or m.get("waiting_for_repository_since")
-    t.add_row("repository", f"[red]{_repository(m)}[/]" if waiting
-              else f"ok ({m.get('retries') or 0} retries)")
-    t.add_row("application", _app(m))
+    t.add_row("repository", f"[yellow]{escape(_repository(m))}[/]" if waiting
+              else f"ok ({_repository(m)})")
+    t.add_row("application", escape(_app(m)))
     if m.get("app_tracking_warning"):
         t.add_row("tracking", f"[yellow]{escape(_tracking(m) or '')}[/]")
     elif m.get("app_tracking"):
         t.add_row("tracking", escape(m["app_tracking"]))
     if m.get("app_stop_log"):
         t.add_row("last stop", escape("\n".join(m["app_stop_log"])))
+    steps = _cutover_steps(m)
+    if steps:
+        t.add_row("cutover", steps)
     if _retry(m):
         t.add_row("cutover", f"[yellow]{escape(_retry(m) or '')}[/]")
-    t.add_row("mount", f"{m['mountpoint']}  ->  {m['dest']}")
-    down = m["timings"].get("cutover_downtime")
-    if down is not None:
-        t.add_row("cutover", f"downtime {down:.2f} s")
-    bar = ProgressBar(total=100.0, completed=m["percent"] or 0.0, width=60)
-    return Panel(Group(bar, t), title=f"dmrecover session {m['session']}", expand=False)
+    t.add_row("volume", escape(f"{m['dest']}  {_where(m)}"))
+    for w in m["warnings"]:
+        t.add_row("warning", f"[yellow]{escape(w)}[/]")
+    return Panel(Group(top, t), title=f"dmrecover session {m['session']}",
+                 border_style=colour, width=width)
 
 
-def _frame(models: Sequence[dict]) -> RenderableType:
-    return Group(*(render_rich(m) for m in models)) if models else "no sessions"
+def render_table(models: Sequence[dict], height: int | None = None) -> RenderableType:
+    """Many sessions, one row each, as many as fit in `height` rows (a line says how many
+    more there are)."""
+    t = Table(expand=True, box=None, header_style="bold", pad_edge=False)
+    for col, just in (("SESSION", "left"), ("STATE", "left"), ("HEALTH", "left"),
+                      ("RESTORED", "right"), ("RATE / ETA", "right"), ("APP", "left")):
+        t.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")  # type: ignore
+    room = len(models) if height is None else max(1, height - 3)
+    shown = models if len(models) <= room else models[:room - 1]
+    for m in shown:
+        word, colour = health(m)
+        pct = f"{m['percent']:.1f}%" if m["percent"] is not None else "-"
+        t.add_row(escape(m["session"]), f"[{colour}]{escape(m['state'])}[/]",
+                  f"[{colour}]{escape(word)}[/]", pct, _rate_eta(m), escape(_app(m)))
+    if len(shown) < len(models):
+        t.add_row(f"... {len(models) - len(shown)} more", "", "", "", "", "")
+    return t
+
+
+def summary(models: Sequence[dict]) -> str:
+    """The lines `status --watch` leaves when the sessions have ended."""
+    out = []
+    for m in models:
+        line = f"session {m['session']}: {m['state']}"
+        down = m["timings"].get("cutover_downtime")
+        if m["state"] == "done":
+            line += f"; the application runs on {m['dest']} at {m['mountpoint']}"
+            if isinstance(down, (int, float)):
+                line += f" (downtime {down:.2f} s)"
+        elif _dead(m):
+            line += f"; its process is not running: dmrecover resume {m['session']}"
+        elif m.get("error"):
+            line += f": {m['error']}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def plain_line(m: dict) -> str:
+    """One line per session and tick, for a log or a pipe."""
+    word, _ = health(m)
+    pct = f"{m['percent']:.1f}%" if m["percent"] is not None else "-"
+    return (f"{time.strftime('%H:%M:%S')} {m['session']} {m['state']}"
+            + (f" ({m['phase']})" if m.get("phase") else "")
+            + f" [{word}] {pct} {_rate_eta(m)} app {_app(m)}")
+
+
+def _frame(models: Sequence[dict], width: int, height: int) -> RenderableType:
+    if not models:
+        return "no sessions"
+    if len(models) == 1:
+        return render_rich(models[0], width=min(width, 120))
+    return render_table(models, height)
+
+
+def _ended(models: Sequence[dict]) -> bool:
+    """Nothing left to watch: every session finished, or its process dead."""
+    return all(m["state"] not in ACTIVE_STATES or _dead(m) for m in models)
+
+
+class RateWindow:
+    """The restore rate averaged over the last `window` seconds of samples the watch took,
+    per session (steadier than the last half second, and 0 only when it really stalls)."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self._samples: dict[str, deque[tuple[float, int]]] = {}
+
+    def apply(self, m: dict, now: float | None = None) -> dict:
+        now = time.monotonic() if now is None else now
+        if m["restored_bytes"] is None or _dead(m) or m["state"] not in ACTIVE_STATES:
+            return m
+        q = self._samples.setdefault(m["session"], deque())
+        q.append((now, m["restored_bytes"]))
+        while len(q) > 2 and now - q[0][0] > self.window:
+            q.popleft()
+        (t0, b0), (t1, b1) = q[0], q[-1]
+        if t1 - t0 < 1.0:
+            return m  # too short a window: the session's own rate
+        rate = max(0.0, (b1 - b0) / (t1 - t0))
+        left = (m["total_bytes"] or 0) - b1
+        return {**m, "rate": rate, "eta": (left / rate) if rate > 0 else None}
 
 
 class LiveStatus:
     """A rich display redrawn with each `update(models)`; a context manager."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self._live = Live("", console=console, refresh_per_second=4, transient=False)
+        self.console = console or Console()
+        self._live = Live("", console=self.console, refresh_per_second=4, transient=False,
+                          vertical_overflow="crop")
 
     def __enter__(self) -> LiveStatus:
         self._live.start()
@@ -230,17 +384,40 @@ class LiveStatus:
         self._live.stop()
 
     def update(self, models: Sequence[dict]) -> None:
-        self._live.update(_frame(models))
+        size = self.console.size
+        self._live.update(_frame(models, size.width, size.height), refresh=True)
 
 
 def watch(models: Callable[[], list[dict]], interval: float = 0.5,
-          console: Console | None = None) -> int:
-    """`status --watch`: redraw `models()` every `interval` seconds until Ctrl-C."""
+          console: Console | None = None, follow: bool = False) -> int:
+    """`status --watch`: redraw every `interval` seconds; leave with a summary once every
+    session has ended (unless follow) or on Ctrl-C. Not a terminal: one plain line per
+    session and tick instead."""
+    console = console or Console()
+    rates = RateWindow()
+    current: list[dict] = []
     try:
-        with LiveStatus(console) as live:
+        if not console.is_terminal:
             while True:
-                live.update(models())
+                current = [rates.apply(m) for m in models()]
+                for m in current:
+                    console.print(plain_line(m), highlight=False, soft_wrap=True, markup=False)
+                if not current:
+                    console.print("no sessions")
+                console.file.flush()
+                if not follow and _ended(current):
+                    break
                 time.sleep(interval)
+        else:
+            with LiveStatus(console) as live:
+                while True:
+                    current = [rates.apply(m) for m in models()]
+                    live.update(current)
+                    if not follow and _ended(current):
+                        break
+                    time.sleep(interval)
     except KeyboardInterrupt:
         pass  # Ctrl-C leaves the display; the session runs on
+    if current and _ended(current):
+        console.print(summary(current), highlight=False, soft_wrap=True, markup=False)
     return 0
