@@ -17,6 +17,8 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ACCESS_KEY = "DMRECOVERTESTKEY0001"
@@ -216,6 +218,26 @@ rgw_dns_name = 127.0.0.1
         """Stop rgw, then the OSD, then the mon (each by its pid file)."""
         for name in (RGW_NAME, "osd.0", "mon.a"):
             self._stop(name)
+
+
+@contextmanager
+def running(root: Path, **kw: object) -> Iterator[CephCluster]:
+    """A started cluster under root whose AWS variables are in os.environ (so boto3, the
+    CLI's subprocesses and the session processes they start all reach it) until it stops;
+    the variables are put back as they were. The tests' module fixtures use it."""
+    cluster = CephCluster(root, **kw)  # type: ignore[arg-type]
+    saved = {k: os.environ.get(k) for k in cluster.env()}
+    try:
+        cluster.start()
+        os.environ.update(cluster.env())
+        yield cluster
+    finally:
+        cluster.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _alive(pid: int) -> bool:

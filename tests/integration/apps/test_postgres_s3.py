@@ -12,7 +12,6 @@ DEST alone: pg_amcheck --heapallindexed clean and every recorded insert present.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import uuid
@@ -24,6 +23,7 @@ import pytest
 from dmrecover.system import command
 from tests.apps import databases
 from tests.apps.databases import Postgres
+from tests.helpers import ceph as ceph_helper
 from tests.helpers.ceph import CephCluster, ceph_available
 from tests.integration.apps.appkit import AppSandbox, build_db_volume
 
@@ -47,20 +47,11 @@ def ceph() -> Iterator[CephCluster]:
     # The cluster's files in a scratch dir too: no database lives there, but pytest's
     # tmp_path may be chmodded 0700 by another run (see databases.make_traversable).
     root = Path(databases.scratch_dir("dmr-ceph-"))
-    cluster = CephCluster(root)
-    saved = {k: os.environ.get(k) for k in cluster.env()}
     try:
-        cluster.start()
-        os.environ.update(cluster.env())  # the CLI's subprocesses and the session inherit it
-        yield cluster
+        with ceph_helper.running(root) as cluster:  # the CLI and the session inherit its env
+            yield cluster
     finally:
-        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from dmrecover.repository.repo import Repository
 from dmrecover.repository.s3 import S3Storage, parse_s3_url
 from dmrecover.repository.source import RepositorySource
 from dmrecover.repository.verify import verify
-from tests.helpers.ceph import CephCluster, ceph_available
+from tests.helpers.ceph import CephCluster, ceph_available, running
 from tests.helpers.cli import CliRunner
 
 MiB = 1 << 20
@@ -36,19 +36,8 @@ pytestmark = pytest.mark.skipif(not ceph_available(),
 
 @pytest.fixture(scope="module")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
-    saved = {k: os.environ.get(k) for k in cluster.env()}
-    try:
-        cluster.start()
-        os.environ.update(cluster.env())
+    with running(tmp_path_factory.mktemp("ceph")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
