@@ -87,6 +87,10 @@ class Overlay:
         self.checkpoint_log_bytes = checkpoint_log_bytes
         self._lock = threading.Lock()
         self._log_gen = 0  # bumped by every checkpoint (log reset)
+        self._durable = 0  # log offset up to which every record is covered by a barrier
+        self._flush_lock = threading.Lock()  # one flush syncs at a time (group commit)
+        self.flush_calls = 0  # flush() calls, and those that synced (the rest were grouped)
+        self.flush_syncs = 0
         self.img_path, self.map_path, self.log_path = (self.dir / IMG, self.dir / MAP,
                                                        self.dir / LOG)
         existed = self.img_path.exists()
@@ -252,28 +256,57 @@ class Overlay:
 
     def flush(self) -> None:
         """Make every write acknowledged before this call durable: fdatasync the data, then
-        append a barrier record and fdatasync the log. Checkpoints when the log is large."""
+        append a barrier record and fdatasync the log. Checkpoints when the log is large.
+
+        Group commit: concurrent flushes share one round of syncs. A flush waits for the one
+        in progress, then returns at once when that one's barrier (or a checkpoint) covered
+        every write acknowledged before this flush began; otherwise it syncs, covering the
+        writes of every flush that waited meanwhile. A flush with nothing new since the last
+        barrier syncs nothing.
+        """
+        self.flush_calls += 1
         with self._lock:
-            mark, gen = self._mark()
-        os.fdatasync(self._img)
-        with self._lock:
-            self._barrier(mark, gen)
-            if self._log_bytes >= self.checkpoint_log_bytes:
-                self._try_checkpoint()
+            need, need_gen = self._mark()
+        with self._flush_lock:
+            with self._lock:
+                if self._log_gen != need_gen or self._durable >= need:
+                    return  # a checkpoint or a barrier since covered these writes
+                mark, gen = self._mark()
+            self.flush_syncs += 1
+            os.fdatasync(self._img)
+            with self._lock:
+                end = self._barrier(mark, gen)
+            if end is None:
+                return  # a checkpoint since the mark made those writes durable already
+            # The log's sync runs without the lock: writes go on being journalled meanwhile
+            # (measured: holding the lock here put the log's sync time into the p99 of
+            # concurrent writes). Records after the barrier are not covered by it anyway.
+            os.fdatasync(self._log)
+            with self._lock:
+                if self._log_gen == gen:
+                    self._durable = end
+                if self._log_bytes >= self.checkpoint_log_bytes:
+                    self._try_checkpoint()
 
     def _mark(self) -> tuple[int, int]:
         # caller holds the lock. Every record before this log offset had its data pwritten.
         return self._log_bytes, self._log_gen
 
-    def _barrier(self, mark: int, gen: int) -> None:
+    def _barrier(self, mark: int, gen: int) -> int | None:
         """Append a barrier covering the records before `mark` (caller holds the lock and
-        fdatasynced the data after taking the mark). The barrier names the offset it covers,
-        not "everything before me": a write journalled between the fdatasync and the barrier
-        is not durable and must still be CRC-checked at recovery."""
+        fdatasynced the data after taking the mark; the caller then fdatasyncs the log). The
+        barrier names the offset it covers, not "everything before me": a write journalled
+        between the fdatasync and the barrier is not durable and must still be CRC-checked at
+        recovery. Returns the log offset the barrier makes durable once the log is synced
+        (None: a checkpoint since the mark made those writes durable already)."""
         if gen != self._log_gen:
-            return  # a checkpoint since the mark made those writes durable already
+            return None
+        quiet = self._log_bytes == mark  # nothing journalled since the mark
         self._append(_record(BARRIER, mark))
-        os.fdatasync(self._log)
+        # Records journalled between the mark and the barrier are not covered (their data
+        # may not be synced). Without any, the barrier's own record counts as covered: a
+        # flush that finds nothing new after it need not sync again.
+        return self._log_bytes if quiet else mark
 
     def checkpoint(self) -> None:
         """Save the map snapshot (after an fdatasync of the data) and reset the log."""
@@ -297,6 +330,7 @@ class Overlay:
                 os.close(fd)
         self._log_bytes = 0
         self._log_gen += 1
+        self._durable = 0
 
     # ------------------------------------------------------------------ cutover, status
 
