@@ -31,6 +31,7 @@ from dmrecover.session.record import (
     State,
     read_json,
     state_root,
+    take_state_lock,
     write_json_atomic,
 )
 from dmrecover.session.runner import OnStarted, launch
@@ -128,14 +129,35 @@ def resume_session(name: str, *, state_dir: str | None = None, foreground: bool 
     is started and stopped (see corrected_app): validated before anything changes, recorded
     after the old application is stopped, then used."""
     record = SessionRecord.load(name, state_dir)
-    if record.alive():
-        raise SessionError(f"session {record.name} is running", hint="nothing to resume")
-    new_app = corrected_app(record.app, app)
-    if record.state == State.DONE:
-        if new_app is not None:
-            raise SessionError(f"session {record.name} is done: its application runs on "
-                               f"{record.dest}; there is nothing to resume")
-        return record
+    # The state lock first, held from here into the session process it starts: a second
+    # `resume` at the same moment is refused instead of tearing down what this one builds.
+    lock_fd = take_state_lock(record.state_dir)
+    if lock_fd is None:
+        raise SessionError(f"session {record.name} is running (or another resume is "
+                           "starting it)", hint="nothing to resume: `dmrecover status` shows it")
+    try:
+        record = record.reload()  # as the previous holder of the lock left it
+        new_app = corrected_app(record.app, app)
+        if record.state == State.DONE:
+            if new_app is not None:
+                raise SessionError(f"session {record.name} is done: its application runs "
+                                   f"on {record.dest}; there is nothing to resume")
+            os.close(lock_fd)
+            return record
+        _prepare_resume(record, new_app, services)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    # launch() owns the lock from here: it hands it to the session process (or, in the
+    # foreground, the session run here releases it when it ends).
+    return launch(record, foreground=foreground, resume=True, on_started=on_started,
+                  services=services, lock_fd=lock_fd)
+
+
+def _prepare_resume(record: SessionRecord, new_app: AppSpec | None,
+                    services: ServicesFactory) -> None:
+    """resume_session's work under the state lock: stop and tear down what the dead process
+    left, take the corrected application, set the state the session continues from."""
     # In the last phase the application already runs on DEST: leave it alone.
     last_phase = record.state == State.CUTTING_OVER and record.phase == Phase.DISCARD
     if new_app is not None and last_phase:
@@ -157,8 +179,6 @@ def resume_session(name: str, *, state_dir: str | None = None, foreground: bool 
     except FileNotFoundError:
         pass
     record.save(app_started=False, resumed=time.time())
-    return launch(record, foreground=foreground, resume=True, on_started=on_started,
-                  services=services)
 
 
 def send_request(record: SessionRecord, request: str, **extra: object) -> str:

@@ -112,6 +112,38 @@ def check_state_dir(d: str) -> None:
         files.check_trusted(d, kind="state dir", error=SessionError)
 
 
+# The state dir's lock taken by `resume` and handed to the session process it starts (an
+# inherited descriptor: flock goes with the open file), so no second resume slips in between.
+LOCK_HANDOFF_ENV = "DMRECOVER_STATE_LOCK_FD"
+
+
+def take_state_lock(state_dir: str) -> int | None:
+    """The state dir's lock, taken (a descriptor to keep, or hand on); None while another
+    process holds it (the session runs, or another resume is starting it)."""
+    fd = os.open(os.path.join(state_dir, LOCK_FILE),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def adopt_state_lock() -> int | None:
+    """The state lock a parent (`resume`) handed to this process, or None (removes the entry
+    from the environment, so it is adopted once)."""
+    text = os.environ.pop(LOCK_HANDOFF_ENV, "")
+    if not text:
+        return None
+    fd = int(text)
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def lock_held(state_dir: str) -> bool:
     """True when a live session process holds the state dir's lock."""
     path = os.path.join(state_dir, LOCK_FILE)

@@ -28,12 +28,14 @@ from dmrecover.session.cutover import RESUMABLE_PHASES, Cutover
 from dmrecover.session.record import (
     CONTROL_FILE,
     LOCK_FILE,
+    LOCK_HANDOFF_ENV,
     LOG_FILE,
     STATUS_FILE,
     CutoverMode,
     Phase,
     SessionRecord,
     State,
+    adopt_state_lock,
     read_json,
     write_json_atomic,
 )
@@ -403,21 +405,29 @@ class SessionRunner:
 def run_session(name: str, *, state_dir: str | None = None, resume: bool = False,
                 on_started: OnStarted | None = None,
                 services: ServicesFactory = default_services,
-                held: list[Claim] | None = None) -> int:
+                held: list[Claim] | None = None, lock_fd: int | None = None) -> int:
     """The session process (`dmrecover session-run`, or in-process with --foreground): holds
-    the lock and the claims on DEST and the mount point (`held`, or handed on by the parent,
-    or taken here), logs to session.log, handles SIGTERM (suspend) and SIGUSR1 (a request)."""
+    the lock (`lock_fd` already taken, or handed on by `resume`, or taken here) and the claims
+    on DEST and the mount point (`held`, or handed on by the parent, or taken here), logs to
+    session.log, handles SIGTERM (suspend) and SIGUSR1 (a request)."""
     inherited = claims.adopt_inherited(f"session {name}")
     held = held if held is not None else inherited
+    if lock_fd is None:
+        lock_fd = adopt_state_lock()  # `resume` took it and handed it on
     try:
         record = SessionRecord.load(name, state_dir)
-        lock_fd = os.open(record.file(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                          0o600)
+        locked = lock_fd is not None
+        if lock_fd is None:
+            lock_fd = os.open(record.file(LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                              0o600)
     except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
         release_claims(held)
         raise
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not locked:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not held and record.state != State.DONE:
             held = claim_for_session(record.name, record.dest, record.mountpoint,
                                      exclusive=not _dest_mounted(record))
@@ -492,17 +502,20 @@ _STARTED_STATES = (State.RESTORING, State.READY, State.CUTTING_OVER, State.DONE)
 def launch(record: SessionRecord, *, foreground: bool, resume: bool,
            on_started: OnStarted | None = None,
            services: ServicesFactory = default_services,
-           held: list[Claim] | None = None) -> SessionRecord:
+           held: list[Claim] | None = None,
+           lock_fd: int | None = None) -> SessionRecord:
     """Run the session process: here (foreground: returns when it ends, `on_started` called
     once the application runs), or detached (returns once the application runs). The record
     returned is the one persisted at that point; SessionError when the session failed.
-    `held`: the claims the caller took, handed to the session process with no gap."""
+    `held`: the claims the caller took, and `lock_fd` the state lock it took, both handed to
+    the session process with no gap."""
     held = held or []
     if foreground:
         old_umask = os.umask(0o077)  # what the session creates is private (logs, overlay)
         try:
             rc = run_session(record.name, state_dir=record.state_dir, resume=resume,
-                             on_started=on_started, services=services, held=held)
+                             on_started=on_started, services=services, held=held,
+                             lock_fd=lock_fd)
         finally:
             os.umask(old_umask)
         final = record.reload()
@@ -516,17 +529,25 @@ def launch(record: SessionRecord, *, foreground: bool, resume: bool,
         logf = os.fdopen(os.open(record.file(LOG_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT
                                  | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "ab")
         try:
+            env = {**os.environ, **claims.handoff_env(held)}
+            pass_fds = [fd for c in held for fd in c.fds()]
+            if lock_fd is not None:
+                env[LOCK_HANDOFF_ENV] = str(lock_fd)
+                pass_fds.append(lock_fd)
             proc = psutil.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 cwd="/", start_new_session=True, close_fds=True, umask=0o077,
-                                pass_fds=[fd for c in held for fd in c.fds()],
-                                env={**os.environ, **claims.handoff_env(held)})
+                                pass_fds=pass_fds, env=env)
         finally:
             logf.close()
     except BaseException:
         release_claims(held)
+        if lock_fd is not None:
+            os.close(lock_fd)
         raise
     for c in held:
         c.close()  # the child holds them now (flock and O_EXCL go with the open file)
+    if lock_fd is not None:
+        os.close(lock_fd)  # the child's copy keeps the state lock
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         current = record.reload()
