@@ -191,6 +191,7 @@ class Fetcher:
         self._latency_max = 0.0
         self._latency_sum = 0.0
         self.synced_at: float | None = None
+        self.synced_chunks = 0  # chunks the persisted map names (what a crash keeps)
 
         try:
             fd = os.open(self.dest_path, os.O_RDWR | os.O_CLOEXEC)
@@ -578,6 +579,7 @@ class Fetcher:
             self.sync_dest()
             self._mapfile.save(snapshot)
             self.synced_at = time.time()
+            self.synced_chunks = snapshot.count()
 
     # ------------------------------------------------------------------ status
 
@@ -610,6 +612,7 @@ class Fetcher:
                 "failed": str(self.failure) if self.failure is not None else None,
                 "errors": list(self.errors),
                 "synced_at": self.synced_at,
+                "synced_chunks": self.synced_chunks,
             }
 
     def _restored_bytes(self) -> int:
