@@ -11,6 +11,7 @@ can never slow down or break a real recovery. The session's boot unit never sets
 | DMRECOVER_FAIL_AT=<step>          | `fault_point(step)` raises StackError before the step    |
 | DMRECOVER_TEST_RESTORE_DELAY=<s>  | the background restorer sleeps s seconds per chunk      |
 | DMRECOVER_TEST_MERGE_PAUSE=<s>    | the dm merge waits s seconds before it starts            |
+| DMRECOVER_TEST_CHECKPOINT_LOG_BYTES=<n> | the overlay checkpoints once its log holds n bytes |
 
 Steps named by `fault_point`: fuse, loop, mount, app, cutover-unmount, cutover-merge (both
 backends), dm-probe, origin, cow, snapshot (dm backend).
@@ -29,9 +30,10 @@ ENABLE_ENV = "DMRECOVER_TEST_HOOKS"
 FAIL_AT_ENV = "DMRECOVER_FAIL_AT"
 RESTORE_DELAY_ENV = "DMRECOVER_TEST_RESTORE_DELAY"
 MERGE_PAUSE_ENV = "DMRECOVER_TEST_MERGE_PAUSE"
+CHECKPOINT_LOG_ENV = "DMRECOVER_TEST_CHECKPOINT_LOG_BYTES"
 
 #: Every variable a test may set; test harnesses pass exactly these to the session process.
-HOOK_ENVS = (ENABLE_ENV, FAIL_AT_ENV, RESTORE_DELAY_ENV, MERGE_PAUSE_ENV)
+HOOK_ENVS = (ENABLE_ENV, FAIL_AT_ENV, RESTORE_DELAY_ENV, MERGE_PAUSE_ENV, CHECKPOINT_LOG_ENV)
 
 
 def enabled() -> bool:
@@ -64,3 +66,17 @@ def restore_delay() -> float:
 def merge_pause() -> float:
     """Seconds the dm merge waits before it starts (0 unless a test asked)."""
     return _seconds(MERGE_PAUSE_ENV)
+
+
+def checkpoint_log_bytes() -> int | None:
+    """The overlay's checkpoint threshold a test asked for (small: the kill test lands in a
+    checkpoint), or None for the engine's own."""
+    if not enabled():
+        return None
+    try:
+        value = int(os.environ.get(CHECKPOINT_LOG_ENV) or 0)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number", CHECKPOINT_LOG_ENV,
+                    os.environ.get(CHECKPOINT_LOG_ENV))
+        return None
+    return value if value > 0 else None

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dmrecover.engine.fetcher import ChunkSource, Fetcher
-from dmrecover.engine.overlay import BLOCK_SIZE, Overlay
+from dmrecover.engine.overlay import BLOCK_SIZE, CHECKPOINT_LOG_BYTES, Overlay
 from dmrecover.engine.restorer import Restorer
 from dmrecover.errors import EngineError
 from dmrecover.system.files import atomic_write
@@ -53,7 +53,8 @@ class PseudoVolume:
                  read_only: bool = False, on_repository_lost: str = "block",
                  on_restored: Callable[[], None] | None = None,
                  map_dir: str | os.PathLike[str] | None = None,
-                 mark_dest: str | os.PathLike[str] | None = None) -> None:
+                 mark_dest: str | os.PathLike[str] | None = None,
+                 checkpoint_log_bytes: int | None = None) -> None:
         self.source = source
         self.size = source.size
         self.read_only = read_only
@@ -70,7 +71,9 @@ class PseudoVolume:
         self.overlay: Overlay | None = None
         try:
             if not read_only:
-                self.overlay = Overlay(self.state_dir, self.size)
+                self.overlay = Overlay(
+                    self.state_dir, self.size,
+                    checkpoint_log_bytes=checkpoint_log_bytes or CHECKPOINT_LOG_BYTES)
         except BaseException:
             self.fetcher.close()
             raise

@@ -81,7 +81,8 @@ def open_volume(record: SessionRecord, backend: Backend,
                         fetch_deadline=float(record.fetch_deadline or 600.0),
                         read_only=backend.kernel_takes_writes, on_restored=on_restored,
                         map_dir=record.state_dir,  # never on the overlay's space
-                        on_repository_lost=on_lost if on_lost in ON_LOST else "block")
+                        on_repository_lost=on_lost if on_lost in ON_LOST else "block",
+                        checkpoint_log_bytes=testhooks.checkpoint_log_bytes())
 
 
 def dest_head_path(state_dir: str) -> str:
