@@ -490,3 +490,47 @@ def test_every_bad_input_is_one_clear_line(small_repo: Path, argv: str, needs_ro
         # (a malformed option is said before: the parser runs first)
         assert "needs root" in lines[0] or ": argument " in lines[0], lines[0]
     assert sorted(p.name for p in small_repo.iterdir()) == before, "nothing changed"
+
+
+def test_cutover_is_refused_at_once_when_a_corrupt_chunk_stops_the_restore(
+        box: Sandbox, fs_tools, ext4_image) -> None:
+    """Issue 9, item 8, on real parts: a chunk of the backup is damaged in the repository, the
+    background restore ends with an error naming it, and `cutover` says so at once (it used to
+    wait for a completion that could never come, up to seven days)."""
+    from dmrecover.repository.manifest import chunk_key
+    from dmrecover.repository.repo import Repository
+
+    box.prepare(fs_tools, ext4_image)
+    manifest = Repository.open(box.repo).manifest(box.backup_id)
+    # A chunk of a data file the sample application never reads (found with debugfs).
+    out = subprocess.run(["debugfs", "-R", "blocks /random/blob000.bin", str(ext4_image)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    info = subprocess.run(["dumpe2fs", "-h", str(ext4_image)], capture_output=True, text=True,
+                          check=True).stdout
+    block = int(next(ln.split()[-1] for ln in info.splitlines() if ln.startswith("Block size")))
+    index = int(out[len(out) // 2]) * block // manifest.chunk_size
+    digest = manifest.chunks[index]
+    assert digest, "the file's chunk is stored"
+    chunk = box.repo / chunk_key(digest)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.chmod(0o600)
+    chunk.write_bytes(bytes(data))
+    r = box.live_restore("bad", "--cutover", "manual")
+    assert r.returncode == 0, r.stderr
+    box.wait_app()
+    deadline = time.monotonic() + 120
+    while not box.session("bad").get("error"):
+        assert time.monotonic() < deadline, "the restore never reported the corrupt chunk"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    r = box.cli("cutover", "bad", timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode != 0
+    assert "corrupt" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert took < 30, f"cutover took {took:.1f} s to refuse"
+    st = box.status("bad")
+    assert st["state"] == "restoring" and st["alive"]  # the application keeps its volume
+    assert box.query({"op": "ping"})["pid"]
+    r = box.cli("abort", "bad")
+    assert r.returncode == 0, r.stderr
