@@ -83,7 +83,8 @@ def test_clone_stack_hydrates_keeps_state_across_rebuild_and_cuts_over_online(
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     ctx = BackendContext(session=session, state_dir=str(tmp_path), engine_dir=str(edir),
-                         mountpoint=str(mnt), fstype="ext4", dest=str(dest), size=size)
+                         mountpoint=str(mnt), fstype="ext4", dest=str(dest), size=size,
+                         mount_options=("ro", "noload"))  # the mount writes nothing
     backend = DmCloneBackend()
 
     def present(hydrate: bool):
@@ -155,9 +156,9 @@ def test_clone_stack_hydrates_keeps_state_across_rebuild_and_cuts_over_online(
     assert hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(expect).digest()
 
 
-def _on_clone(box: Sandbox, session: str) -> str:
+def _on_clone(sb: Sandbox, session: str) -> str:
     name = dm.dm_name(session, "clone")
-    m = mount_at(str(box.mnt))
+    m = mount_at(str(sb.mnt))
     assert m is not None and Path(m.source).resolve() == dm.mapper_path(name).resolve()
     assert dm.table(name).split()[2] == "clone"
     return name

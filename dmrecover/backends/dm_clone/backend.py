@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import Backend, BackendContext, Leftover, SessionLookup
 from dmrecover.backends.dm import dmsetup as dm
-from dmrecover.backends.dm import leftovers
+from dmrecover.backends.dm import leftovers, merge
 from dmrecover.backends.dm_clone import target
 from dmrecover.backends.dm_clone.stack import (
     LAYER,
@@ -27,6 +27,7 @@ from dmrecover.backends.dm_clone.stack import (
     wait_hydrated,
 )
 from dmrecover.backends.fuse.stack import teardown_leftovers
+from dmrecover.engine.pseudovolume import MERGED_MARKER
 from dmrecover.errors import StackError
 from dmrecover.system import loops
 
@@ -65,12 +66,15 @@ class DmCloneBackend(Backend):
         """Restart-mode cutover, after teardown: the clone re-created from its metadata over
         the complete staging file hydrates the regions still missing from DEST. Idempotent.
         Returns the bytes the kernel still copied."""
+        if os.path.exists(os.path.join(ctx.engine_dir, MERGED_MARKER)):
+            return 0  # finished before a crash: the marker is written last
         if not volume.restored_all():
             raise StackError("the restore is not complete: DEST cannot be finished yet",
                              hint="wait for the restore, then run the cutover again")
         meta = os.path.join(ctx.engine_dir, META_FILE)
         if not os.path.exists(meta):
-            return 0  # finished before (finish_online_cutover/mark removed it)
+            raise StackError(f"the clone's metadata {meta} is missing: which regions of DEST "
+                             "hold data is unknown", hint="restore offline (dmrecover restore)")
         volume.flush()
         made: list[str] = []
         name = dm.dm_name(ctx.session, "finish")
@@ -100,6 +104,9 @@ class DmCloneBackend(Backend):
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+        # The session's "merged" marker (the engine refuses to discard before it), then the
+        # files the hydration consumed.
+        merge.mark_merged(ctx.engine_dir)
         self.finish_online_cutover(ctx)
         return copied
 
