@@ -177,6 +177,16 @@ def _children_of_me() -> list[int]:
 
 # ---------------------------------------------------------------- the application's cgroup
 
+def _make_dir(path: str, what: str, tried: list[str]) -> bool:
+    """mkdir -p a cgroup directory; on failure note why in `tried` and return False."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        tried.append(f"{what}: cannot create {path}: {err.strerror}")
+        return False
+    return True
+
+
 @dataclass
 class AppCgroup:
     """The processes of one application, by cgroup (or process group where none can be made).
@@ -216,24 +226,16 @@ class AppCgroup:
                     tried.append("cgroup v2: not mounted")
                     continue
                 path = os.path.join(root, PARENT, name)
-                try:
-                    os.makedirs(path, exist_ok=True)
-                except OSError as err:
-                    tried.append(f"cgroup v2: cannot create {path}: {err.strerror}")
-                    continue
-                return cls(kind, name, path=path)
+                if _make_dir(path, "cgroup v2", tried):
+                    return cls(kind, name, path=path)
             elif kind == "cgroup1":
                 root, why = _v1_mount()
                 if root is None:
                     tried.append(f"cgroup v1: {why}")
                     continue
                 path = os.path.join(root, name)
-                try:
-                    os.makedirs(path, exist_ok=True)
-                except OSError as err:
-                    tried.append(f"cgroup v1: cannot create {path}: {err.strerror}")
-                    continue
-                return cls(kind, name, path=path)
+                if _make_dir(path, "cgroup v1", tried):
+                    return cls(kind, name, path=path)
             elif kind == "pgroup":
                 msg = ("no cgroup could be made for the application (" + "; ".join(tried) +
                        "): tracking it by process group and session, which misses a daemon "

@@ -114,6 +114,19 @@ def test_create_falls_back_to_process_group(monkeypatch: pytest.MonkeyPatch) -> 
     assert cg.command(["x", "y"]) == ["x", "y"]
 
 
+def test_create_notes_a_directory_it_cannot_make(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path) -> None:
+    """A cgroup v2 or v1 directory that cannot be made is named, and the next kind tried."""
+    monkeypatch.setattr(cgroups, "systemd_running", lambda: False)
+    (tmp_path / "dmrecover").write_text("")  # a file where the parent directory would go
+    monkeypatch.setattr(cgroups.mounts, "mounts", lambda: _cgroup2_at(str(tmp_path)))
+    monkeypatch.setattr(cgroups, "_v1_mount", lambda: (str(tmp_path / "dmrecover"), ""))
+    cg = AppCgroup.create("s5", kinds=("cgroup2", "cgroup1", "pgroup"))
+    assert cg.kind == "pgroup"
+    assert f"cgroup v2: cannot create {tmp_path}/dmrecover/s5" in (cg.warning or "")
+    assert f"cgroup v1: cannot create {tmp_path}/dmrecover/s5" in (cg.warning or "")
+
+
 def test_create_refuses_when_no_kind_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cgroups, "systemd_running", lambda: False)
     with pytest.raises(AppError, match="systemd: not running"):
