@@ -68,9 +68,21 @@ def _require_encrypted(repo: Repository) -> None:
         raise UsageError(f"repository {repo.path} is not encrypted: it has no keys")
 
 
-def do_key_list(args: argparse.Namespace) -> int:
+def _encrypted_repo(args: argparse.Namespace) -> Repository:
+    """The repository the key verbs act on: opened, and refused unless encrypted."""
     repo = open_repo(args)
     _require_encrypted(repo)
+    return repo
+
+
+def _add_new_key(repo: Repository, args: argparse.Namespace) -> str:
+    """A key file for the master key under the password of --new-password-file; its id."""
+    new = read_password_file(args.new_password_file)
+    return keys.add_key(repo.storage, repo.codec.master, new)  # type: ignore[attr-defined]
+
+
+def do_key_list(args: argparse.Namespace) -> int:
+    repo = _encrypted_repo(args)
     for k in keys.describe_keys(repo.storage):
         mark = "*" if k["id"] == repo.key_id else " "
         print(f"{mark} {k['id']}  {k['kdf']} N={k['n']} r={k['r']} p={k['p']}")
@@ -78,28 +90,22 @@ def do_key_list(args: argparse.Namespace) -> int:
 
 
 def do_key_add(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    _require_encrypted(repo)
-    new = read_password_file(args.new_password_file)
-    kid = keys.add_key(repo.storage, repo.codec.master, new)  # type: ignore[attr-defined]
+    kid = _add_new_key(_encrypted_repo(args), args)
     print(f"added key {kid}")
     return 0
 
 
 def do_key_remove(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    _require_encrypted(repo)
+    repo = _encrypted_repo(args)
     keys.remove_key(repo.storage, str(repo.path), args.key_id, repo.key_id)
     print(f"removed key {args.key_id}")
     return 0
 
 
 def do_key_passwd(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    _require_encrypted(repo)
-    new = read_password_file(args.new_password_file)
+    repo = _encrypted_repo(args)
     # The new key is durable before the old one goes: a crash in between leaves both.
-    kid = keys.add_key(repo.storage, repo.codec.master, new)  # type: ignore[attr-defined]
+    kid = _add_new_key(repo, args)
     repo.storage.delete(f"keys/{repo.key_id}.json")
     print(f"password changed: key {repo.key_id} replaced by key {kid}")
     return 0
