@@ -22,6 +22,7 @@ from dmrecover.backends.base import (
 from dmrecover.errors import AppError, SessionError, StackError
 from dmrecover.session.app import AppHandle, AppSpec
 from dmrecover.session.record import SessionRecord, State
+from dmrecover.session.runner import SessionRunner
 from dmrecover.session.services import Services
 
 BUILD_STEPS = ("origin", "device", "mount")
@@ -267,3 +268,12 @@ def make_record(state_dir: Path, *, cutover: str = "auto", name: str = "s") -> S
                       engine_dir=str(state_dir), timings={"command_started": 1.0})
     r.set_state(State.STARTING)
     return r
+
+
+def brought_up(world: World, record: SessionRecord) -> SessionRunner:
+    """A session runner over the world's fakes, opened and brought up: the stack is built and
+    the application runs on the pseudo-volume."""
+    runner = SessionRunner(record, world.services())
+    runner.open()
+    runner.bring_up()
+    return runner

@@ -13,8 +13,7 @@ import pytest
 from dmrecover.errors import SessionError
 from dmrecover.session.control import abort_session, request_cutover, resume_session
 from dmrecover.session.record import State
-from dmrecover.session.runner import SessionRunner
-from tests.unit.session.fakes import make_record, make_world
+from tests.unit.session.fakes import brought_up, make_record, make_world
 
 
 def test_cutover_of_a_done_session_says_so(tmp_path: Path) -> None:
@@ -36,9 +35,7 @@ def test_cutover_needs_a_running_session(tmp_path: Path) -> None:
 def test_cutover_request_reaches_the_session_process(tmp_path: Path) -> None:
     w = make_world(instant=False)
     rec = make_record(tmp_path / "s", cutover="manual")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     lock = os.open(rec.file("lock"), os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)  # what the live session process holds
     try:

@@ -17,7 +17,7 @@ from dmrecover.session.cutover import RESTART_PHASES, RESUMABLE_PHASES
 from dmrecover.session.record import Phase, SessionRecord, State
 from dmrecover.session.runner import SessionRunner
 from dmrecover.session.start import LiveRestoreRequest, start_live_restore
-from tests.unit.session.fakes import make_record, make_world
+from tests.unit.session.fakes import brought_up, make_record, make_world
 
 RESTART = [str(p) for p in RESTART_PHASES]
 
@@ -73,9 +73,7 @@ def test_stranger_after_the_stop_refuses_and_restarts_the_app(tmp_path: Path,
     w = make_world()
     w.host.stray = "77 (less)"
     rec = make_record(tmp_path / "s")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     assert runner.step() is None  # auto: tried, refused after the stop
     assert w.events[-2:] == ["app:stop", "app:start"] and w.app.running
     assert rec.state == State.READY and rec.phase is None and w.backend.live
@@ -99,9 +97,7 @@ def test_auto_retry_backoff_doubles(tmp_path: Path, monkeypatch) -> None:
     w = make_world()
     w.host.stray = "77 (less)"
     rec = make_record(tmp_path / "s")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     delays = []
     for _ in range(3):
         runner.auto_retry_at = 0.0
@@ -115,9 +111,7 @@ def test_manual_cutover_refused_by_a_stranger_waits_for_the_next_request(tmp_pat
     w = make_world()
     w.host.stray = "77 (less)"
     rec = make_record(tmp_path / "s", cutover="manual")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     assert runner.step() is None and rec.state == State.READY
     rid = send_request(rec, "cutover")
     assert runner.step() is None
@@ -133,9 +127,7 @@ def test_stop_warnings_are_recorded(tmp_path: Path) -> None:
     w = make_world()
     w.app.stop_warnings = ["the stop command: exit 1: falling back to SIGTERM"]
     rec = make_record(tmp_path / "s")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     assert runner.step() == 0 and rec.state == State.DONE
     assert rec.warnings == w.app.stop_warnings
 
@@ -144,9 +136,7 @@ def test_teardown_refused_restarts_the_app_on_the_pseudo_volume(tmp_path: Path) 
     w = make_world()
     w.backend.busy = True
     rec = make_record(tmp_path / "s", cutover="manual")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     assert runner.step() is None and rec.state == State.READY
     rid = send_request(rec, "cutover")
     assert runner.step() is None

@@ -11,7 +11,7 @@ import pytest
 from dmrecover.session.control import send_request
 from dmrecover.session.record import Phase, SessionRecord, State
 from dmrecover.session.runner import SessionRunner, run_session
-from tests.unit.session.fakes import BUILD_STEPS, make_record, make_world
+from tests.unit.session.fakes import BUILD_STEPS, brought_up, make_record, make_world
 
 RESTART = ["stop-app", "unmount", "merge", "mount-dest", "start-app", "discard"]
 
@@ -76,9 +76,7 @@ def test_run_session_takes_the_lock_and_records_the_pid(tmp_path: Path) -> None:
 def test_abort_keeps_the_overlay(tmp_path: Path) -> None:
     w = make_world(instant=False)
     rec = make_record(tmp_path / "s", cutover="manual")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     send_request(rec, "abort")
     assert runner.step() == 0
     assert rec.state == State.ABORTED and not w.backend.live and not w.app.running
@@ -88,9 +86,7 @@ def test_abort_keeps_the_overlay(tmp_path: Path) -> None:
 def test_abort_with_a_stranger_stops_the_app_and_names_the_stranger(tmp_path: Path) -> None:
     w = make_world(instant=False)
     rec = make_record(tmp_path / "s")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     w.host.stray = "4242 (bash)"
     rid = send_request(rec, "abort")
     assert runner.step() is None
@@ -109,9 +105,7 @@ def test_abort_with_a_stranger_stops_the_app_and_names_the_stranger(tmp_path: Pa
 def test_abort_when_teardown_fails_keeps_the_app_stopped(tmp_path: Path) -> None:
     w = make_world(instant=False)
     rec = make_record(tmp_path / "s", cutover="manual")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     w.backend.busy = True
     send_request(rec, "abort")
     assert runner.step() is None
@@ -122,9 +116,7 @@ def test_abort_when_teardown_fails_keeps_the_app_stopped(tmp_path: Path) -> None
 def test_sigterm_suspends_and_keeps_the_state(tmp_path: Path) -> None:
     w = make_world(instant=False)
     rec = make_record(tmp_path / "s")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     runner.stop_requested = True
     assert runner.step() == 0
     assert rec.state == State.RESTORING and rec.pid is None
@@ -167,9 +159,7 @@ def test_injected_app_fault_unwinds_the_stack(tmp_path: Path,
 def test_restore_error_is_shown_and_the_app_keeps_running(tmp_path: Path) -> None:
     w = make_world(instant=False)
     rec = make_record(tmp_path / "s")
-    runner = SessionRunner(rec, w.services())
-    runner.open()
-    runner.bring_up()
+    runner = brought_up(w, rec)
     w.volume.restore_error = "chunk 7 is corrupt"
     assert runner.step() is None
     assert rec.state == State.RESTORING and rec.error == "chunk 7 is corrupt"
