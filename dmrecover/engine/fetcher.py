@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from dmrecover.engine.bitmap import Bitmap, SlotFile
+from dmrecover.engine.fastio import pread_nowait
 from dmrecover.errors import (
     BitmapError,
     CorruptChunk,
@@ -519,6 +520,13 @@ class Fetcher:
                 raise DeviceError(f"short read from DEST {self.dest_path} at {offset}")
             out += more
         return out
+
+    def read_dest_nowait(self, offset: int, length: int) -> bytes | None:
+        """read_dest() when DEST's page cache holds every byte; None when it would block (a
+        disk read, the marked head: the caller then uses read_dest from a worker thread)."""
+        if self._head is not None and offset < MARK_SIZE:
+            return None
+        return pread_nowait(self._fd, offset, length)
 
     def write_dest(self, offset: int, data: bytes | memoryview) -> None:
         """pwrite all of data to DEST at offset (into the saved head while DEST is marked)."""

@@ -140,9 +140,16 @@ class VolumeOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        # Always in a worker thread: serving no-fetch reads on the trio loop itself measured
-        # +25% 4 KiB random IOPS with one reader, but a cold DEST read then stalls every
-        # other request.
+        # Fast path, on the trio loop itself: restored or overlay data that the page cache
+        # holds (read_nowait never waits for a disk: a cold DEST read cannot stall the other
+        # requests). The hand-off to a worker thread was the largest stage of a cached 4 KiB
+        # read (docs/architecture.md, Performance). Everything else: a worker thread.
+        try:
+            data = self.volume.read_nowait(off, size)
+        except Exception:  # noqa: BLE001 - the blocking read below reports any error
+            data = None
+        if data is not None:
+            return data
         try:
             return await trio.to_thread.run_sync(self.volume.read, off, size)
         except Exception as err:  # noqa: BLE001 - any escape would end pyfuse3.main
