@@ -18,20 +18,16 @@ import pytest
 from dmrecover.system.mounts import mount_at
 from tests.apps import daemon_toy
 from tests.integration.apps.appkit import SLOW, AppSandbox
+from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 @pytest.fixture
 def box(tmp_path: Path, fs_tools, ext4_image: Path):
-    sb = AppSandbox(tmp_path)
-    try:
+    with torn_down(AppSandbox(tmp_path)) as sb:
         sb.prepare(fs_tools, ext4_image)
         yield sb
-    finally:
-        sb.teardown()
-        assert not sb.mounts_under(), "teardown left mounts"
-        assert not sb.loops_under(), "teardown left loops"
 
 
 def _toy(box: AppSandbox, *, ignore_term: bool = False) -> tuple[str, str, Path]:

@@ -21,6 +21,7 @@ from dmrecover.system import command
 from tests.apps import databases
 from tests.apps.databases import MariaDB, Postgres
 from tests.integration.apps.appkit import AppSandbox, backup_with_cli, build_db_volume
+from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -46,13 +47,8 @@ def scratch() -> Iterator[Path]:
 
 @pytest.fixture
 def box(scratch: Path) -> Iterator[AppSandbox]:
-    sb = AppSandbox(scratch / "box")
-    try:
+    with torn_down(AppSandbox(scratch / "box")) as sb:
         yield sb
-    finally:
-        sb.teardown()
-        assert not sb.mounts_under(), "teardown left mounts"
-        assert not sb.loops_under(), "teardown left loops"
 
 
 def _live(box: AppSandbox, image: Path, db, env: dict[str, str] = DELAY) -> None:

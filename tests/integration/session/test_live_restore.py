@@ -18,6 +18,7 @@ import pytest
 from dmrecover.engine.bitmap import Bitmap  # noqa: E402
 from dmrecover.system.mounts import mount_at  # noqa: E402
 from tests.apps.livekit import Sandbox
+from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -28,13 +29,8 @@ SLOW = {"DMRECOVER_TEST_RESTORE_DELAY": "0.06"}
 
 @pytest.fixture
 def box(tmp_path: Path):
-    sb = Sandbox(tmp_path)
-    try:
+    with torn_down(Sandbox(tmp_path)) as sb:
         yield sb
-    finally:
-        sb.teardown()
-        assert not sb.mounts_under(), "teardown left mounts"
-        assert not sb.loops_under(), "teardown left loops"
 
 
 def _image(request, name: str) -> Path:

@@ -23,6 +23,7 @@ from dmrecover.system import command
 from dmrecover.system.mounts import mount_at, umount
 from tests.apps.livekit import Sandbox, table_digest, tree_checksums
 from tests.helpers.ceph import CephCluster, ceph_available
+from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(not ceph_available(),
@@ -82,15 +83,12 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
 def box(tmp_path: Path, ceph: CephCluster, monkeypatch) -> Iterator[Sandbox]:
     for k in ("DMRECOVER_PASSWORD", "DMRECOVER_PASSWORD_FILE"):
         monkeypatch.delenv(k, raising=False)
-    sb = Sandbox(tmp_path)
-    try:
-        yield sb
-    finally:
-        if ceph._pid("client.rgw.test") is None:
-            ceph.start_rgw()
-        sb.teardown()
-        assert not sb.mounts_under(), "teardown left mounts"
-        assert not sb.loops_under(), "teardown left loops"
+    with torn_down(Sandbox(tmp_path)) as sb:
+        try:
+            yield sb
+        finally:  # the gateway back up before the sandbox is torn down
+            if ceph._pid("client.rgw.test") is None:
+                ceph.start_rgw()
 
 
 def prepare_s3(box: Sandbox, fs_tools, image: Path) -> Path:

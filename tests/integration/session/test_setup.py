@@ -19,6 +19,7 @@ import pytest
 from dmrecover.system import command  # noqa: E402
 from dmrecover.system.mounts import mount_at, umount  # noqa: E402
 from tests.apps.livekit import Sandbox
+from tests.integration.sandboxes import torn_down
 
 pytestmark = pytest.mark.root
 MiB = 1 << 20
@@ -26,13 +27,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def box(tmp_path: Path):
-    sb = Sandbox(tmp_path)
-    try:
+    with torn_down(Sandbox(tmp_path)) as sb:
         yield sb
-    finally:
-        sb.teardown()
-        assert not sb.mounts_under(), "teardown left mounts"
-        assert not sb.loops_under(), "teardown left loops"
 
 
 @pytest.fixture
