@@ -10,6 +10,7 @@ the chunks already written are simply reused by the next backup.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -82,6 +83,23 @@ def _pread_full(fd: int, length: int, offset: int, source: str) -> bytes:
     except OSError as err:
         raise DeviceError(f"cannot read source {source} at byte {offset}: {err.strerror}") \
             from err
+
+
+def _data_extent(fd: int, offset: int, size: int) -> tuple[int, int]:
+    """(where the next data at or after offset starts, where it ends) in a sparse file:
+    (size, size) when only a hole is left; (offset, size) when the source cannot say (a block
+    device, a filesystem without SEEK_DATA): then everything counts as data."""
+    try:
+        data_at = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # a hole up to the end
+            return size, size
+        return offset, size
+    try:
+        hole_at = os.lseek(fd, data_at, os.SEEK_HOLE)
+    except OSError:
+        hole_at = size
+    return min(data_at, size), max(min(hole_at, size), data_at + 1)
 
 
 class _ChunkWriter:
@@ -181,7 +199,21 @@ def _run(fd: int, source: str, size: int, repo: Repository, name: str | None,
             offset = 0
             index = 0
             while offset < size:
-                block = _pread_full(fd, min(read_size, size - offset), offset, source)
+                # Holes of a sparse source are not read: whole chunks inside a hole are zero
+                # chunks as they are; the read stops at the chunk that holds the hole's start.
+                data_at, hole_at = _data_extent(fd, offset, size)
+                skip = (data_at - offset) // chunk_size
+                if skip:
+                    for _ in range(skip):
+                        length = min(chunk_size, size - offset)
+                        writer.zero_chunks += 1
+                        progress.update(length, items=1)
+                        index += 1
+                        offset += length
+                    continue
+                want = min(read_size, size - offset,
+                           -(-(hole_at - offset) // chunk_size) * chunk_size)
+                block = _pread_full(fd, want, offset, source)
                 for start in range(0, len(block), chunk_size):
                     data = block[start:start + chunk_size] if len(block) > chunk_size else block
                     pending.append((index, len(data), pool.submit(writer, data)))
