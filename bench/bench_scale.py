@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""Live restore at scale: RTO and memory by volume size, and the background restore under an
+application load, against the offline restore of the same backup (root).
+
+    .venv/bin/python bench/bench_scale.py [--sizes 1G,8G,64G,1T] [--live-size 8G]
+                                          [--live-data 2G] [--json FILE]
+
+Each size: a sparse ext4 image with data scattered through it (min(size/8, 1 GiB) of random
+4 MiB pieces at random offsets of one sparse file), backed up with 4 MiB chunks (the backup
+skips holes). Then, in a child process (its peak RSS is the session's): the engine, the FUSE
+file, a loop device (direct I/O) and the ext4 mount over a sparse DEST of the full size, and
+the first application write made durable (write + fsync of a new file): the RTO is the time
+from the start of the child's setup to that fsync's return. The background restore then runs
+for at most --restore-limit seconds; VmHWM is read at the end.
+
+DEST is a sparse file on the host's filesystem, not preallocated: `dmrecover live-restore`
+fallocates a file DEST in full, which a 1 TiB DEST cannot have on this host's 252 GiB disk.
+
+--live-size: the same stack with an application load (fio, its own process: 4 KiB O_DIRECT
+random reads of the data file and 4 KiB writes with an fsync every 32 into another, without
+pause) while the background restore runs: samples every 0.5 s of the restore rate, the
+application's IOPS and its read latency, to completion; the offline restore of the same
+backup (dmrecover's restore) is timed in the same run for the ratio, and the repository's
+chunk read time (RepositorySource.read_chunk, page cache dropped) for the on-demand latency's
+goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import drop_cache  # noqa: E402
+
+from dmrecover.system import command  # noqa: E402
+from dmrecover.units import format_size, parse_size  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+CS = 4 * MiB
+PIECE = 4 * MiB
+
+
+def build(tmp: Path, size: int, data: int) -> Path:
+    """A sparse ext4 image of `size` with `data` bytes of random pieces in data.bin."""
+    from dmrecover.system.loops import attach, detach
+
+    img = tmp / f"src-{size}.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    command.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                 str(img)], timeout=1800)
+    dev = attach(str(img))
+    mnt = Path(tempfile.mkdtemp(prefix="dmr-scale-mnt."))
+    try:
+        command.run(["mount", "-o", "noinit_itable", dev, str(mnt)])
+        try:
+            span = int(size * 0.8) // PIECE
+            rnd = random.Random(size)
+            with open(mnt / "data.bin", "wb") as f:
+                f.truncate(span * PIECE)
+                for k in sorted(rnd.sample(range(span), max(1, data // PIECE))):
+                    f.seek(k * PIECE)
+                    f.write(rnd.randbytes(PIECE))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            command.run(["umount", str(mnt)], timeout=600)
+    finally:
+        detach(dev)
+        mnt.rmdir()
+    return img
+
+
+def child(args: argparse.Namespace) -> int:
+    """One live restore in this process; prints a JSON line."""
+    t0 = time.monotonic()
+    from dmrecover.backends.fuse.server import FuseServer
+    from dmrecover.engine.pseudovolume import PseudoVolume
+    from dmrecover.repository.repo import Repository
+    from dmrecover.repository.source import RepositorySource
+    from dmrecover.system.loops import attach, detach
+
+    tmp = Path(args.tmp)
+    repo = Repository.open(args.repo)
+    manifest = repo.manifest(args.backup)
+    source = RepositorySource(repo, manifest)
+    dest = tmp / "dest.img"
+    with open(dest, "wb") as f:
+        f.truncate(source.size)
+    pv = PseudoVolume(source, dest, tmp / "state")
+    srv = FuseServer(pv, tmp / "fuse")
+    srv.start()
+    loop = attach(str(srv.path), direct_io=True)
+    mnt = tmp / "mnt"
+    mnt.mkdir(exist_ok=True)
+    out: dict[str, Any] = {}
+    try:
+        command.run(["mount", "-o", "noinit_itable", loop, str(mnt)], timeout=600)
+        try:
+            pv.start_restore()
+            fd = os.open(mnt / "first-write", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+            os.close(fd)
+            out["rto"] = time.monotonic() - t0
+            restore_started = time.monotonic()
+            if args.load:
+                out["load"] = app_load(pv, mnt, restore_started, args.restore_limit)
+            done = pv.wait_restored(args.restore_limit - (time.monotonic() - restore_started))
+            out["restored"] = done
+            out["restore_seconds"] = time.monotonic() - restore_started
+            out["stats"] = {k: v for k, v in pv.stats().items()
+                            if isinstance(v, (int, float, type(None)))}
+        finally:
+            pv.stop_restore()
+            command.run(["umount", str(mnt)], timeout=600)
+    finally:
+        detach(loop)
+        srv.stop()
+        pv.close()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                out["peak_rss"] = int(line.split()[1]) * 1024
+    out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(out))
+    return 0
+
+
+def app_load(pv: Any, mnt: Path, t0: float, limit: float) -> dict[str, Any]:
+    """fio as the application (its own process, like a real one): 4 KiB O_DIRECT random reads
+    of data.bin and 4 KiB random writes with an fsync every 32 into app.bin, until the restore
+    completes; restore rate sampled every 0.5 s here, fio's IOPS and latency logged per 0.5 s."""
+    logs = mnt.parent / "fio"
+    logs.mkdir(exist_ok=True)
+    argv = ["fio", "--output-format=json", "--time_based", f"--runtime={int(limit)}",
+            "--log_avg_msec=500", f"--write_iops_log={logs}/app", f"--write_lat_log={logs}/app",
+            "--norandommap", "--randrepeat=0",
+            "--name=reader", f"--filename={mnt / 'data.bin'}", "--rw=randread", "--bs=4k",
+            "--direct=1", "--ioengine=psync",
+            "--name=writer", f"--filename={mnt / 'app.bin'}", "--size=64M", "--rw=randwrite",
+            "--bs=4k", "--ioengine=psync", "--fsync=32"]
+    fio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    series = []
+    last = pv.stats()["restored_bytes"]
+    last_t = time.monotonic()
+    while not pv.restored_all() and time.monotonic() - t0 < limit and fio.poll() is None:
+        time.sleep(0.5)
+        now = time.monotonic()
+        rb = pv.stats()["restored_bytes"]
+        series.append({"t": now - t0, "restore_rate": (rb - last) / (now - last_t)})
+        last, last_t = rb, now
+    fio.send_signal(2)
+    out, err = fio.communicate(timeout=120)
+    jobs = json.loads(out[out.index("{"):])["jobs"]
+    rd = jobs[0]["read"]
+    pct = rd["clat_ns"].get("percentile", {})
+    return {"restore": series,
+            "app_iops": _fio_log(logs / "app_iops.1.log", 1.0) + [],
+            "app_write_iops": _fio_log(logs / "app_iops.2.log", 1.0),
+            "app_read_lat": _fio_log(logs / "app_clat.1.log", 1e-9),
+            "app_read_p50": pct.get("50.000000", 0) / 1e9,
+            "app_read_p99": pct.get("99.000000", 0) / 1e9,
+            "app_read_iops": rd["iops"], "app_write_total_iops": jobs[1]["write"]["iops"]}
+
+
+def _fio_log(path: Path, scale: float) -> list[tuple[float, float]]:
+    """(seconds, value) pairs of a fio log (time in ms)."""
+    out = []
+    try:
+        for line in path.read_text().splitlines():
+            f = line.split(",")
+            out.append((int(f[0]) / 1000, int(f[1]) * scale))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def run_child(tmp: Path, repo: Path, backup_id: str, limit: float, load: bool) -> dict:
+    work = tmp / "child"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    argv = [sys.executable, __file__, "--child", "--tmp", str(work), "--repo", str(repo),
+            "--backup", backup_id, "--restore-limit", str(limit)] + (["--load"] if load else [])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=limit + 1800)
+    if r.returncode != 0:
+        raise SystemExit(f"child failed: {r.stderr.strip()[-2000:]}")
+    shutil.rmtree(work, ignore_errors=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def chunk_read_time(repo: Any, manifest: Any, src: Path, count: int = 40) -> float:
+    """Median seconds of one chunk read (repository's files' page cache dropped)."""
+    from dmrecover.repository.source import RepositorySource
+
+    rs = RepositorySource(repo, manifest)
+    idx = [i for i, d in enumerate(manifest.chunks) if d is not None]
+    random.Random(3).shuffle(idx)
+    command.run(["sync"])
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    times = []
+    for i in idx[:count]:
+        t = time.perf_counter()
+        rs.read_chunk(i)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1G,8G,64G,1T")
+    ap.add_argument("--live-size", default="8G")
+    ap.add_argument("--live-data", default="2G")
+    ap.add_argument("--restore-limit", type=float, default=600.0)
+    ap.add_argument("--json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    ap.add_argument("--repo", help=argparse.SUPPRESS)
+    ap.add_argument("--backup", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+    if os.geteuid() != 0:
+        raise SystemExit("bench_scale.py needs root (loop devices, mounts, FUSE)")
+    from dmrecover.repository.backup import backup
+    from dmrecover.repository.repo import Repository
+    from dmrecover.repository.restore import restore
+
+    tmp = Path(tempfile.mkdtemp(prefix="dmr-scale.", dir="/var/tmp"))
+    results: dict[str, Any] = {"scale": [], "live": None}
+    try:
+        repo_path = tmp / "repo"
+        repo = Repository.init(repo_path)
+        plan = [(parse_size(s), False) for s in args.sizes.split(",") if s]
+        if args.live_size:
+            plan.append((parse_size(args.live_size), True))
+        for size, load in plan:
+            data = parse_size(args.live_data) if load else min(size // 8, GiB)
+            img = build(tmp, size, data)
+            t = time.monotonic()
+            m = backup(img, repo, chunk_size=CS)
+            backup_s = time.monotonic() - t
+            if load:
+                drop_cache(img)
+                off = tmp / "offline.img"
+                t = time.monotonic()
+                restore(repo, m, off)
+                offline_s = time.monotonic() - t
+                off.unlink()
+                chunk_s = chunk_read_time(repo, m, img)
+                img.unlink()
+                r = run_child(tmp, repo_path, m.id, args.restore_limit, True)
+                r.update(size=size, data=data, offline_seconds=offline_s,
+                         chunk_read_seconds=chunk_s,
+                         ratio=offline_s / r["restore_seconds"] if r["restored"] else None)
+                results["live"] = r
+                print(f"live {format_size(size)} ({format_size(data)} data): background "
+                      f"restore {r['restore_seconds']:.1f} s vs offline {offline_s:.1f} s "
+                      f"({r['ratio'] or 0:.2f}x), on-demand p99 "
+                      f"{(r['stats'].get('demand_latency_p99') or 0) * 1e3:.1f} ms vs chunk "
+                      f"read {chunk_s * 1e3:.1f} ms, peak RSS {format_size(r['peak_rss'])}",
+                      flush=True)
+            else:
+                img.unlink()
+                r = run_child(tmp, repo_path, m.id, args.restore_limit, False)
+                r.update(size=size, data=data, backup_seconds=backup_s)
+                results["scale"].append(r)
+                print(f"{format_size(size):>9}: RTO {r['rto']:.2f} s, peak RSS "
+                      f"{format_size(r['peak_rss'])}, backup {backup_s:.1f} s, restore "
+                      f"{'done' if r['restored'] else 'not done'} in "
+                      f"{r['restore_seconds']:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
