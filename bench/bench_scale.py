@@ -2,7 +2,7 @@
 """Live restore at scale: RTO and memory by volume size, and the background restore under an
 application load, against the offline restore of the same backup (root).
 
-    .venv/bin/python bench/bench_scale.py [--sizes 1G,8G,64G,1T] [--live-size 8G]
+    .venv/bin/python bench/bench_scale.py [--sizes 1G,8G,64G,1T] [--live-size 8G,32G]
                                           [--live-data 2G] [--json FILE]
 
 Each size: a sparse ext4 image with data scattered through it (min(size/8, 1 GiB) of random
@@ -122,8 +122,10 @@ def child(args: argparse.Namespace) -> int:
             done = pv.wait_restored(args.restore_limit - (time.monotonic() - restore_started))
             out["restored"] = done
             out["restore_seconds"] = time.monotonic() - restore_started
-            out["stats"] = {k: v for k, v in pv.stats().items()
+            st = pv.stats()
+            out["stats"] = {k: v for k, v in st.items()
                             if isinstance(v, (int, float, type(None)))}
+            out["restorer_error"] = st.get("restorer_error")
         finally:
             pv.stop_restore()
             command.run(["umount", str(mnt)], timeout=600)
@@ -223,7 +225,7 @@ def chunk_read_time(repo: Any, manifest: Any, src: Path, count: int = 40) -> flo
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1G,8G,64G,1T")
-    ap.add_argument("--live-size", default="8G")
+    ap.add_argument("--live-size", default="8G,32G")
     ap.add_argument("--live-data", default="2G")
     ap.add_argument("--restore-limit", type=float, default=600.0)
     ap.add_argument("--json")
@@ -242,15 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     from dmrecover.repository.restore import restore
 
     tmp = Path(tempfile.mkdtemp(prefix="dmr-scale.", dir="/var/tmp"))
-    results: dict[str, Any] = {"scale": [], "live": None}
+    results: dict[str, Any] = {"scale": [], "live": []}
     try:
         repo_path = tmp / "repo"
         repo = Repository.init(repo_path)
         plan = [(parse_size(s), False) for s in args.sizes.split(",") if s]
-        if args.live_size:
-            plan.append((parse_size(args.live_size), True))
+        plan += [(parse_size(s), True) for s in args.live_size.split(",") if s]
         for size, load in plan:
-            data = parse_size(args.live_data) if load else min(size // 8, GiB)
+            data = min(parse_size(args.live_data), size // 4) if load else min(size // 8, GiB)
             img = build(tmp, size, data)
             t = time.monotonic()
             m = backup(img, repo, chunk_size=CS)
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.update(size=size, data=data, offline_seconds=offline_s,
                          chunk_read_seconds=chunk_s,
                          ratio=offline_s / r["restore_seconds"] if r["restored"] else None)
-                results["live"] = r
+                results["live"].append(r)
                 print(f"live {format_size(size)} ({format_size(data)} data): background "
                       f"restore {r['restore_seconds']:.1f} s vs offline {offline_s:.1f} s "
                       f"({r['ratio'] or 0:.2f}x), on-demand p99 "
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{format_size(size):>9}: RTO {r['rto']:.2f} s, peak RSS "
                       f"{format_size(r['peak_rss'])}, backup {backup_s:.1f} s, restore "
                       f"{'done' if r['restored'] else 'not done'} in "
-                      f"{r['restore_seconds']:.0f} s", flush=True)
+                      f"{r['restore_seconds']:.0f} s {r.get('restorer_error') or ''}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:

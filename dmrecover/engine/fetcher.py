@@ -562,7 +562,7 @@ class Fetcher:
                     return
                 except OSError as err:
                     log.debug("BLKZEROOUT failed (%s); writing zeros", err)
-        elif _zero_range(self._fd, offset, length):
+        elif _reads_as_zeros(self._fd, offset, length) or _zero_range(self._fd, offset, length):
             return
         zeros = bytes(min(length, 1 << 20))
         pos = offset
@@ -657,6 +657,17 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 _libc: Any = None
+
+
+def _reads_as_zeros(fd: int, offset: int, length: int) -> bool:
+    """True when a regular file has no data in [offset, offset+length): a hole, or (ext4, xfs)
+    an unwritten preallocated extent. Zeroing it again would change nothing a read sees, and
+    ZERO_RANGE would allocate the blocks of a hole: a sparse 1 TiB DEST whose zero chunks
+    were "zeroed" filled this host's disk."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as err:
+        return err.errno == errno.ENXIO  # no data after offset at all
 
 
 def _zero_range(fd: int, offset: int, length: int) -> bool:

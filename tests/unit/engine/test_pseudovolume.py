@@ -536,3 +536,23 @@ def test_read_nowait_leaves_the_marked_head_to_the_blocking_read(tmp_path) -> No
         pv.read(0, 1)
         assert pv.read_nowait(0, 4096) is None
         assert pv.read(0, 4096) == data[:4096]
+
+
+def test_zero_chunks_of_a_sparse_dest_stay_holes(tmp_path) -> None:
+    # A sparse DEST (1 TiB on a small disk): its zero chunks already read as zeros and must
+    # not be allocated by zeroing them; zero chunks over old data are still zeroed.
+    import os
+
+    data = make_data(64, zero=tuple(range(1, 63)))
+    dest = tmp_path / "dest"
+    with open(dest, "wb") as f:
+        f.truncate(len(data))
+        f.seek(5 * CS)
+        f.write(b"\xee" * CS)  # old data where the backup has a zero chunk
+    with PseudoVolume(MemorySource(data, CS), dest, tmp_path / "state") as pv:
+        pv.start_restore()
+        assert pv.wait_restored(60)
+        assert pv.read(0, len(data)) == data
+    assert dest.read_bytes() == data
+    # chunks 0 and 63 hold data; nothing else allocated (a few blocks of slack for metadata)
+    assert os.stat(dest).st_blocks * 512 <= 3 * CS
