@@ -4,6 +4,11 @@ a kernel with device-mapper: run it in the VM). Emulated CPUs make absolute figu
 read the ratios.
 
     python bench/bench_dm.py [--size 256M] [--file 96M] [--json FILE]
+    python bench/bench_dm.py --cold [--size 128M] [--file 16M]   cold reads only
+
+--cold: nothing restored and no restorer, every chunk fetched on demand; a sequential read of
+data.bin through dm (origin loop buffered, then with O_DIRECT) and through the fuse backend,
+with the request counts and average sizes seen by the origin loop and by FUSE (the engine).
 
 One ext4 image holding a random file is the backup (in memory); DEST is fully restored through
 the engine first, so reads hit the restored tier in every configuration. Then, on the same
@@ -110,13 +115,124 @@ class Writer(threading.Thread):
         return max(b - a for a, b in zip(ts, ts[1:], strict=False))
 
 
+class CountingVolume:
+    """Wraps a PseudoVolume's read to count the requests reaching the engine (FUSE reads)."""
+
+    def __init__(self, pv: PseudoVolume) -> None:
+        self.pv = pv
+        self.sizes: list[int] = []
+        self._read = pv.read
+        pv.read = self.read  # type: ignore[method-assign]  # the FUSE server calls pv.read
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.sizes.append(length)
+        return self._read(offset, length)
+
+
+def block_reads(dev: str) -> tuple[int, int]:
+    """(read requests completed, sectors read) of a block device, from sysfs."""
+    name = os.path.basename(os.path.realpath(dev))
+    f = (Path("/sys/block") / name / "stat").read_text().split()
+    return int(f[0]), int(f[2])
+
+
+def cold_read(kind: str, data: bytes, tmp: Path, size: int, file_size: int,
+              *, direct_io: bool = False) -> dict:
+    """Cold sequential read of data.bin (nothing restored, no restorer: every chunk fetched
+    on demand) through the pseudo-volume of `kind` (dm or fuse); MB/s and request sizes at the
+    loop device and at FUSE."""
+    src = MemorySource(data, 1 * MiB)
+    sdir = tmp / f"cold-{kind}-{int(direct_io)}"
+    sdir.mkdir()
+    dest = sdir / "dest.img"
+    with open(dest, "wb") as f:
+        f.truncate(size)
+    mnt = sdir / "mnt"
+    mnt.mkdir()
+    pv = PseudoVolume(src, dest, sdir / "engine", read_only=(kind == "dm"))
+    counter = CountingVolume(pv)
+    ctx = BackendContext(session=f"cold{kind}", state_dir=str(sdir), engine_dir=str(sdir),
+                         mountpoint=str(mnt), fstype="ext4", dest=str(dest), size=size,
+                         mount_options=("ro",) if kind == "dm" else ())
+    stack = (DmBackend() if kind == "dm" else FuseBackend()).present(pv, ctx)
+    if kind == "dm":
+        stack.origin_direct_io = direct_io
+    stack.build()
+    try:
+        loop = stack.origin_loop if kind == "dm" else stack.loop
+        assert loop
+        command.run(["sync"])
+        command.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"])
+        counter.sizes.clear()
+        before = block_reads(loop)
+        fetched0 = len(src.reads)
+        t0 = time.monotonic()
+        fd = os.open(mnt / "data.bin", os.O_RDONLY)
+        try:
+            while os.read(fd, 1 * MiB):
+                pass
+        finally:
+            os.close(fd)
+        dt = time.monotonic() - t0
+        after = block_reads(loop)
+        reqs = after[0] - before[0]
+        n = len(counter.sizes)
+        return {"mb_s": file_size / dt / MiB, "seconds": dt,
+                "loop_requests": reqs,
+                "loop_avg_kib": (after[1] - before[1]) * 512 / max(reqs, 1) / 1024,
+                "fuse_requests": n,
+                "fuse_avg_kib": sum(counter.sizes) / max(n, 1) / 1024,
+                "fuse_max_kib": max(counter.sizes, default=0) / 1024,
+                "chunks_fetched": len(src.reads) - fetched0,
+                "loop_dio": (Path("/sys/block") / os.path.basename(loop) / "loop" / "dio")
+                .read_text().strip()}
+    finally:
+        stack.undo.unwind()
+        if kind == "dm" and dm.info(stack.pseudo_name) is not None:
+            dm.remove(stack.pseudo_name)
+        pv.close()
+
+
+def cold_main(args: argparse.Namespace) -> int:
+    """--cold: the cold sequential read through dm (buffered and O_DIRECT origin loop) and
+    through the fuse backend, same guest, same image."""
+    size, file_size = parse_size(args.size), parse_size(args.file)
+    dm.probe()
+    results: dict = {"size": size, "file": file_size}
+    with tempfile.TemporaryDirectory(prefix="dmr-bench-cold.", dir="/var/tmp") as td:
+        tmp = Path(td)
+        data = make_image(tmp / "src.img", size, file_size)
+        results["dm_buffered_loop"] = cold_read("dm", data, tmp, size, file_size)
+        results["dm_direct_io_loop"] = cold_read("dm", data, tmp, size, file_size,
+                                                 direct_io=True)
+        results["fuse"] = cold_read("fuse", data, tmp, size, file_size)
+    print(f"cold sequential read of a {format_size(file_size)} file, nothing restored")
+    print(f"{'path':18} {'MB/s':>7} {'loop reqs':>9} {'loop KiB':>8} {'FUSE reqs':>9} "
+          f"{'FUSE KiB':>8} {'fetched':>7} {'dio':>3}")
+    for k in ("dm_buffered_loop", "dm_direct_io_loop", "fuse"):
+        r = results[k]
+        print(f"{k:18} {r['mb_s']:7.2f} {r['loop_requests']:9d} {r['loop_avg_kib']:8.1f} "
+              f"{r['fuse_requests']:9d} {r['fuse_avg_kib']:8.1f} {r['chunks_fetched']:7d} "
+              f"{r['loop_dio']:>3}")
+    fuse = results["fuse"]["mb_s"]
+    for k in ("dm_buffered_loop", "dm_direct_io_loop"):
+        print(f"{k}/fuse: {results[k]['mb_s'] / fuse:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="256M")
     ap.add_argument("--file", default="96M")
     ap.add_argument("--write", default="32M")
+    ap.add_argument("--cold", action="store_true",
+                    help="only the cold read: dm (buffered / O_DIRECT origin loop) vs fuse")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.cold:
+        return cold_main(args)
     size, file_size, write_size = (parse_size(args.size), parse_size(args.file),
                                    parse_size(args.write))
     dm.probe()

@@ -82,14 +82,19 @@ def loop_of(file: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
-def attach(path: str | os.PathLike[str], *, read_only: bool = False) -> str:
+def attach(path: str | os.PathLike[str], *, read_only: bool = False,
+           direct_io: bool = False) -> str:
     """Attach a file to a free loop device; returns /dev/loopN.
 
     Never with -P: a partition scan would create devices that nothing tears down.
+    direct_io: the loop reads and writes its file with O_DIRECT, one call per request (a
+    buffered loop calls the file once per 4 KiB page: each one a FUSE request on a FUSE file).
     """
     argv = ["losetup", "--find", "--show"]
     if read_only:
         argv.append("--read-only")
+    if direct_io:
+        argv.append("--direct-io=on")
     argv.append(str(path))
     res = command.run(argv, error=StackError, what=f"attaching {path} to a loop device")
     dev = res.stdout.strip()
