@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FUSE_SUBDIR = "fuse"
 FUSE_FILE = "volume"
+DETACH_WAIT = 60.0  # seconds the loop may take to let go of the FUSE file after a detach
 
 
 # session/cleanup.py still imports this name; it goes when cleanup iterates the registry.
@@ -116,7 +117,10 @@ class FuseStack(Presentation):
     def _detach_loop(self) -> None:
         dev, self.loop = self.loop, None
         if dev is not None:
-            loops.detach(dev)
+            # The kernel lets go of the file only on the device's last close, which may come
+            # late on a loaded host (udev probing it after the unmount); the FUSE server under
+            # it must not stop before that (its reads would fail), so wait longer than usual.
+            loops.detach(dev, wait=DETACH_WAIT)
         self._changed()
 
     def _mount(self) -> None:
