@@ -190,8 +190,11 @@ def test_cutover_refused_while_a_stray_process_holds_the_mount(small: Sandbox) -
         assert f"{holder.pid} (sleep)" in r.stderr, r.stderr
         s = box.session("busy")
         assert s["state"] == "ready" and "held by" in s["error"]
-        # Refused before anything stopped: the application never went down.
-        assert box.query({"op": "ping"})["pid"] == app_pid
+        # Strangers are checked once the application has stopped (so that the application's
+        # own processes are never taken for strangers): the refusal starts it again on the
+        # pseudo-volume, where it answers (a new process).
+        assert box.wait_app()["pid"] != app_pid
+        assert box.session("busy")["state"] == "ready"
     finally:
         holder.kill()
         holder.wait()
