@@ -144,8 +144,8 @@ def breakdown(srv: FuseServer, pv: PseudoVolume, dest: Path, base: Path, base_mn
     """Mean latency of a queue-depth-1 4 KiB O_DIRECT read of cached data, stage by stage:
     DEST direct;
     through FUSE with a handler that returns zeros at once (kernel loop + FUSE + pyfuse3/trio
-    dispatch); with the engine called in the handler (+ engine); with the engine in a worker
-    thread (the server's way: + the thread hand-off). Handlers are swapped on the running
+    dispatch); with the engine called in the handler (+ engine); the server's own handler
+    (fast path on the loop, the rest in a worker thread). Handlers are swapped on the running
     server."""
     import pyfuse3  # deferred like the server's own import: an optional native dependency
 
@@ -167,7 +167,7 @@ def breakdown(srv: FuseServer, pv: PseudoVolume, dest: Path, base: Path, base_mn
     out = {}
     out["dest_direct"] = fio(base_mnt / "data.bin", "randread_4k_qd1", file_size, runtime)
     for name, handler in (("fuse_null", null_read), ("fuse_engine_inline", inline_read),
-                          ("fuse_engine_thread", threaded)):
+                          ("fuse_server", threaded)):
         ops.read = handler
         out[name] = fio(pv_mnt / "data.bin", "randread_4k_qd1", file_size, runtime)
     ops.read = threaded

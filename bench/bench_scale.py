@@ -110,7 +110,8 @@ def child(args: argparse.Namespace) -> int:
     try:
         command.run(["mount", "-o", "noinit_itable", loop, str(mnt)], timeout=600)
         try:
-            pv.start_restore()
+            workers = os.environ.get("BENCH_RESTORE_WORKERS")  # experiments: pool size
+            pv.start_restore(int(workers) if workers else None)
             fd = os.open(mnt / "first-write", os.O_WRONLY | os.O_CREAT, 0o600)
             os.write(fd, b"x" * 4096)
             os.fsync(fd)

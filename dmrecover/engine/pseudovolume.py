@@ -223,11 +223,13 @@ class PseudoVolume:
 
     # ------------------------------------------------------------------ background restore
 
-    def start_restore(self) -> None:
-        """Start (or restart) the background restorer thread; no-op when it runs already."""
+    def start_restore(self, workers: int | None = None) -> None:
+        """Start (or restart) the background restorer; no-op when it runs already.
+        workers: parallel background fetches (default: the restorer's)."""
         if self.restorer is not None and self.restorer.running:
             return
-        self.restorer = Restorer(self.fetcher, on_complete=self._restored)
+        kw = {} if workers is None else {"workers": workers}
+        self.restorer = Restorer(self.fetcher, on_complete=self._restored, **kw)
         self.restorer.start()
 
     def _restored(self) -> None:
