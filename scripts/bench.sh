@@ -9,12 +9,12 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=$(mktemp -d /var/tmp/dmrecover-bench.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
+REPORT=${BENCH_REPORT:-docs/benchmarks}  # the report goes to $REPORT.md, plots to $REPORT/
 SIZES=1G,8G,64G,1T LIVE=8G,32G RUNTIME=8
 if [ "${1:-}" = "--quick" ]; then SIZES=1G,8G LIVE=2G RUNTIME=4; fi
 $PY bench/bench_scale.py --sizes "$SIZES" --live-size "$LIVE" --json "$OUT/scale.json"
 $PY bench/bench_fio.py --runtime "$RUNTIME" --stages --breakdown --json "$OUT/fio.json"
 $PY bench/bench_fio.py --runtime "$RUNTIME" --loop-dio --json "$OUT/fio-dio.json"
 $PY bench/report.py --fio "$OUT/fio.json" --fio-dio "$OUT/fio-dio.json" \
-    --scale "$OUT/scale.json" --out docs/benchmarks.md --plots docs/benchmarks \
-    --note "${BENCH_NOTE:-}"
-echo "wrote docs/benchmarks.md"
+    --scale "$OUT/scale.json" --out "$REPORT.md" --plots "$REPORT" --note "${BENCH_NOTE:-}"
+echo "wrote $REPORT.md"

@@ -245,3 +245,45 @@ def test_block_device_dest_gets_zero_chunks_and_data(tmp_path: Path) -> None:
             assert f.read() == bytes(data)
     finally:
         loop_detach(dev)
+
+
+def test_fast_path_serves_cached_data_and_hands_off_the_rest(tmp_path: Path) -> None:
+    """Reads through the FUSE file: cached restored and overlay data come from the fast path
+    (no thread hand-off), unrestored data is fetched in a worker, cold data is read there;
+    every answer equals the model."""
+    data = random.Random(3).randbytes(8 * MiB)
+    model = bytearray(data)
+    src = MemorySource(data, MiB)
+    dest = blank(tmp_path / "d", len(data))
+    pv = PseudoVolume(src, dest, tmp_path / "state")
+    srv = FuseServer(pv, tmp_path / "fuse")
+    srv.start()
+    try:
+        fd = os.open(srv.path, os.O_RDWR)
+        try:
+            assert os.pread(fd, 4096, 3 * MiB) == data[3 * MiB:3 * MiB + 4096]  # fetch
+            assert src.reads == [3] and pv.nowait_hits == 0
+            for k in range(20):  # restored, cached: the fast path
+                off = 3 * MiB + k * 8192
+                assert os.pread(fd, 4096, off) == bytes(model[off:off + 4096])
+            assert pv.nowait_hits >= 20
+            os.pwrite(fd, b"\x07" * 8192, 3 * MiB + 4096)
+            model[3 * MiB + 4096:3 * MiB + 12288] = b"\x07" * 8192
+            hits = pv.nowait_hits
+            assert os.pread(fd, 65536, 3 * MiB) == bytes(model[3 * MiB:3 * MiB + 65536])
+            assert pv.nowait_hits == hits + 1  # overlay and restored blocks in one read
+            os.fsync(fd)
+            dfd = os.open(dest, os.O_RDONLY)
+            os.fsync(dfd)  # dirty pages stay in the cache
+            os.posix_fadvise(dfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(dfd)
+            misses = pv.nowait_misses
+            assert os.pread(fd, 4096, 3 * MiB + 500 * 1024) == \
+                bytes(model[3 * MiB + 500 * 1024:3 * MiB + 504 * 1024])  # cold: a worker
+            assert pv.nowait_misses > misses
+            assert src.reads == [3]
+        finally:
+            os.close(fd)
+    finally:
+        srv.stop()
+        pv.close()
