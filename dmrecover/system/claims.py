@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from collections.abc import Iterable
 
 from dmrecover.errors import DeviceError, DmrecoverError
@@ -134,18 +135,30 @@ def _lock(key: str, owner: str, what: str) -> tuple[str, int]:
         if same:
             break
         os.close(fd)
-    data = json.dumps({"owner": owner, "pid": os.getpid(), "what": what}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    _write_holder(fd, json.dumps({"owner": owner, "pid": os.getpid(), "what": what}).encode())
     return path, fd
 
 
-def _holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"{info['owner']} (pid {info['pid']})"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "another dmrecover process"
+def _write_holder(fd: int, data: bytes) -> None:
+    """Name the holder in its lock file: written first, then cut to length, so a reader never
+    finds the file empty while it is held (at worst unparsable for a moment: it reads again)."""
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+
+
+def _holder(fd: int, wait: float = 2.0) -> str:
+    """Who holds the lock on fd, as its holder wrote it. A holder that has just taken the
+    lock (or adopted it from its parent) writes its name a moment later: read again for a
+    short while before saying only "another dmrecover process"."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return f"{info['owner']} (pid {info['pid']})"
+        except (ValueError, KeyError, TypeError, OSError):
+            if time.monotonic() >= deadline:
+                return "another dmrecover process"
+        time.sleep(0.02)
 
 
 def _release_all(locks: Iterable[tuple[str, int]]) -> None:
@@ -268,8 +281,7 @@ def adopt_inherited(owner: str) -> list[Claim]:
         for _, fd in locks:  # now ours: name this process as the holder
             data = json.dumps({"owner": owner, "pid": os.getpid(),
                                "what": f"{kind} {path}"}).encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+            _write_holder(fd, data)
         out.append(Claim(kind, path, owner, locks,
                          fd=int(dest_fd) if int(dest_fd) >= 0 else None))
     return out
