@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="image size (default 1G)")
     ap.add_argument("--chunk-size", default="4M", help="dmrecover chunk size (default 4M)")
+    ap.add_argument("--encryption", default="aes-256-gcm", choices=["aes-256-gcm", "none"],
+                    help="dmrecover repository encryption (default aes-256-gcm, like restic's "
+                         "always-on encryption; none compares with format 1)")
     ap.add_argument("--workdir", help="directory for image, repositories and copies "
                     "(default: a new one in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -171,16 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         # dmrecover: each backup into a fresh repository (no dedup against an earlier run)
         repo = work / "dmrepo"
         out: dict = {}
+        dm_env = {"DMRECOVER_PASSWORD": "bench"}  # read only by an encrypted repository
 
         def dm_init() -> None:
             shutil.rmtree(repo, ignore_errors=True)
-            command.run([py, "-m", "dmrecover", "repo", "init", str(repo)])
+            command.run([py, "-m", "dmrecover", "repo", "init", str(repo),
+                         "--encryption", args.encryption], env=dm_env)
 
         def dm_backup() -> None:
             out["id"] = command.run(
                 [py, "-m", "dmrecover", "backup", str(image), "--repo", str(repo),
                  "--chunk-size", args.chunk_size, "--progress", "none"],
-                timeout=None).stdout.strip()
+                timeout=None, env=dm_env).stdout.strip()
 
         best_of("dmrecover_backup", dm_init, dm_backup)
         res["dmrecover_repo_bytes"] = du(repo)
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
         best_of("dmrecover_restore", None, lambda: command.run(
             [py, "-m", "dmrecover", "restore", "--repo", str(repo), out["id"], str(dm_out),
-             "--progress", "none"], timeout=None), dm_check)
+             "--progress", "none"], timeout=None, env=dm_env), dm_check)
 
         # restic
         rrepo = work / "resticrepo"
