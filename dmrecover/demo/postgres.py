@@ -204,14 +204,18 @@ class PostgresCluster:
         return {int(x) for x in out.split()}
 
 
-class PsqlRecorder:
-    """Inserts rows into RECORD_TABLE, one psql call (one transaction) each, in a thread;
-    appends each id to record_file with fsync only after psql reported its COMMIT. A failed
-    insert (the server restarting for the cutover) is not recorded, and the next one goes on,
-    so `recorded ⊆ present` is the durability check."""
+class InsertLoop:
+    """The thread of a recording client: `_loop` inserts numbered rows until `stop`, and
+    `_recorded` appends each committed id to record_file with fsync, so `recorded ⊆ present`
+    is the durability check. Subclasses say how a row is inserted."""
 
-    def __init__(self, pg: PostgresCluster, record_file: str, *, interval: float = 0.0) -> None:
-        self.pg = pg
+    thread_name = "insert-loop"
+    join_timeout = 60.0  # seconds stop() waits for the thread
+    wait_timeout = 60.0  # wait_committed's default
+    poll = 0.05
+    record_mode = 0o600
+
+    def __init__(self, record_file: str, *, interval: float = 0.0) -> None:
         self.record_file = record_file
         self.interval = interval
         self._stop = threading.Event()
@@ -221,27 +225,59 @@ class PsqlRecorder:
         self.last_error: str | None = None
         self.next_id = 1
 
-    def start(self, next_id: int = 1) -> PsqlRecorder:
-        """Insert from next_id on, in a thread (the table exists: `create_record_table`)."""
-        self.next_id = next_id
-        self._thread = threading.Thread(target=self._loop, name="psql-recorder", daemon=True)
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self._thread.start()
-        return self
 
     def stop(self) -> int:
         """Stop the loop; the number of committed (recorded) inserts."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=self.join_timeout)
         return self.committed
 
-    def wait_committed(self, n: int, timeout: float = 60) -> None:
+    def wait_committed(self, n: int, timeout: float | None = None) -> None:
         """Wait until at least n inserts were committed in total."""
-        wait_until(lambda: self.committed >= n, timeout, f"{n} recorded inserts",
-                   interval=0.05)
+        wait_until(lambda: self.committed >= n,
+                   self.wait_timeout if timeout is None else timeout,
+                   f"{n} recorded inserts", interval=self.poll)
+
+    def _open_record(self) -> int:
+        return os.open(self.record_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                       self.record_mode)
+
+    def _recorded(self, fd: int, i: int) -> None:
+        """Id i was committed: record it durably, then pause for the interval."""
+        os.write(fd, f"{i}\n".encode())
+        os.fsync(fd)
+        self.committed += 1
+        if self.interval:
+            self._stop.wait(self.interval)
 
     def _loop(self) -> None:
-        fd = os.open(self.record_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        raise NotImplementedError
+
+
+class PsqlRecorder(InsertLoop):
+    """Inserts rows into RECORD_TABLE, one psql call (one transaction) each, in a thread;
+    appends each id to record_file with fsync only after psql reported its COMMIT. A failed
+    insert (the server restarting for the cutover) is not recorded, and the next one goes on,
+    so `recorded ⊆ present` is the durability check."""
+
+    thread_name = "psql-recorder"
+
+    def __init__(self, pg: PostgresCluster, record_file: str, *, interval: float = 0.0) -> None:
+        super().__init__(record_file, interval=interval)
+        self.pg = pg
+
+    def start(self, next_id: int = 1) -> PsqlRecorder:
+        """Insert from next_id on, in a thread (the table exists: `create_record_table`)."""
+        self.next_id = next_id
+        self._start_thread()
+        return self
+
+    def _loop(self) -> None:
+        fd = self._open_record()
         try:
             while not self._stop.is_set():
                 i = self.next_id
@@ -254,11 +290,7 @@ class PsqlRecorder:
                     self.last_error = str(err)
                     self._stop.wait(0.2)
                     continue
-                os.write(fd, f"{i}\n".encode())
-                os.fsync(fd)
-                self.committed += 1
-                if self.interval:
-                    self._stop.wait(self.interval)
+                self._recorded(fd, i)
         finally:
             os.close(fd)
 

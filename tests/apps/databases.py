@@ -30,7 +30,6 @@ import re
 import shlex
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from dmrecover.demo.postgres import (  # the demo runs the same cluster: one har
     PG_USER,
     RECORD_TABLE,
     DatabaseError,
+    InsertLoop,
     PostgresCluster,
     missing,
     owned_dir,
@@ -249,25 +249,24 @@ class MariaDB:
 
 # ---------------------------------------------------------------- the recording client
 
-class RecordingClient:
+class RecordingClient(InsertLoop):
     """Inserts rows in a loop, one transaction each, in a thread; appends each id to
     record_file with fsync only after its COMMIT returned. On any error it reconnects (the
     server may be restarting) and goes on with the next id: an id whose commit failed is not
     recorded, so `recorded ⊆ present` is the durability check."""
 
+    thread_name = "recording-client"
+    join_timeout = 30.0
+    wait_timeout = 30.0
+    poll = 0.02
+    record_mode = 0o644
+
     def __init__(self, connect: Callable[[], Any], record_file: str, *, dialect: str,
                  setup: Callable[[], object] | None = None, interval: float = 0.0) -> None:
+        super().__init__(record_file, interval=interval)
         self._connect = connect
-        self.record_file = record_file
         self.dialect = dialect
         self._setup = setup
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.committed = 0
-        self.errors = 0
-        self.last_error: str | None = None
-        self.next_id = 1
 
     def create_table(self) -> None:
         if self._setup:
@@ -286,24 +285,11 @@ class RecordingClient:
 
     def start(self) -> RecordingClient:
         self.create_table()
-        self._thread = threading.Thread(target=self._loop, name="recording-client", daemon=True)
-        self._thread.start()
+        self._start_thread()
         return self
 
-    def stop(self) -> int:
-        """Stop the loop; the number of committed (recorded) inserts."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        return self.committed
-
-    def wait_committed(self, n: int, timeout: float = 30) -> None:
-        """Wait until at least n inserts were committed in total."""
-        wait_until(lambda: self.committed >= n, timeout, f"{n} recorded inserts",
-                   interval=0.02)
-
     def _loop(self) -> None:
-        fd = os.open(self.record_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = self._open_record()
         conn = None
         try:
             while not self._stop.is_set():
@@ -316,11 +302,7 @@ class RecordingClient:
                         cur.execute(f"INSERT INTO {RECORD_TABLE} (id, payload) VALUES (%s, %s)",
                                     (i, f"{i:012d}" + "x" * (PAYLOAD - 12)))
                     conn.commit()
-                    os.write(fd, f"{i}\n".encode())
-                    os.fsync(fd)
-                    self.committed += 1
-                    if self.interval:
-                        self._stop.wait(self.interval)
+                    self._recorded(fd, i)
                 except Exception as err:  # the server went away: reconnect and go on
                     self.errors += 1
                     self.last_error = f"{type(err).__name__}: {err}"
