@@ -13,14 +13,14 @@ import shlex
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from dmrecover.system import cgroups, command
 from dmrecover.system.cgroups import AppCgroup
 from tests.apps import databases
-from tests.apps.databases import MariaDB, Postgres
+from tests.apps.databases import MariaDB, Postgres, RecordingClient
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -78,6 +78,25 @@ def _restart_under_load(db: Postgres | MariaDB, cg: AppCgroup, client: databases
     assert proc.pid in cg.pids() or proc.poll() == 0
 
 
+def _check_and_stop(db: Postgres | MariaDB, cg: AppCgroup, client: RecordingClient,
+                    record: str, timings: dict[str, float], check_name: str,
+                    check: Callable[[], object], label: str) -> None:
+    """Stop the recording client: every committed row is present, the database's own check
+    passes, and its stop command empties the cgroup; print the figures after label."""
+    committed = client.stop()
+    assert committed >= 150
+    assert databases.missing(record, db.recorded_ids()) == []
+
+    t0 = time.monotonic()
+    check()
+    timings[check_name] = time.monotonic() - t0
+    with cg.reaping():
+        command.run(db.stop_argv(), timeout=90)
+    assert cg.wait_empty(30)
+    print(f"{label} committed={committed} errors={client.errors} "
+          + " ".join(f"{k}={v:.2f}s" for k, v in timings.items()))
+
+
 def test_postgres_in_a_cgroup(cg: AppCgroup, volume: str, tmp_path) -> None:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -107,18 +126,8 @@ def test_postgres_in_a_cgroup(cg: AppCgroup, volume: str, tmp_path) -> None:
         client.wait_committed(100)
         _restart_under_load(pg, cg, client, timings)
         assert pg.postmaster_pid() in cg.pids()
-        committed = client.stop()
-        assert committed >= 150
-        assert databases.missing(record, pg.recorded_ids()) == []
-
-        t0 = time.monotonic()
-        pg.amcheck()
-        timings["amcheck"] = time.monotonic() - t0
-        with cg.reaping():
-            command.run(pg.stop_argv(), timeout=90)
-        assert cg.wait_empty(30)
-        print(f"postgres: tps={tps:.0f} committed={committed} errors={client.errors} "
-              + " ".join(f"{k}={v:.2f}s" for k, v in timings.items()))
+        _check_and_stop(pg, cg, client, record, timings, "amcheck", pg.amcheck,
+                        f"postgres: tps={tps:.0f}")
     finally:
         cg.kill(timeout=15)
         shutil.rmtree(pg.rundir, ignore_errors=True)
@@ -146,18 +155,7 @@ def test_mariadb_in_a_cgroup(cg: AppCgroup, volume: str, tmp_path) -> None:
         # the first mariadbd-safe was our child: reaped, not a zombie for a stop script
         assert proc.returncode == 0 or cg.exit_codes.get(proc.pid) == 0
         assert my.server_pid() in cg.pids()
-        committed = client.stop()
-        assert committed >= 150
-        assert databases.missing(record, my.recorded_ids()) == []
-
-        t0 = time.monotonic()
-        my.check()
-        timings["check"] = time.monotonic() - t0
-        with cg.reaping():
-            command.run(my.stop_argv(), timeout=90)
-        assert cg.wait_empty(30)
-        print(f"mariadb: committed={committed} errors={client.errors} "
-              + " ".join(f"{k}={v:.2f}s" for k, v in timings.items()))
+        _check_and_stop(my, cg, client, record, timings, "check", my.check, "mariadb:")
     finally:
         cg.kill(timeout=15)
         shutil.rmtree(my.rundir, ignore_errors=True)
