@@ -26,19 +26,29 @@ def count_chunks(repo: Path) -> int:
     return sum(len(os.listdir(repo / "chunks" / d)) for d in os.listdir(repo / "chunks"))
 
 
+def write_random(path: Path, mib: int) -> None:
+    """An incompressible image of mib MiB."""
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(MiB))
+
+
+def wait_for_chunks(repo: Path, proc: subprocess.Popen[str], n: int) -> None:
+    """Until the backup proc has written n chunk files, ends, or 60 s have passed."""
+    deadline = time.monotonic() + 60
+    while count_chunks(repo) < n and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
 def test_kill_backup_midway(tmp_path: Path, capsys) -> None:
     repo = tmp_path / "repo"
     Repository.init(repo)
     src = tmp_path / "src.img"
-    with open(src, "wb") as f:  # incompressible, 64 KiB chunks: ~1500 chunk files to write
-        for _ in range(96):
-            f.write(os.urandom(MiB))
+    write_random(src, 96)  # incompressible, 64 KiB chunks: ~1500 chunk files to write
     proc = cli("backup", str(src), "--repo", str(repo), "--chunk-size", "64K",
                "--progress", "none")
     try:
-        deadline = time.monotonic() + 60
-        while count_chunks(repo) < 50 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
+        wait_for_chunks(repo, proc, 50)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
@@ -69,15 +79,11 @@ def test_two_writers_at_once(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     Repository.init(repo)
     src = tmp_path / "src.img"
-    with open(src, "wb") as f:  # big enough that the first backup runs for seconds
-        for _ in range(256):
-            f.write(os.urandom(MiB))
+    write_random(src, 256)  # big enough that the first backup runs for seconds
     first = cli("backup", str(src), "--repo", str(repo), "--chunk-size", "64K",
                 "--progress", "none")
     try:
-        deadline = time.monotonic() + 60
-        while count_chunks(repo) < 5 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
+        wait_for_chunks(repo, first, 5)
         assert first.poll() is None, "the first backup finished too soon"
         second = cli("backup", str(src), "--repo", str(repo), "--progress", "none")
         out, err = second.communicate(timeout=60)
