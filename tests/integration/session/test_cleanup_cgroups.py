@@ -4,11 +4,13 @@ state dir outside the state root), and a cgroup not named by a session stay."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,20 @@ def _state_dir(tmp_path: Path, name: str) -> Path:
     d.mkdir(mode=0o700)
     write_json_atomic(d / SESSION_FILE, {"name": name, "state": "restoring"})
     return d
+
+
+@contextlib.contextmanager
+def _session_cgroup(parent: str, tmp_path: Path, prefix: str) -> Iterator[tuple[str, str]]:
+    """An empty cgroup named by a dead session's state dir (prefix + a random tag), removed
+    afterwards; yields (tag, cgroup path)."""
+    tag = uuid.uuid4().hex[:6]
+    d = _state_dir(tmp_path, f"{prefix}{tag}")
+    path = os.path.join(parent, cgroup_name(d.name, str(d)))
+    os.makedirs(path)
+    try:
+        yield tag, path
+    finally:
+        os.rmdir(path)
 
 
 def _held_lock(state_dir: Path) -> subprocess.Popen:
@@ -93,31 +109,19 @@ def test_cleanup_removes_only_dead_sessions_empty_cgroups(parent: str, tmp_path:
 
 
 def test_cleanup_dry_run_lists_the_cgroup(parent: str, tmp_path: Path) -> None:
-    tag = uuid.uuid4().hex[:6]
-    d = _state_dir(tmp_path, f"dry{tag}")
-    path = os.path.join(parent, cgroup_name(d.name, str(d)))
-    os.makedirs(path)
-    try:
+    with _session_cgroup(parent, tmp_path, "dry") as (_tag, path):
         r = subprocess.run([sys.executable, "-m", "dmrecover", "cleanup", "--dry-run"],
                            capture_output=True, text=True, timeout=120, cwd="/")
         assert r.returncode == 0, r.stderr
         assert f"would remove cgroup {path}" in r.stdout
         assert os.path.isdir(path)
-    finally:
-        os.rmdir(path)
 
 
 def test_backend_only_lookups_leave_cgroups_out(parent: str, tmp_path: Path) -> None:
     """Asking given backends (as their own tests do) lists no cgroup."""
-    tag = uuid.uuid4().hex[:6]
-    d = _state_dir(tmp_path, f"be{tag}")
-    path = os.path.join(parent, cgroup_name(d.name, str(d)))
-    os.makedirs(path)
-    try:
+    with _session_cgroup(parent, tmp_path, "be") as (tag, _path):
         assert not [f for f in cleanup.find_leftovers([]) if tag in str(f)]
         assert [f for f in cleanup.find_leftovers([], app_cgroups=True) if tag in str(f)]
-    finally:
-        os.rmdir(path)
 
 
 def test_lock_file_fd_marks_the_state_dir_live(tmp_path: Path) -> None:
