@@ -138,7 +138,8 @@ def _restore_claimed(repo: Repository, manifest: Manifest, dest: str, claim: cla
             # Truncating first makes every byte not written below a hole (all-zero chunks).
             os.ftruncate(fd, 0)
             os.ftruncate(fd, manifest.size)
-        _copy(repo, manifest, fd, dest, is_block, renderer, workers or default_workers())
+        _copy(repo, manifest, fd, dest, is_block, renderer,
+              workers or repo.storage.fetch_concurrency or default_workers())
         os.fsync(fd)
     except CorruptChunk as err:
         if claim.created:

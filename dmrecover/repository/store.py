@@ -36,6 +36,10 @@ class Storage(ABC):
     reachable), RepositoryUnavailable or another OSError when the storage cannot be reached.
     """
 
+    #: Fetches that run at once by default: a local store is bound by the CPU (decompress,
+    #: hash), a network store by latency, where more requests in flight pay.
+    fetch_concurrency: int | None = None  # None: one per core, plus one
+
     @abstractmethod
     def get(self, key: str, max_size: int | None = None) -> bytes:
         """The object's bytes. With max_size, at most max_size + 1 bytes are read (so the
