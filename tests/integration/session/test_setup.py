@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 import pytest
@@ -66,6 +67,22 @@ def _refused(box: Sandbox, r: subprocess.CompletedProcess[str], before: dict, *w
         assert w in lines[0], lines[0]
     assert _snapshot(box) == before
     assert not box.app_procs()
+
+
+def _resume_to_done(box: Sandbox, name: str) -> None:
+    """`dmrecover resume name` is accepted and the session runs to done."""
+    r = box.cli("resume", name)
+    assert r.returncode == 0, r.stderr
+    assert box.wait_state(name, ("done", "failed"))["state"] == "done"
+
+
+def _stop_and_verify(box: Sandbox, fs_tools: ModuleType | None = None) -> None:
+    """The application runs on DEST: stop it, unmount, and (given fs_tools) check DEST."""
+    box.wait_app()
+    box.stop_app()
+    umount(str(box.mnt))
+    if fs_tools is not None:
+        box.verify_dest(fs_tools)
 
 
 def test_validation_errors(small: Sandbox, loop_device) -> None:
@@ -151,12 +168,8 @@ def test_failure_at_each_setup_step_leaves_nothing(small: Sandbox, step: str) ->
                 str(box.state_root / "f") in (p.info["cmdline"] or [])]
     assert "undo" in (box.state_root / "f" / "session.log").read_text() or step == "fuse"
     # After the failure is gone, resume brings it up and finishes it.
-    r = box.cli("resume", "f")
-    assert r.returncode == 0, r.stderr
-    assert box.wait_state("f", ("done", "failed"))["state"] == "done"
-    box.wait_app()
-    box.stop_app()
-    umount(str(box.mnt))
+    _resume_to_done(box, "f")
+    _stop_and_verify(box)
 
 
 def test_crash_during_merge_resume_reruns_it(small: Sandbox, fs_tools) -> None:
@@ -168,13 +181,8 @@ def test_crash_during_merge_resume_reruns_it(small: Sandbox, fs_tools) -> None:
     assert mount_at(str(box.mnt)) is None and not box.loops_under()
     assert not box.app_procs()
     assert (box.state_root / "m" / "overlay.img").exists()
-    r = box.cli("resume", "m")
-    assert r.returncode == 0, r.stderr
-    assert box.wait_state("m", ("done", "failed"))["state"] == "done"
-    box.wait_app()
-    box.stop_app()
-    umount(str(box.mnt))
-    box.verify_dest(fs_tools)
+    _resume_to_done(box, "m")
+    _stop_and_verify(box, fs_tools)
 
 
 def test_cutover_refused_while_a_stray_process_holds_the_mount(small: Sandbox) -> None:
@@ -200,9 +208,7 @@ def test_cutover_refused_while_a_stray_process_holds_the_mount(small: Sandbox) -
         holder.wait()
     r = box.cli("cutover", "busy")
     assert r.returncode == 0, r.stderr
-    box.wait_app()
-    box.stop_app()
-    umount(str(box.mnt))
+    _stop_and_verify(box)
 
 
 def test_cleanup_after_killed_session(small: Sandbox) -> None:
@@ -238,10 +244,7 @@ def test_foreground_session_runs_to_done(small: Sandbox, fs_tools) -> None:
     assert "session fg" in r.stdout  # printed once the application ran
     s = box.session("fg")
     assert s["state"] == "done" and s["pid"] is None
-    box.wait_app()
-    box.stop_app()
-    umount(str(box.mnt))
-    box.verify_dest(fs_tools)
+    _stop_and_verify(box, fs_tools)
 
 
 def test_sigterm_suspends_and_resume_continues(small: Sandbox, fs_tools) -> None:
@@ -258,13 +261,8 @@ def test_sigterm_suspends_and_resume_continues(small: Sandbox, fs_tools) -> None
     assert mount_at(str(box.mnt)) is None and not box.loops_under()
     assert mount_at(str(box.state_root / "t" / "fuse")) is None
     assert not box.app_procs()
-    r = box.cli("resume", "t")
-    assert r.returncode == 0, r.stderr
-    assert box.wait_state("t", ("done", "failed"))["state"] == "done"
-    box.wait_app()
-    box.stop_app()
-    umount(str(box.mnt))
-    box.verify_dest(fs_tools)
+    _resume_to_done(box, "t")
+    _stop_and_verify(box, fs_tools)
 
 
 def test_block_device_destination(small: Sandbox, fs_tools, loop_device) -> None:
@@ -276,10 +274,7 @@ def test_block_device_destination(small: Sandbox, fs_tools, loop_device) -> None
     assert box.wait_state("blk", ("done", "failed"))["state"] == "done"
     m = mount_at(str(box.mnt))
     assert m is not None and m.source == dev  # DEST itself, no extra loop
-    box.wait_app()
-    box.stop_app()
-    umount(str(box.mnt))
-    box.verify_dest(fs_tools)
+    _stop_and_verify(box, fs_tools)
 
 
 def test_application_that_fails_to_start(small: Sandbox) -> None:
