@@ -22,7 +22,7 @@ import pytest
 from dmrecover.system import command
 from dmrecover.system.mounts import mount_at, umount
 from tests.apps.livekit import Sandbox, table_digest, tree_checksums
-from tests.helpers.ceph import CephCluster, ceph_available
+from tests.helpers.ceph import CephCluster, ceph_available, running
 from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -64,19 +64,8 @@ def far_files(box: Sandbox, count: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
-    saved = {k: os.environ.get(k) for k in cluster.env()}
-    try:
-        cluster.start()
-        os.environ.update(cluster.env())
+    with running(tmp_path_factory.mktemp("ceph")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
