@@ -198,6 +198,16 @@ def _verify_restored(dest: Path, sb: Sandbox) -> None:
     assert got == sb.checksums, "the restored DEST differs from the backup"
 
 
+def _one_accepted(outcomes: list[Outcome]) -> tuple[str, Outcome]:
+    """Exactly one of the two contenders was accepted: its session, and the refused one."""
+    accepted = [o for o in outcomes if o.returncode == 0]
+    summary = "; ".join(f"{o.session}: rc {o.returncode} {o.stderr.strip()[:300]!r}"
+                        for o in outcomes)
+    assert len(accepted) == 1, f"{len(accepted)} of 2 accepted: {summary}"
+    winner = accepted[0].session
+    return winner, next(o for o in outcomes if o.session != winner)
+
+
 def _restore_round(sb: Sandbox, r: int, rng: random.Random) -> str:
     """An offline restore and a live-restore of one DEST at once."""
     live, offline = f"r{r}a", f"r{r}b"
@@ -209,12 +219,7 @@ def _restore_round(sb: Sandbox, r: int, rng: random.Random) -> str:
     order = [live, offline]
     rng.shuffle(order)
     outcomes = _release_together(sb, {s: argvs[s] for s in order}, f"restore-{r}")
-    accepted = [o for o in outcomes if o.returncode == 0]
-    summary = "; ".join(f"{o.session}: rc {o.returncode} {o.stderr.strip()[:300]!r}"
-                        for o in outcomes)
-    assert len(accepted) == 1, f"{len(accepted)} of 2 accepted: {summary}"
-    winner = accepted[0].session
-    loser = next(o for o in outcomes if o.session != winner)
+    winner, loser = _one_accepted(outcomes)
     err = loser.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("dmrecover: error: "), err
@@ -297,12 +302,7 @@ def _round(sb: Sandbox, case: str, r: int, rng: random.Random) -> str:
     rng.shuffle(order)  # which one Popen starts first
     outcomes = _release_together(sb, {s: _live_restore_argv(sb, s, dests[s], mnts[s])
                                       for s in order}, f"{case}-{r}")
-    accepted = [o for o in outcomes if o.returncode == 0]
-    summary = "; ".join(f"{o.session}: rc {o.returncode} {o.stderr.strip()[:300]!r}"
-                        for o in outcomes)
-    assert len(accepted) == 1, f"{len(accepted)} of 2 accepted: {summary}"
-    winner = accepted[0].session
-    loser = next(o for o in outcomes if o.session != winner)
+    winner, loser = _one_accepted(outcomes)
     _check_refusal(sb, loser, winner,
                    dests[loser.session] if case == "same-mount" else None)
     counts = _finish_and_verify(sb, winner, dests[winner], mnts[winner])
