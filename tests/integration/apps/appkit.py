@@ -9,7 +9,10 @@ import os
 import time
 from pathlib import Path
 
+import psutil
+
 from dmrecover.system.mounts import mount_at
+from tests.apps import daemon_toy
 from tests.apps.livekit import Sandbox
 
 # Seconds the background restorer sleeps per chunk: the application runs during the restore.
@@ -116,3 +119,36 @@ def backup_with_cli(box: AppSandbox, image: Path, chunk_size: str = "1M") -> str
     backups = json.loads(r.stdout)
     items = backups if isinstance(backups, list) else backups.get("backups", [])
     return items[-1]["id"]
+
+
+def toy_commands(box: AppSandbox, *, ignore_term: bool = False) -> tuple[str, str, Path]:
+    """The daemon toy's start and stop commands writing on box.mnt, and its pid file."""
+    pidfile = box.appstate / "toy.pid"
+    start = daemon_toy.command_string(daemon_toy.start_argv(
+        str(box.mnt), str(pidfile), interval=0.05, ignore_term=ignore_term))
+    stop = daemon_toy.command_string(daemon_toy.stop_argv(str(pidfile), timeout=30))
+    return start, stop, pidfile
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    """True once pid has exited (a zombie waiting for PID 1 to reap it counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def wait_daemon(pidfile: Path, not_pid: int | None = None, timeout: float = 30) -> int:
+    """The pid of the running daemon named in pidfile (other than not_pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = daemon_toy.read_pid(str(pidfile))
+        if pid and pid != not_pid and psutil.pid_exists(pid):
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no daemon in {pidfile}")

@@ -10,12 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from dmrecover.system.mounts import mount_at
-from tests.apps import daemon_toy
-from tests.integration.apps.appkit import SLOW, AppSandbox
+from tests.integration.apps.appkit import SLOW, AppSandbox, gone, toy_commands, wait_daemon
 from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -28,42 +26,17 @@ def box(tmp_path: Path, fs_tools, ext4_image: Path):
         yield sb
 
 
-def _gone(pid: int, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _daemon(pidfile: Path, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = daemon_toy.read_pid(str(pidfile))
-        if pid and psutil.pid_exists(pid):
-            return pid
-        time.sleep(0.05)
-    raise AssertionError(f"no daemon in {pidfile}")
-
-
 def test_abort_refuses_then_abort_force_unmounts_under_a_stranger(box: AppSandbox) -> None:
-    pidfile = box.appstate / "toy.pid"
-    start = daemon_toy.command_string(daemon_toy.start_argv(str(box.mnt), str(pidfile),
-                                                            interval=0.05))
-    stop = daemon_toy.command_string(daemon_toy.stop_argv(str(pidfile), timeout=30))
+    start, stop, pidfile = toy_commands(box)
     r = box.live_restore_app("strg", start, stop, "--cutover", "manual", env=SLOW)
     assert r.returncode == 0, r.stderr
-    daemon = _daemon(pidfile)
+    daemon = wait_daemon(pidfile)
     stranger = subprocess.Popen(["sleep", "600"], cwd=box.mnt)
     try:
         r = box.cli("abort", "strg")
         assert r.returncode != 0
         assert f"{stranger.pid} (sleep)" in r.stderr and "abort --force" in r.stderr, r.stderr
-        assert _gone(daemon), "abort stops the application even when refused"
+        assert gone(daemon, 15), "abort stops the application even when refused"
         assert box.on_pseudo_volume(), "plain abort leaves the mount under the stranger"
         assert box.session("strg")["state"] != "aborted"
 

@@ -16,8 +16,7 @@ import psutil
 import pytest
 
 from dmrecover.system.mounts import mount_at
-from tests.apps import daemon_toy
-from tests.integration.apps.appkit import SLOW, AppSandbox
+from tests.integration.apps.appkit import SLOW, AppSandbox, gone, toy_commands, wait_daemon
 from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -30,14 +29,6 @@ def box(tmp_path: Path, fs_tools, ext4_image: Path):
         yield sb
 
 
-def _toy(box: AppSandbox, *, ignore_term: bool = False) -> tuple[str, str, Path]:
-    pidfile = box.appstate / "toy.pid"
-    start = daemon_toy.command_string(daemon_toy.start_argv(
-        str(box.mnt), str(pidfile), interval=0.05, ignore_term=ignore_term))
-    stop = daemon_toy.command_string(daemon_toy.stop_argv(str(pidfile), timeout=30))
-    return start, stop, pidfile
-
-
 def _toy_lines(path: Path) -> dict[int, list[int]]:
     """pid -> the line numbers it wrote (fsync'd each)."""
     out: dict[int, list[int]] = {}
@@ -47,34 +38,11 @@ def _toy_lines(path: Path) -> dict[int, list[int]]:
     return out
 
 
-def _gone(pid: int, timeout: float = 10) -> bool:
-    """True once pid has exited (a zombie waiting for PID 1 to reap it counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _wait_daemon(pidfile: Path, not_pid: int | None = None, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = daemon_toy.read_pid(str(pidfile))
-        if pid and pid != not_pid and psutil.pid_exists(pid):
-            return pid
-        time.sleep(0.05)
-    raise AssertionError(f"no daemon in {pidfile}")
-
-
 def test_daemon_live_restore_and_auto_cutover(box: AppSandbox) -> None:
-    start, stop, pidfile = _toy(box)
+    start, stop, pidfile = toy_commands(box)
     r = box.live_restore_app("toy", start, stop, env=SLOW)
     assert r.returncode == 0, r.stderr
-    daemon = _wait_daemon(pidfile)
+    daemon = wait_daemon(pidfile)
     rec = box.session("toy")
     assert rec["state"] == "restoring" and box.on_pseudo_volume()
     assert rec["app_handle"]["cgroup"]["kind"] in ("cgroup2", "systemd-scope")
@@ -89,8 +57,8 @@ def test_daemon_live_restore_and_auto_cutover(box: AppSandbox) -> None:
     assert done["warnings"] == [], done["warnings"]  # the kill -0 stop script just worked
     stop_log = done["app_handle"]["stop_log"] if done["app_handle"].get("stop_log") else []
     assert not box.on_pseudo_volume()
-    after = _wait_daemon(pidfile, not_pid=daemon)
-    assert _gone(daemon)
+    after = wait_daemon(pidfile, not_pid=daemon)
+    assert gone(daemon)
     time.sleep(0.5)
     lines = _toy_lines(log)
     # Every line the first daemon fsync'd is on DEST, in order, and the second writes on.
@@ -102,39 +70,39 @@ def test_daemon_live_restore_and_auto_cutover(box: AppSandbox) -> None:
 
 
 def test_stop_command_that_exits_1_falls_back_to_sigterm(box: AppSandbox) -> None:
-    start, _, pidfile = _toy(box)
+    start, _, pidfile = toy_commands(box)
     r = box.live_restore_app("fail1", start, "false", env=SLOW)
     assert r.returncode == 0, r.stderr
-    daemon = _wait_daemon(pidfile)
+    daemon = wait_daemon(pidfile)
     done = box.wait_state("fail1", ("done", "failed"))
     assert done["state"] == "done", done.get("error")
     w = done["warnings"]
     assert any("failed (exit 1)" in x and "falling back to SIGTERM" in x for x in w), w
-    assert _gone(daemon)
-    assert _wait_daemon(pidfile, not_pid=daemon) and not box.on_pseudo_volume()
+    assert gone(daemon)
+    assert wait_daemon(pidfile, not_pid=daemon) and not box.on_pseudo_volume()
 
 
 def test_stop_command_that_hangs_then_sigterm_ignored_then_sigkill(box: AppSandbox) -> None:
-    start, _, pidfile = _toy(box, ignore_term=True)
+    start, _, pidfile = toy_commands(box, ignore_term=True)
     r = box.live_restore_app("hang", start, "sleep 600", "--stop-timeout", "2", env=SLOW)
     assert r.returncode == 0, r.stderr
-    daemon = _wait_daemon(pidfile)
+    daemon = wait_daemon(pidfile)
     done = box.wait_state("hang", ("done", "failed"))
     assert done["state"] == "done", done.get("error")
     w = done["warnings"]
     assert any("timed out after 2s" in x for x in w), w
     assert any("SIGKILL" in x for x in w), w
-    assert _gone(daemon)
+    assert gone(daemon)
     # stop command (2 s) + SIGTERM grace (2 s) + SIGKILL: well under the stop command's 600
     assert done["timings"]["app_stopped"] - done["timings"]["cutover_started"] < 20
-    assert _wait_daemon(pidfile, not_pid=daemon) and not box.on_pseudo_volume()
+    assert wait_daemon(pidfile, not_pid=daemon) and not box.on_pseudo_volume()
 
 
 def test_stranger_refuses_the_cutover_then_auto_retry_succeeds(box: AppSandbox) -> None:
-    start, stop, pidfile = _toy(box)
+    start, stop, pidfile = toy_commands(box)
     r = box.live_restore_app("strange", start, stop, env=SLOW)
     assert r.returncode == 0, r.stderr
-    daemon = _wait_daemon(pidfile)
+    daemon = wait_daemon(pidfile)
     stranger = subprocess.Popen(["sleep", "600"], cwd=box.mnt)
     try:
         rec = box.wait_for("strange", lambda s: "refused" in (s.get("error") or ""),
@@ -143,8 +111,8 @@ def test_stranger_refuses_the_cutover_then_auto_retry_succeeds(box: AppSandbox) 
         assert "automatic cutover retries in" in rec["error"]
         assert rec["state"] == "ready"
         # The application was stopped, then started again on the pseudo-volume.
-        again = _wait_daemon(pidfile, not_pid=daemon)
-        assert _gone(daemon) and psutil.pid_exists(again)
+        again = wait_daemon(pidfile, not_pid=daemon)
+        assert gone(daemon) and psutil.pid_exists(again)
         assert box.on_pseudo_volume()
         deadline = time.monotonic() + 10
         while "cutover_retry" not in box.raw_status("strange"):  # rewritten every 0.5 s
@@ -158,19 +126,19 @@ def test_stranger_refuses_the_cutover_then_auto_retry_succeeds(box: AppSandbox) 
     done = box.wait_state("strange", ("done", "failed"), timeout=120)
     assert done["state"] == "done", done.get("error")
     assert not box.on_pseudo_volume()
-    assert _wait_daemon(pidfile, not_pid=again)
+    assert wait_daemon(pidfile, not_pid=again)
 
 
 def test_abort_stops_an_application_that_will_not_stop(box: AppSandbox) -> None:
-    start, _, pidfile = _toy(box, ignore_term=True)
+    start, _, pidfile = toy_commands(box, ignore_term=True)
     r = box.live_restore_app("ab", start, "false", "--stop-timeout", "1", "--cutover",
                              "manual", env=SLOW)
     assert r.returncode == 0, r.stderr
-    daemon = _wait_daemon(pidfile)
+    daemon = wait_daemon(pidfile)
     cg_path = (box.session("ab")["app_handle"].get("cgroup") or {}).get("path")
     r = box.cli("abort", "ab")
     assert r.returncode == 0, r.stderr
-    assert _gone(daemon)
+    assert gone(daemon)
     assert mount_at(str(box.mnt)) is None and not box.mounts_under()
     rec = box.session("ab")
     assert rec["state"] == "aborted"
