@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
 from dmrecover.system.mounts import mount_at
-from tests.apps import daemon_toy
+from tests.apps import daemon_toy, databases
 from tests.apps.livekit import Sandbox
 
 # Seconds the background restorer sleeps per chunk: the application runs during the restore.
@@ -73,7 +76,6 @@ def build_db_volume(scratch: Path, kind: str, size: int, populate) -> tuple[Path
     volume). Returns (image, db); db.datadir is on the image, as mounted at scratch/src."""
     import subprocess
 
-    from tests.apps import databases
     from tests.helpers import images
 
     img = scratch / "src.img"
@@ -152,3 +154,14 @@ def wait_daemon(pidfile: Path, not_pid: int | None = None, timeout: float = 30) 
             return pid
         time.sleep(0.05)
     raise AssertionError(f"no daemon in {pidfile}")
+
+
+@contextmanager
+def scratch_tree(prefix: str) -> Iterator[Path]:
+    """A scratch directory outside pytest's tmp_path (see databases.make_traversable),
+    removed with all it holds afterwards."""
+    d = Path(databases.scratch_dir(prefix))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

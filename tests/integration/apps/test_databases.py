@@ -10,7 +10,6 @@ of table data not restored yet; the automatic cutover; then on DEST: the integri
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,12 @@ import pytest
 from dmrecover.system import command
 from tests.apps import databases
 from tests.apps.databases import MariaDB, Postgres
-from tests.integration.apps.appkit import AppSandbox, backup_with_cli, build_db_volume
+from tests.integration.apps.appkit import (
+    AppSandbox,
+    backup_with_cli,
+    build_db_volume,
+    scratch_tree,
+)
 from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -38,11 +42,8 @@ MY_DELAY = {"DMRECOVER_TEST_RESTORE_DELAY": "0.5"}
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
-    d = Path(databases.scratch_dir("dmr-appdb-"))
-    try:
+    with scratch_tree("dmr-appdb-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

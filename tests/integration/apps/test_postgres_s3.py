@@ -12,7 +12,6 @@ DEST alone: pg_amcheck --heapallindexed clean and every recorded insert present.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -25,7 +24,8 @@ from tests.apps import databases
 from tests.apps.databases import Postgres
 from tests.helpers import ceph as ceph_helper
 from tests.helpers.ceph import CephCluster, ceph_available
-from tests.integration.apps.appkit import AppSandbox, build_db_volume
+from tests.integration.apps.appkit import AppSandbox, build_db_volume, scratch_tree
+from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(not ceph_available(),
@@ -46,34 +46,23 @@ DELAY = {"DMRECOVER_TEST_RESTORE_DELAY": "0.15"}
 def ceph() -> Iterator[CephCluster]:
     # The cluster's files in a scratch dir too: no database lives there, but pytest's
     # tmp_path may be chmodded 0700 by another run (see databases.make_traversable).
-    root = Path(databases.scratch_dir("dmr-ceph-"))
-    try:
-        with ceph_helper.running(root) as cluster:  # the CLI and the session inherit its env
-            yield cluster
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    # The CLI and the session processes inherit the cluster's environment.
+    with scratch_tree("dmr-ceph-") as root, ceph_helper.running(root) as cluster:
+        yield cluster
 
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
-    d = Path(databases.scratch_dir("dmr-pgs3-"))
-    try:
+    with scratch_tree("dmr-pgs3-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
 def box(scratch: Path, ceph: CephCluster, monkeypatch) -> Iterator[AppSandbox]:
     for k in ("DMRECOVER_PASSWORD", "DMRECOVER_PASSWORD_FILE"):
         monkeypatch.delenv(k, raising=False)
-    sb = AppSandbox(scratch / "box")
-    try:
+    with torn_down(AppSandbox(scratch / "box")) as sb:
         yield sb
-    finally:
-        sb.teardown()
-        assert not sb.mounts_under(), "teardown left mounts"
-        assert not sb.loops_under(), "teardown left loops"
 
 
 def backup_to_s3(box: AppSandbox, image: Path) -> Path:
