@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -165,3 +166,18 @@ def scratch_tree(prefix: str) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def pgbench_while_recording(box: AppSandbox, pg: databases.Postgres,
+                            seconds: int) -> tuple[databases.RecordingClient, float]:
+    """pgbench for `seconds` while a recording client inserts (record file in box.tmp): the
+    benchmark ran and the client committed at least 50 rows. Returns the client, still
+    running, and pgbench's tps."""
+    client = pg.recording_client(str(box.tmp / "pg-committed.txt")).start()
+    tps: list[float] = []
+    bench = threading.Thread(target=lambda: tps.append(pg.pgbench(seconds, clients=2)))
+    bench.start()
+    client.wait_committed(50, timeout=60)
+    bench.join(timeout=120)
+    assert tps and tps[0] > 0
+    return client, tps[0]

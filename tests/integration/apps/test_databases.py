@@ -10,7 +10,6 @@ of table data not restored yet; the automatic cutover; then on DEST: the integri
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.integration.apps.appkit import (
     AppSandbox,
     backup_with_cli,
     build_db_volume,
+    pgbench_while_recording,
     scratch_tree,
 )
 from tests.integration.sandboxes import torn_down
@@ -89,13 +89,7 @@ def test_postgres_live_restore(box: AppSandbox, scratch: Path) -> None:
     # cold read: the whole accounts table, most of it not restored yet
     assert pg.psql("SELECT count(*) FROM pgbench_accounts").strip() == str(PG_SCALE * 100000)
     assert box.status("db")["demand_fetches"] > 0
-    client = pg.recording_client(str(box.tmp / "pg-committed.txt")).start()
-    tps: list[float] = []
-    bench = threading.Thread(target=lambda: tps.append(pg.pgbench(8, clients=2)))
-    bench.start()
-    client.wait_committed(50, timeout=60)
-    bench.join(timeout=120)
-    assert tps and tps[0] > 0
+    client, tps = pgbench_while_recording(box, pg, 8)
     assert box.status("db")["state"] in ("restoring", "ready", "cutting-over")
     done = _after_cutover(box, client)
     pg.amcheck()  # --heapallindexed --rootdescend on every database: clean or it raises
@@ -103,7 +97,7 @@ def test_postgres_live_restore(box: AppSandbox, scratch: Path) -> None:
     assert client.committed > 100
     stop_log = done["app_handle"]["stop_log"]
     assert any("the stop command exited 0" in line for line in stop_log), stop_log
-    print(f"postgres: tps during restore {tps[0]:.0f}, {client.committed} recorded inserts, "
+    print(f"postgres: tps during restore {tps:.0f}, {client.committed} recorded inserts, "
           f"downtime {done['timings']['cutover_downtime']:.2f}s")
     command.run(pg.stop_argv(), timeout=120)
 

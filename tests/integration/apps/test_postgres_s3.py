@@ -12,7 +12,6 @@ DEST alone: pg_amcheck --heapallindexed clean and every recorded insert present.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,12 @@ from tests.apps import databases
 from tests.apps.databases import Postgres
 from tests.helpers import ceph as ceph_helper
 from tests.helpers.ceph import CephCluster, ceph_available
-from tests.integration.apps.appkit import AppSandbox, build_db_volume, scratch_tree
+from tests.integration.apps.appkit import (
+    AppSandbox,
+    build_db_volume,
+    pgbench_while_recording,
+    scratch_tree,
+)
 from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -107,13 +111,7 @@ def test_postgres_live_restore_from_encrypted_rgw(box: AppSandbox, scratch: Path
         assert pg.psql("SELECT count(*) FROM pgbench_accounts").strip() == \
             str(PG_SCALE * 100000)
         assert box.status("db")["demand_fetches"] > 0
-        client = pg.recording_client(str(box.tmp / "pg-committed.txt")).start()
-        tps: list[float] = []
-        bench = threading.Thread(target=lambda: tps.append(pg.pgbench(6, clients=2)))
-        bench.start()
-        client.wait_committed(50, timeout=60)
-        bench.join(timeout=120)
-        assert tps and tps[0] > 0
+        client, tps = pgbench_while_recording(box, pg, 6)
         during = box.status("db")
         assert during["state"] in ("restoring", "ready", "cutting-over"), during
 
@@ -129,7 +127,7 @@ def test_postgres_live_restore_from_encrypted_rgw(box: AppSandbox, scratch: Path
         assert client.committed > 100
         # The session's cached repository key is gone once done.
         assert not (box.state_root / "db" / "repo.key").exists()
-        print(f"postgres from RGW: tps during restore {tps[0]:.0f}, {client.committed} "
+        print(f"postgres from RGW: tps during restore {tps:.0f}, {client.committed} "
               f"recorded inserts, downtime {done['timings']['cutover_downtime']:.2f}s")
     finally:
         command.run(pg.stop_argv(), check=False, timeout=120)
