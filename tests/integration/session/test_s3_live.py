@@ -218,8 +218,15 @@ def test_rgw_outage_mid_live_restore_reads_wait_then_recover(box: Sandbox, fs_to
     t.join(120)
     assert "error" not in results, results.get("error")
     assert results["ok"] >= 25, "the read did not wait for the repository"
-    after = box.status("out")
-    assert after["waiting_for_repository_since"] is None or after["state"] != "restoring"
+    # The wait ends in status once every fetcher's next retry (backoff up to 5 s) succeeds
+    # and status.json is rewritten (every 0.5 s): not at the instant the read returns.
+    deadline = time.monotonic() + 30
+    while True:
+        after = box.status("out")
+        if after["waiting_for_repository_since"] is None or after["state"] != "restoring":
+            break
+        assert time.monotonic() < deadline, f"status still waits for the repository: {after}"
+        time.sleep(0.5)
     m = mount_at(str(box.mnt))
     assert m is not None and "rw" in m.options.split(",")
     finish_and_verify(box, "out", fs_tools)
