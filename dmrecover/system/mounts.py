@@ -118,6 +118,19 @@ def mount(source: str, target: str, fstype: str | None, options: list[str] | Non
     command.run(argv, error=StackError, what=f"mounting {source} at {target}", timeout=300)
 
 
+def umount_or_detach(target: str) -> bool:
+    """Unmount what a dead session left: normally (a few retries, no holder check), else
+    lazily (a filesystem over a dead FUSE server errors on a normal unmount). True when it
+    had to be lazy."""
+    try:
+        umount(target, check_holders=False, retries=3)
+        return False
+    except StackError as err:
+        log.warning("unmount of %s failed (%s); unmounting lazily", target, err)
+        umount(target, lazy=True)
+        return True
+
+
 def umount(target: str, *, lazy: bool = False, check_holders: bool = True,
            retries: int = 20) -> None:
     """Unmount target; refuse (StackError naming them) while processes hold it.

@@ -16,7 +16,7 @@ from dmrecover.backends.base import Leftover, SessionLookup
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.errors import StackError
 from dmrecover.system import loops
-from dmrecover.system.mounts import mounts, umount
+from dmrecover.system.mounts import mounts, umount_or_detach
 
 BACKEND = "dm"
 MOUNT = "mount"
@@ -105,10 +105,7 @@ def remove_device(name: str) -> None:
 def remove(item: Leftover) -> None:
     """Remove one leftover found by `find()` (a mount lazily where a normal unmount fails)."""
     if item.kind == MOUNT:
-        try:
-            umount(item.name, check_holders=False, retries=3)
-        except StackError:
-            umount(item.name, lazy=True)
+        umount_or_detach(item.name)
     elif item.kind == DEVICE:
         remove_device(item.name)
     else:
@@ -120,12 +117,8 @@ def teardown_session_devices(session: str) -> list[str]:
     done = []
     names = [i.name for i in dm.list_owned(session)] if dm.available() else []
     for mp in mounts_of_devices(names):
-        try:
-            umount(mp, check_holders=False, retries=3)
-            done.append(f"unmounted {mp}")
-        except StackError:
-            umount(mp, lazy=True)
-            done.append(f"lazily unmounted {mp}")
+        lazily = umount_or_detach(mp)
+        done.append(f"{'lazily ' if lazily else ''}unmounted {mp}")
     if names:
         done += [f"removed dm device {n}" for n in dm.remove_owned(session)]
     return done

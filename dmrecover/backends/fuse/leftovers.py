@@ -23,7 +23,7 @@ from dmrecover.backends.base import Leftover, SessionLookup
 from dmrecover.backends.fuse.stack import fuse_unmount
 from dmrecover.errors import StackError
 from dmrecover.system import loops
-from dmrecover.system.mounts import mounts, umount
+from dmrecover.system.mounts import mounts, umount_or_detach
 
 BACKEND = "fuse"
 FUSE_TYPE = "fuse.dmrecover"
@@ -88,10 +88,7 @@ def find(sessions: SessionLookup) -> list[Leftover]:
 def remove(item: Leftover) -> None:
     """Remove one leftover found by `find()` (lazily where a normal unmount fails)."""
     if item.kind == MOUNT:
-        try:
-            umount(item.name, check_holders=False, retries=3)
-        except StackError:
-            umount(item.name, lazy=True)
+        umount_or_detach(item.name)
     elif item.kind == LOOP:
         loops.detach(item.name)
     elif item.kind == FUSE:

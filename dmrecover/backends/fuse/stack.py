@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.errors import StackError
 from dmrecover.system import command, loops
-from dmrecover.system.mounts import is_mountpoint, mount, mount_at, mounts, umount
+from dmrecover.system.mounts import is_mountpoint, mount, mount_at, mounts, umount, umount_or_detach
 from dmrecover.testhooks import fault_point
 
 if TYPE_CHECKING:  # annotations only: server.py needs pyfuse3 (see start_server)
@@ -168,13 +168,8 @@ def teardown_leftovers(state_dir: str, fuse_dir: str | None = None) -> list[str]
     # Mounts of our loops, anywhere (normally just MP), topmost first.
     for m in reversed(mounts()):
         if m.source in ours:
-            try:
-                umount(m.target, check_holders=False, retries=3)
-                done.append(f"unmounted {m.target}")
-            except StackError as err:
-                log.warning("unmount of %s failed (%s); unmounting lazily", m.target, err)
-                umount(m.target, lazy=True)
-                done.append(f"lazily unmounted {m.target}")
+            lazily = umount_or_detach(m.target)
+            done.append(f"{'lazily ' if lazily else ''}unmounted {m.target}")
     for dev in sorted(ours):
         try:
             loops.detach(dev)

@@ -7,6 +7,7 @@ import pytest
 from dmrecover.backends.base import Leftover
 from dmrecover.backends.fuse import FuseBackend, leftovers
 from dmrecover.errors import StackError
+from dmrecover.system import mounts as system_mounts
 from tests.unit.backends.conftest import FakeSessions, mount_entry
 
 LIVE = "/var/lib/dmrecover/live"
@@ -61,7 +62,8 @@ def test_remove_dispatches_by_kind_and_falls_back_to_lazy(monkeypatch: pytest.Mo
         if not kw.get("lazy"):
             raise StackError("busy")
 
-    monkeypatch.setattr(leftovers, "umount", umount)
+    # the normal-then-lazy unmount is system.mounts.umount_or_detach's: fake what it calls
+    monkeypatch.setattr(system_mounts, "umount", umount)
     monkeypatch.setattr(leftovers.loops, "detach", lambda d: calls.append(("detach", d)))
     monkeypatch.setattr(leftovers, "fuse_unmount",
                         lambda p, lazy=False: calls.append(("fusermount", p, lazy)))
