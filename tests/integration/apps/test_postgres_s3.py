@@ -23,6 +23,7 @@ from tests.apps import databases
 from tests.apps.databases import Postgres
 from tests.helpers import ceph as ceph_helper
 from tests.helpers.ceph import CephCluster, ceph_available
+from tests.helpers.required import needs
 from tests.integration.apps.appkit import (
     AppSandbox,
     build_db_volume,
@@ -32,10 +33,8 @@ from tests.integration.apps.appkit import (
 from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
-              pytest.mark.skipif(not ceph_available(),
-                                 reason="Ceph packages missing: run scripts/bootstrap.sh"),
-              pytest.mark.skipif(not databases.available()["postgres"],
-                                 reason="PostgreSQL 15 missing: run scripts/bootstrap.sh")]
+              needs(ceph_available(), "Ceph packages"),
+              needs(databases.available()["postgres"], "PostgreSQL 15")]
 
 MiB = 1 << 20
 PASSWORD = "postgres over rgw"

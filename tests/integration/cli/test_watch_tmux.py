@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from tests.helpers.required import needs
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
-                                reason="tmux missing: scripts/bootstrap.sh installs it")
+pytestmark = needs(shutil.which("tmux") is not None, "tmux")
 
 
 def test_watch_in_tmux(tmp_path: Path) -> None:

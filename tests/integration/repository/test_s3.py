@@ -25,13 +25,13 @@ from dmrecover.repository.source import RepositorySource
 from dmrecover.repository.verify import verify
 from tests.helpers.ceph import CephCluster, ceph_available, running
 from tests.helpers.cli import CliRunner
+from tests.helpers.required import needs
 
 MiB = 1 << 20
 CS = 256 << 10
 FAST = {"kdf": "scrypt", "n": 1 << 10, "r": 8, "p": 1}
 
-pytestmark = pytest.mark.skipif(not ceph_available(),
-                                reason="Ceph packages missing: run scripts/bootstrap.sh")
+pytestmark = needs(ceph_available(), "Ceph packages")
 
 
 @pytest.fixture(scope="module")

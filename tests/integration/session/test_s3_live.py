@@ -23,11 +23,11 @@ from dmrecover.system import command
 from dmrecover.system.mounts import mount_at, umount
 from tests.apps.livekit import Sandbox, table_digest, tree_checksums
 from tests.helpers.ceph import CephCluster, ceph_available, running
+from tests.helpers.required import needs
 from tests.integration.sandboxes import torn_down
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
-              pytest.mark.skipif(not ceph_available(),
-                                 reason="Ceph packages missing: run scripts/bootstrap.sh")]
+              needs(ceph_available(), "Ceph packages")]
 
 FAST_KDF = {"kdf": "scrypt", "n": 1 << 10, "r": 8, "p": 1}
 PASSWORD = "live restore over s3"
