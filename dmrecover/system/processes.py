@@ -62,13 +62,26 @@ def _holds(proc: psutil.Process, root: str) -> bool:
                 continue
     except OSError:
         pass
+    return any(_under(path, root) for path in _mapped_paths(proc.pid))
+
+
+def _mapped_paths(pid: int) -> set[str]:
+    """The files a process has mapped, from /proc/PID/maps.
+
+    Not psutil's memory_maps(): it parses /proc/PID/smaps, whose per-mapping page accounting
+    costs the kernel far more; over every process of a busy server that was most of the
+    cutover's stray-holder check, which runs while the application is stopped."""
     try:
-        for m in proc.memory_maps(grouped=True):
-            if _under(m.path, root):
-                return True
-    except (psutil.AccessDenied, FileNotFoundError, OSError):
-        pass
-    return False
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    paths = set()
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            paths.add(fields[5])
+    return paths
 
 
 def describe(procs: list[psutil.Process]) -> str:
