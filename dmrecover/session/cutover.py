@@ -123,6 +123,7 @@ class Cutover:
         except StackError as err:
             self._restart_on_pseudo_volume(f"cutover refused: {err}")
         self.presentation = None
+        self.timings["unmounted"] = time.time()
 
     def merge(self) -> None:
         v = self.volume
@@ -136,6 +137,7 @@ class Cutover:
         r = self.record
         self.services.host.mount_dest(r.dest, r.mountpoint, r.fstype,
                                       on_loop=lambda dev: r.save(dest_loop=dev))
+        self.timings["dest_mounted"] = time.time()
 
     def start_app(self) -> None:
         handle = self.services.app.start()
