@@ -80,18 +80,33 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def _open_object(self, key: str) -> int:
+        # O_NONBLOCK: a FIFO planted in place of an object must not hang the open.
+        return os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _check_reachable(self) -> None:
+        # A vanished repository root (unmounted share, ...) is not a missing object.
+        if not (self.root / "config.json").exists():
+            raise RepositoryUnavailable(
+                f"repository {self.root} is not reachable (config.json is gone)",
+                hint="check that the repository's filesystem or share is mounted",
+            ) from None
+
     def get(self, key: str, max_size: int | None = None) -> bytes:
         try:
-            # O_NONBLOCK: a FIFO planted in place of an object must not hang the open.
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = self._open_object(key)
         except FileNotFoundError:
-            # A vanished repository root (unmounted share, ...) is not a missing object.
-            if not (self.root / "config.json").exists():
-                raise RepositoryUnavailable(
-                    f"repository {self.root} is not reachable (config.json is gone)",
-                    hint="check that the repository's filesystem or share is mounted",
-                ) from None
-            raise
+            self._check_reachable()
+            # The repository may have come back between the failed open and the check (its
+            # share remounted): the object counts as missing only when it is still missing
+            # with the repository reachable. Without this second open, the end of an outage
+            # turned a waiting read into "chunk missing" (CorruptChunk: an I/O error, and an
+            # invalidated dm-snapshot when the read was the kernel's copy-on-write).
+            try:
+                fd = self._open_object(key)
+            except FileNotFoundError:
+                self._check_reachable()
+                raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

@@ -305,6 +305,32 @@ def test_read_chunk_unavailable(repo: Repository, tmp_path: Path) -> None:
     assert repo.read_chunk(m, 0) == src.read_bytes()[:CS]
 
 
+def test_read_chunk_repository_back_during_the_miss(repo: Repository, tmp_path: Path) -> None:
+    """The outage ends between the failed open of a chunk and the reachability check (seen in
+    the VM: the dm-snapshot invalidated by a "missing" chunk at the end of a 30 s outage):
+    the chunk is read, not reported missing; a chunk really missing still is."""
+    src = tmp_path / "src.img"
+    make_source(src, "rr")
+    m = backup(src, repo, chunk_size=CS)
+    moved = tmp_path / "moved"
+    os.rename(repo.path, moved)  # the outage
+
+    class BackRightAfterTheMiss(LocalStorage):
+        def _open_object(self, key: str) -> int:
+            try:
+                return super()._open_object(key)
+            except FileNotFoundError:
+                if moved.exists():
+                    os.rename(moved, repo.path)  # the share is back, just after the miss
+                raise
+
+    racy = Repository(repo.path, BackRightAfterTheMiss(repo.path))
+    assert racy.read_chunk(m, 1) == src.read_bytes()[CS:2 * CS]
+    os.unlink(repo.path / chunk_key(m.chunks[0]))
+    with pytest.raises(CorruptChunk, match="missing"):
+        racy.read_chunk(m, 0)
+
+
 # ---------------------------------------------------------------- lock
 
 
