@@ -23,6 +23,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kernel)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed kernel test carries the guest's kernel log (dm-snapshot invalidations, loop and
+    FUSE I/O errors are only there): the VM is gone by the time anyone reads the report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        r = subprocess.run(["dmesg", "--ctime"], capture_output=True, text=True)
+        report.sections.append(("kernel log (last 150 lines)",
+                                "\n".join((r.stdout or r.stderr).splitlines()[-150:])))
+        box = getattr(item, "funcargs", {}).get("box")
+        for log in sorted(Path(box.state_root).glob("*/session.log")) if box else []:
+            lines = log.read_text(errors="replace").splitlines()
+            report.sections.append((f"{log} (last 80 lines)", "\n".join(lines[-80:])))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _kernel_ready() -> None:
     if os.geteuid() != 0:
