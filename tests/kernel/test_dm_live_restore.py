@@ -210,21 +210,68 @@ def test_killed_session_then_cleanup(box: Sandbox, fs_tools, request) -> None:
     assert "nothing to clean up" in r.stdout
 
 
+def _kernel_log() -> list[str]:
+    return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+
+
+def _origin_loop_dio(pseudo: str) -> bool:
+    """Whether the snapshot's origin (its first dependency, a loop) reads with direct I/O."""
+    origin = dm.table(pseudo).split()[3]  # "0 <len> snapshot <origin> <cow> P 8"
+    name = os.path.basename(os.path.realpath(origin)) if not origin[0].isdigit() else \
+        os.path.basename(os.path.realpath(f"/sys/dev/block/{origin}"))
+    return Path(f"/sys/block/{name}/loop/dio").read_text().strip() == "1"
+
+
+def _read_direct(dev: str, offset: int, length: int) -> int:
+    """An O_DIRECT read of the device (unrestored data: waits for the repository)."""
+    import mmap
+
+    buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return os.preadv(fd, [buf], offset)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request) -> None:
     """The repository vanishes for 30 s mid-restore (an empty tmpfs mounted over it): the
     application's reads of unrestored data wait instead of failing, status shows the wait,
-    the snapshot stays valid, and the session completes with every acknowledged write."""
+    the snapshot stays valid, and the session completes with every acknowledged write.
+
+    With the origin loop on direct I/O (the default) many origin reads wait at once; a dozen
+    more direct reads of the pseudo-volume wait too, so that many fetches retry when the
+    repository comes back: one of them, told "chunk missing" by a repository that came back
+    between its failed open and its check, once invalidated the snapshot here."""
     import threading
 
     box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
     r = box.live_restore("out", "--backend", "dm", env=SLOW)
     assert r.returncode == 0, r.stderr
     box.wait_app(timeout=120)
+    pseudo = dm.dm_name("out", "pseudo")
+    assert _origin_loop_dio(pseudo), "the origin loop reads with direct I/O by default"
+    log_before = len(_kernel_log())
     last = sorted(box.checksums)[-1]
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "gone", str(box.repo)], check=True)
     t0 = time.monotonic()
     answers: list[dict] = []
     failures: list[BaseException] = []
+    dev = f"/dev/mapper/{pseudo}"
+    size = int(subprocess.run(["blockdev", "--getsize64", dev], capture_output=True,
+                              text=True, check=True).stdout)
+    # The last quarter of the volume: not restored yet at a 0.25 s per chunk pace.
+    direct_offsets = [size * 3 // 4 + i * (size // 64) // 4096 * 4096 for i in range(12)]
+    direct_done: list[int] = []
+
+    def read_direct(offset: int) -> None:
+        try:
+            direct_done.append(_read_direct(dev, offset, 256 << 10))
+        except BaseException as err:  # reported by the main thread
+            failures.append(err)
+
+    direct = [threading.Thread(target=read_direct, args=(o,)) for o in direct_offsets]
 
     def read_unrestored() -> None:
         try:
@@ -236,6 +283,8 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     try:
         time.sleep(1.0)
         reader.start()
+        for t in direct:
+            t.start()
         saw_wait = False
         while time.monotonic() - t0 < 30:
             st = box.status("out")
@@ -247,10 +296,18 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     finally:
         subprocess.run(["umount", str(box.repo)], check=True)
     reader.join(180)
+    for t in direct:
+        t.join(180)
     assert not failures, failures
     assert answers == [{"ok": True, "sha256": box.checksums[last]}]
+    assert direct_done == [256 << 10] * len(direct_offsets)
     done = box.wait_state("out", ("done", "failed"), timeout=600)
     assert done["state"] == "done", done.get("error")
+    bad = [line for line in _kernel_log()[log_before:]
+           if "Invalidating snapshot" in line or "I/O error" in line]
+    assert not bad, bad
+    session_log = (box.state_root / "out" / "session.log").read_text()
+    assert "is missing" not in session_log, session_log[-2000:]
     box.wait_app(timeout=120)
     box.stop_app()
     umount(str(box.mnt))

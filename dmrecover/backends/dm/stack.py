@@ -90,13 +90,14 @@ class DmStack(Presentation):
     pseudo: str | None = None  # dm name
     dest_loop: str | None = None  # loop on DEST (a regular file) during an online merge
     mounted: bool = False
-    #: The origin loop reading its FUSE file with O_DIRECT makes one FUSE request per block
-    #: request (buffered, Linux 6.1's loop reads its file page by page, each 4 KiB a round trip
-    #: into Python: 0.22 vs 8.52 MB/s cold, bench/bench_dm.py --cold). Off by default: with it
-    #: on, the VM's 30 s repository outage test ended with an invalidated snapshot (an origin
-    #: read error; the cause is not found yet), and an invalid snapshot loses the overlay:
-    #: safety first, until the outage test passes with it on.
-    origin_direct_io: bool = False
+    #: The origin loop reads its FUSE file with O_DIRECT: one FUSE request per block request,
+    #: many in flight (buffered, Linux 6.1's loop reads its file page by page, each 4 KiB a
+    #: round trip into Python, one at a time: 0.22 vs 8.52 MB/s cold, bench/bench_dm.py
+    #: --cold). The invalidated snapshot once seen with it in the 30 s outage test was not the
+    #: loop's: a chunk whose open failed during the outage was reported missing when the
+    #: repository came back before the check (fixed in LocalStorage.get); the many waiting
+    #: requests of direct I/O only made that race likelier (docs/architecture.md, dm backend).
+    origin_direct_io: bool = True
 
     # ------------------------------------------------------------------ paths
 

@@ -120,7 +120,7 @@ class CloneStack(Presentation):
     clone: str | None = None  # dm name
     mounted: bool = False
     hydrate: bool = True  # enable hydration once the device is up
-    origin_direct_io: bool = False  # see DmStack.origin_direct_io
+    origin_direct_io: bool = True  # see DmStack.origin_direct_io
 
     @property
     def state_dir(self) -> str:
