@@ -12,10 +12,10 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 
@@ -523,22 +523,13 @@ def launch(record: SessionRecord, *, foreground: bool, resume: bool,
             raise SessionError(f"session {record.name} failed: {final.error}",
                                hint=f"see {record.file(LOG_FILE)}")
         return final
-    argv = [sys.executable, "-m", "dmrecover", "session-run", record.name,
-            "--state-dir", record.state_dir] + (["--resume"] if resume else [])
     try:
-        logf = os.fdopen(os.open(record.file(LOG_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                 | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "ab")
+        logfd = os.open(record.file(LOG_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                        | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            env = {**os.environ, **claims.handoff_env(held)}
-            pass_fds = [fd for c in held for fd in c.fds()]
-            if lock_fd is not None:
-                env[LOCK_HANDOFF_ENV] = str(lock_fd)
-                pass_fds.append(lock_fd)
-            proc = psutil.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                cwd="/", start_new_session=True, close_fds=True, umask=0o077,
-                                pass_fds=pass_fds, env=env)
+            pid = _fork_session(record, resume, held, lock_fd, logfd)
         finally:
-            logf.close()
+            os.close(logfd)
     except BaseException:
         release_claims(held)
         if lock_fd is not None:
@@ -556,7 +547,7 @@ def launch(record: SessionRecord, *, foreground: bool, resume: bool,
         if current.state == State.FAILED:
             raise SessionError(f"session {record.name} failed: {current.error}",
                                hint=f"see {record.file(LOG_FILE)}")
-        rc = proc.poll()
+        rc = _exited(pid)
         if rc is not None:
             current = record.reload()
             if current.app_started:
@@ -571,3 +562,87 @@ def launch(record: SessionRecord, *, foreground: bool, resume: bool,
     if on_started is not None:
         on_started(current)
     return current
+
+
+def _fork_session(record: SessionRecord, resume: bool, held: list[Claim],
+                  lock_fd: int | None, logfd: int) -> int:
+    """Fork the detached session process; returns its pid.
+
+    A fork, not an exec of `dmrecover session-run`: the child starts with this process's
+    modules already imported (boto3, cryptography: ~0.3-0.6 s of a new interpreter's start)
+    and the repository already opened (volume.open_volume), which is most of the RTO left
+    once the engine is fast (issue 10). It is what the exec did otherwise: a new session,
+    cwd /, umask 077, stdin /dev/null, stdout and stderr to session.log, the claims and the
+    state lock handed on through the same environment entries (adopted by run_session as
+    in `session-run`, which systemd and a reboot still use). Descriptors this process
+    inherited from its caller (inheritable ones; Python's own are close-on-exec and owned
+    by objects) are closed: a caller waiting for EOF on a pipe must not wait for the
+    session."""
+    keep = {fd for c in held for fd in c.fds()} | ({lock_fd} if lock_fd is not None else set())
+    env = dict(claims.handoff_env(held))
+    if lock_fd is not None:
+        env[LOCK_HANDOFF_ENV] = str(lock_fd)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # nothing buffered is written twice
+        except (OSError, ValueError):
+            pass
+    pid = os.fork()
+    if pid:
+        return pid
+    rc = 1
+    try:
+        os.setsid()
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        for fd in {devnull, logfd} - {0, 1, 2}:  # a caller that closed one gave us its number
+            os.close(fd)
+        for fd in _inherited_fds(keep):
+            os.close(fd)
+        for fd in keep:
+            os.set_inheritable(fd, False)
+        os.umask(0o077)
+        os.chdir("/")
+        os.environ.update(env)
+        rc = run_session(record.name, state_dir=record.state_dir, resume=resume)
+    except DmrecoverError as err:  # as `session-run` says it, into session.log
+        print(f"dmrecover: error: {err}", file=sys.stderr)
+        rc = err.exit_code
+    except BaseException:  # noqa: BLE001 - the child must never return into the CLI
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc)
+
+
+def _inherited_fds(keep: set[int]) -> list[int]:
+    """Descriptors >= 3 that are inheritable and not in keep: what this process's caller
+    handed it (Python opens its own close-on-exec)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd < 3 or fd in keep:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                out.append(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    return out
+
+
+def _exited(pid: int) -> int | None:
+    """The exit code of our child pid once it ended (reaped), else None."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return 1
+    if not done:
+        return None
+    return os.waitstatus_to_exitcode(status)

@@ -250,9 +250,9 @@ def _resume_round(sb: Sandbox, r: int, rng: random.Random) -> str:
                        env=slow, capture_output=True, text=True, timeout=300, cwd="/")
     assert p.returncode == 0, p.stderr
     time.sleep(rng.uniform(0.2, 1.0))
-    pid = sb.session(name)["pid"]
-    proc = psutil.Process(pid)
-    assert "session-run" in proc.cmdline()
+    rec = sb.session(name)
+    proc = psutil.Process(rec["pid"])
+    assert abs(proc.create_time() - rec["pid_create_time"]) < 0.01  # the session's process
     proc.kill()
     proc.wait(30)
     # Every other round the second one comes a little later: while the first one's new

@@ -136,10 +136,12 @@ def _session_process(sb: Sandbox, name: str, pid: int | None) -> psutil.Process 
         return None
     try:
         p = psutil.Process(pid)
-        argv = p.cmdline()
+        created = p.create_time()
     except psutil.Error:
         return None
-    if "session-run" in argv and name in argv:
+    # The session process is forked by live-restore or resume (its command line is theirs)
+    # or run as `session-run`: it is known by the pid and start time its record names.
+    if abs(created - (sb.session(name).get("pid_create_time") or 0)) < 0.01:
         return p
     return None
 

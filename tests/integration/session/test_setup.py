@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from types import ModuleType
 import psutil
 import pytest
 
+from dmrecover.session.record import lock_held
 from dmrecover.system import command  # noqa: E402
 from dmrecover.system.mounts import mount_at, umount  # noqa: E402
-from tests.apps.livekit import Sandbox
+from tests.apps.livekit import ENV_KEYS, Sandbox
 from tests.integration.sandboxes import torn_down
 
 pytestmark = pytest.mark.root
@@ -163,9 +165,7 @@ def test_failure_at_each_setup_step_leaves_nothing(small: Sandbox, step: str) ->
     assert mount_at(str(box.state_root / "f" / "fuse")) is None
     assert not box.loops_under()
     assert not box.app_procs()
-    assert not [p for p in psutil.process_iter(["cmdline"])
-                if "session-run" in (p.info["cmdline"] or []) and
-                str(box.state_root / "f") in (p.info["cmdline"] or [])]
+    assert not lock_held(str(box.state_root / "f"))  # no session process is left
     assert "undo" in (box.state_root / "f" / "session.log").read_text() or step == "fuse"
     # After the failure is gone, resume brings it up and finishes it.
     _resume_to_done(box, "f")
@@ -292,3 +292,37 @@ def test_application_that_fails_to_start(small: Sandbox) -> None:
     r = box.cli("live-restore", "--repo", str(box.repo), box.backup_id, str(box.dest),
                 "--mount", str(box.mnt), "--session", "bad", *box.app_args())
     assert r.returncode != 0 and "dmrecover resume bad" in r.stderr
+
+
+def test_the_session_process_keeps_nothing_of_its_callers(small: Sandbox, fs_tools) -> None:
+    """live-restore forks its session process: a descriptor its caller handed it (a pipe, as
+    a shell's `3>` would) is not held by the session, so the caller's reader sees EOF once the
+    command has returned; the session's stdin is /dev/null, its stdout and stderr session.log."""
+    box = small
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    env.update(box.env)
+    argv = [sys.executable, "-m", "dmrecover", "live-restore", "--repo", str(box.repo),
+            box.backup_id, str(box.dest), "--mount", str(box.mnt), "--session", "fd",
+            *box.app_args()]
+    rd, wr = os.pipe()
+    try:
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300,
+                           cwd="/", pass_fds=(wr,))
+        os.close(wr)
+        wr = -1
+        assert r.returncode == 0, r.stderr
+        pid = box.session("fd")["pid"]
+        pipe = f"pipe:[{os.fstat(rd).st_ino}]"
+        held = {os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+        assert pipe not in held
+        assert os.readlink(f"/proc/{pid}/fd/0") == os.devnull
+        log = str(box.state_root / "fd" / "session.log")
+        assert os.readlink(f"/proc/{pid}/fd/1") == log == os.readlink(f"/proc/{pid}/fd/2")
+        ready, _, _ = select.select([rd], [], [], 30)
+        assert ready and os.read(rd, 1) == b""  # EOF: nobody holds the write end
+    finally:
+        os.close(rd)
+        if wr >= 0:
+            os.close(wr)
+    box.wait_state("fd", ("done",))
+    _stop_and_verify(box, fs_tools)
