@@ -18,7 +18,7 @@ from dmrecover.repository import keys
 from dmrecover.repository.crypto import AeadCodec
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.s3 import is_s3_url
-from dmrecover.session import boot
+from dmrecover.session import boot, volume
 from dmrecover.session.app import AppSpec
 from dmrecover.session.record import (
     CONTROL_FILE,
@@ -181,6 +181,7 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
         engine_dir=engine_dir,
         timings={"command_started": now})
     record.set_state(State.STARTING)
+    volume.hand_over(location, repo, manifest)  # the session process opens it no more
     if backend.resume_at_boot:
         try:
             boot.enable(name)

@@ -13,6 +13,7 @@ from dmrecover.backends.base import Backend
 from dmrecover.engine.fetcher import ON_LOST, ChunkSource
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.repository import keys
+from dmrecover.repository.manifest import Manifest
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.source import RepositorySource
 from dmrecover.session.record import SessionRecord
@@ -57,15 +58,30 @@ class _ThrottledSource:
         return self._inner.is_zero(index)
 
 
+# The repository and manifest live-restore opened, for the session process it forks (or runs
+# in the foreground): no second open (for S3: its GETs and a new client; the manifest's
+# decryption). In memory only: the key never leaves the process by this way.
+_handed: dict[tuple[str, str], tuple[Repository, Manifest]] = {}
+
+
+def hand_over(location: str, repo: Repository, manifest: Manifest) -> None:
+    """Keep the opened repository and manifest for open_volume of the session at location."""
+    _handed[(location, manifest.id)] = (repo, manifest)
+
+
 def open_volume(record: SessionRecord, backend: Backend,
                 on_restored: Callable[[], None] | None = None) -> PseudoVolume:
     """The session's PseudoVolume over its backup, DEST and engine dir. Read-only where the
     backend's kernel side takes the application's writes (the engine then serves an origin)."""
     # An encrypted repository opens with the key cached at the start (resume after a crash
     # or at boot has no password), else with DMRECOVER_PASSWORD(_FILE).
-    master = keys.load_cache(key_cache_path(record.state_dir), record.repo)
-    repo = Repository.open(record.repo, master=master)
-    manifest = repo.manifest(record.backup)
+    opened = _handed.pop((record.repo, record.backup), None)
+    if opened is not None:
+        repo, manifest = opened
+    else:
+        master = keys.load_cache(key_cache_path(record.state_dir), record.repo)
+        repo = Repository.open(record.repo, master=master)
+        manifest = repo.manifest(record.backup)
     source: ChunkSource = RepositorySource(repo, manifest)
     delay = testhooks.restore_delay()
     if delay > 0:
