@@ -1,8 +1,18 @@
-"""Reads that never wait for a disk: the presentation's fast path (see PseudoVolume.read_nowait)."""
+"""Low-level DEST I/O: reads that never wait for a disk (the presentation's fast path, see
+PseudoVolume.read_nowait) and zeroing a range of a regular file cheaply."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
+from typing import Any
+
+from dmrecover.errors import DeviceError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_ZERO_RANGE = 0x10
 
 
 def pread_nowait(fd: int, offset: int, length: int) -> bytes | None:
@@ -14,3 +24,34 @@ def pread_nowait(fd: int, offset: int, length: int) -> bytes | None:
     except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file cannot say
         return None
     return bytes(buf) if n == length else None
+
+
+_libc: Any = None
+
+
+def reads_as_zeros(fd: int, offset: int, length: int) -> bool:
+    """True when a regular file has no data in [offset, offset+length): a hole, or (ext4, xfs)
+    an unwritten preallocated extent. Zeroing it again would change nothing a read sees, and
+    ZERO_RANGE would allocate the blocks of a hole: a sparse 1 TiB DEST whose zero chunks
+    were "zeroed" filled this host's disk."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as err:
+        return err.errno == errno.ENXIO  # no data after offset at all
+
+
+def zero_range(fd: int, offset: int, length: int) -> bool:
+    """fallocate(ZERO_RANGE|KEEP_SIZE) on a regular file; False when unsupported. Not a
+    punched hole: DEST was preallocated so that nothing written later can meet a full
+    filesystem, and its blocks stay allocated."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    rc = _libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc != 0:
+        e = ctypes.get_errno()
+        if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise DeviceError(f"zeroing a range of DEST failed: {os.strerror(e)}")
+    return True

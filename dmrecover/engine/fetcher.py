@@ -25,13 +25,21 @@ background restorer calls `ensure(..., background=True)` one chunk at a time and
 chunk, `yield_to_demand()` waits while on-demand fetches are in flight, so it never holds one
 up (beyond the one background chunk already in flight). Concurrent ensure() calls of one chunk
 share the one fetch in flight.
+
+No DEST write on a read's path (`read`): an on-demand read returns as soon as its chunk's
+bytes are read and verified, served from them; their DEST write is handed to one writer
+thread (`WRITER_THREAD_NAME`; at most _WRITE_QUEUE chunks wait, past that the reader writes
+its own). A read of a chunk whose fetch is in flight (on demand or background) takes its
+bytes as soon as they are read, without waiting for that fetch's DEST write either
+(measured before: a 4 MiB DEST write in the reader took 89 ms at p99 under the background
+restore's writeback). Safety is unchanged: a chunk stays in flight (never fetched again)
+until its write is done, and only then is it marked restored, so the map on disk still never
+names a chunk not on DEST; a failed write leaves it unrestored (the reader's bytes were
+right: verified) and a kill drops the pending writes (fetched again later).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import fcntl
 import logging
 import os
@@ -42,10 +50,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 from dmrecover.engine.bitmap import Bitmap, SlotFile
-from dmrecover.engine.fastio import pread_nowait
+from dmrecover.engine.fastio import pread_nowait, reads_as_zeros, zero_range
+from dmrecover.engine.source import ChunkSource, MemorySource, chunk_length
+from dmrecover.engine.timing import Stages, breakdown, percentile
 from dmrecover.errors import (
     BitmapError,
     CorruptChunk,
@@ -55,96 +64,31 @@ from dmrecover.errors import (
 )
 from dmrecover.system.files import atomic_write, fsync_dir
 
+# ChunkSource, chunk_length and MemorySource live in engine/source.py; importable from here.
+__all__ = ["ON_LOST", "ChunkSource", "Fetcher", "MemorySource", "chunk_length"]
+
 log = logging.getLogger(__name__)
 
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_ZERO_RANGE = 0x10
 _LATENCY_SAMPLES = 4096
 ON_LOST = ("block", "error")
 MARK_SIZE = 4096
-
-
-@runtime_checkable
-class ChunkSource(Protocol):
-    """Where the pseudo-volume's chunks come from.
-
-    `read_chunk(index)` returns exactly the chunk's bytes (chunk_size, the last one may be
-    shorter), verified; it is thread-safe and raises errors.RepositoryUnavailable (transient:
-    retry later) or errors.CorruptChunk (permanent). `is_zero(index)` is True for a chunk known
-    to be all zeros without reading it.
-    """
-
-    size: int
-    chunk_size: int
-    chunk_count: int
-
-    def read_chunk(self, index: int) -> bytes: ...
-
-    def is_zero(self, index: int) -> bool: ...
-
-
-def chunk_length(source: ChunkSource, index: int) -> int:
-    """Length in bytes of chunk `index` of `source` (the last chunk may be short)."""
-    start = index * source.chunk_size
-    return max(0, min(source.chunk_size, source.size - start))
-
-
-class MemorySource:
-    """An in-memory ChunkSource, for tests and benchmarks, with fault injection.
-
-    zero_chunks: indexes reported by is_zero() (default: every all-zero chunk).
-    transient_failures: the next N read_chunk() calls raise RepositoryUnavailable.
-    unavailable: while True, every read_chunk() raises RepositoryUnavailable.
-    corrupt: indexes whose read raises CorruptChunk.
-    delay: seconds each read_chunk() sleeps (a slow repository).
-    """
-
-    def __init__(self, data: bytes | bytearray, chunk_size: int, *,
-                 zero_chunks: set[int] | None = None, delay: float = 0.0) -> None:
-        if chunk_size <= 0:
-            raise ValueError("chunk_size must be positive")
-        self.data = bytes(data)
-        self.size = len(self.data)
-        self.chunk_size = chunk_size
-        self.chunk_count = (self.size + chunk_size - 1) // chunk_size
-        if zero_chunks is None:
-            zero_chunks = {i for i in range(self.chunk_count)
-                           if not any(self.data[i * chunk_size:(i + 1) * chunk_size])}
-        self.zero_chunks = zero_chunks
-        self.delay = delay
-        self.transient_failures = 0
-        self.unavailable = False
-        self.corrupt: set[int] = set()
-        self.reads: list[int] = []  # indexes read, in order (tests count fetches)
-        self._lock = threading.Lock()
-
-    def read_chunk(self, index: int) -> bytes:
-        if not 0 <= index < self.chunk_count:
-            raise IndexError(index)
-        with self._lock:
-            self.reads.append(index)
-            if self.unavailable:
-                raise RepositoryUnavailable("test repository unavailable")
-            if self.transient_failures > 0:
-                self.transient_failures -= 1
-                raise RepositoryUnavailable("test repository briefly unavailable")
-        if self.delay:
-            time.sleep(self.delay)
-        if index in self.corrupt:
-            raise CorruptChunk(f"chunk {index} is corrupt (test)", index=index)
-        return self.data[index * self.chunk_size:(index + 1) * self.chunk_size]
-
-    def is_zero(self, index: int) -> bool:
-        return index in self.zero_chunks
+# On-demand chunks waiting for their DEST write at most (memory: this many chunks); past it
+# the reading thread writes its chunk itself.
+_WRITE_QUEUE = 16
+WRITER_THREAD_NAME = "dmrecover-dest-writer"
 
 
 class _Inflight:
-    """One fetch in flight; waiters block on `done` and then look at `error`."""
+    """One fetch in flight: `ready` is set once its bytes are read (`data`) or it failed,
+    `done` once they are on DEST and restored or it failed (`error`)."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("background", "data", "done", "error", "ready")
 
-    def __init__(self) -> None:
+    def __init__(self, background: bool = False) -> None:
+        self.background = background
+        self.data: bytes | None = None
+        self.ready = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
 
@@ -189,6 +133,11 @@ class Fetcher:
         self.fetched_bytes = 0
         self.retries = 0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self._stages: deque[Stages] = deque(maxlen=_LATENCY_SAMPLES)
+        self._writes: deque[tuple[int, bytes, _Inflight]] = deque()  # the writer's queue
+        self._writes_changed = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self._writer_closed = False
         self._latency_max = 0.0
         self._latency_sum = 0.0
         self.synced_at: float | None = None
@@ -303,12 +252,42 @@ class Fetcher:
         write: what writes the chunk to DEST (default write_dest; the restorer's pool
         passes one that writes one chunk at a time).
         """
+        return self._ensure(index, background, write, defer=False)[0]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the volume's lower tier (within the source's
+        size): restored chunks from DEST; any other chunk fetched on demand (or taken from
+        the fetch of it in flight, as soon as its bytes are read) and served from the fetched
+        bytes, its DEST write left to the DEST writer (module doc, Priority). Raises what
+        ensure() raises."""
+        cs = self.source.chunk_size
+        end = offset + length
+        first, last = offset // cs, (end - 1) // cs
+        if all(self.restored.test(i) for i in range(first, last + 1)):
+            return self.read_dest(offset, length)
+        parts: list[bytes] = []
+        for index in range(first, last + 1):
+            a, b = max(offset, index * cs), min(end, (index + 1) * cs)
+            data = self._ensure(index, False, None, defer=True)[1]
+            parts.append(self.read_dest(a, b - a) if data is None
+                         else data[a - index * cs:b - index * cs])
+        return b"".join(parts)
+
+    def _ensure(self, index: int, background: bool,
+                write: Callable[[int, bytes], None] | None,
+                defer: bool) -> tuple[bool, bytes | None]:
+        """ensure(); with `defer` (an on-demand read), returns once the chunk's bytes are
+        known, leaving their DEST write to the writer thread: (did the fetch, the bytes; None
+        when the chunk is restored)."""
         if self.restored.test(index):
-            return False
+            return False, None
         t0 = time.monotonic()
+        stages = None if background else Stages()
         with self._lock:
+            if stages is not None:
+                stages.lock = time.monotonic() - t0
             if self.restored.test(index):
-                return False
+                return False, None
             if not background:
                 self._demand_active += 1
             try:
@@ -317,39 +296,54 @@ class Fetcher:
                 if owner:
                     if self.failure is not None:
                         raise self.failure
-                    flight = _Inflight()
+                    flight = _Inflight(background)
                     self._inflight[index] = flight
+                elif stages is not None:
+                    stages.shared = "background" if flight.background else "demand"
             except BaseException:
                 self._demand_done(background)
                 raise
         try:
-            if owner:
-                if not background:
-                    with self._lock:
-                        self._demand_hint = index + 1
-                try:
-                    self._fetch(index, background, write or self.write_dest)
-                except BaseException as err:
-                    flight.error = err
-                    raise
-                finally:
-                    with self._lock:
-                        del self._inflight[index]
-                        flight.done.set()
-            else:
-                flight.done.wait()
+            if not owner:
+                tw = time.monotonic()
+                (flight.ready if defer else flight.done).wait()
+                if stages is not None:
+                    stages.wait = time.monotonic() - tw
+                if defer and flight.data is not None:
+                    return False, flight.data  # right even if its DEST write failed
                 if flight.error is not None:
                     raise flight.error
-            return owner
+                return False, None
+            if not background:
+                with self._lock:
+                    self._demand_hint = index + 1
+            handed_off = False
+            try:
+                data = self._obtain(index, background, stages)
+                flight.data = data
+                flight.ready.set()  # readers of this chunk need not wait for DEST
+                if defer and self._hand_off(index, data, flight):
+                    handed_off = True
+                    return True, data
+                self._store(index, data, background, write or self.write_dest, stages)
+            except BaseException as err:
+                flight.error = err
+                raise
+            finally:
+                if not handed_off:
+                    self._land(index, flight)
+            return True, data if defer else None
         finally:
             with self._lock:
                 self._demand_done(background)
-                if not background:
+                if stages is not None:
                     lat = time.monotonic() - t0
                     self._latencies.append(lat)
                     self._latency_sum += lat
                     self._latency_max = max(self._latency_max, lat)
                     self.demand_fetches += 1
+                    stages.total = lat
+                    self._stages.append(stages)
 
     def _demand_done(self, background: bool) -> None:
         # caller holds self._lock
@@ -363,18 +357,34 @@ class Fetcher:
         with self._demand_idle:
             self._demand_idle.wait_for(lambda: self._demand_active == 0, timeout)
 
-    def _fetch(self, index: int, background: bool,
-               write: Callable[[int, bytes], None]) -> None:
+    def _obtain(self, index: int, background: bool, stages: Stages | None) -> bytes:
+        """The chunk's verified bytes (zeros for a zero chunk, not read)."""
         length = chunk_length(self.source, index)
+        if self.source.is_zero(index):
+            return bytes(length)
+        t = time.monotonic()
+        cpu = time.thread_time()
+        data = self._read_with_retry(index, background)
+        if stages is not None:
+            stages.read_cpu = time.thread_time() - cpu
+            stages.read = time.monotonic() - t
+        if len(data) != length:
+            raise CorruptChunk(f"chunk {index} has {len(data)} bytes, expected {length}",
+                               index=index, hint="verify the repository")
+        return data
+
+    def _store(self, index: int, data: bytes, background: bool,
+               write: Callable[[int, bytes], None], stages: Stages | None) -> None:
+        """Write the chunk's bytes to DEST, then mark it restored (in memory)."""
+        length = len(data)
         offset = index * self.source.chunk_size
+        t = time.monotonic()
         if self.source.is_zero(index):
             self._zero_dest(offset, length)
         else:
-            data = self._read_with_retry(index, background)
-            if len(data) != length:
-                raise CorruptChunk(f"chunk {index} has {len(data)} bytes, expected {length}",
-                                   index=index, hint="verify the repository")
             write(offset, data)
+        if stages is not None:
+            stages.write = time.monotonic() - t
         with self._lock:
             self.restored.set(index)
             self._restored_count += 1
@@ -382,6 +392,76 @@ class Fetcher:
             if background:
                 self.background_fetches += 1
             self._changed.notify_all()
+
+    def _land(self, index: int, flight: _Inflight) -> None:
+        """The fetch of chunk `index` is over (restored, or failed: flight.error)."""
+        with self._lock:
+            del self._inflight[index]
+            flight.ready.set()
+            flight.done.set()
+
+    # ------------------------------------------------------------------ the DEST writer
+
+    def _hand_off(self, index: int, data: bytes, flight: _Inflight) -> bool:
+        """Queue an on-demand chunk's DEST write for the writer thread (started on first
+        use); False when the queue is full or closed (the caller writes it itself)."""
+        with self._lock:
+            if self._writer_closed or len(self._writes) >= _WRITE_QUEUE:
+                return False
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                                name=WRITER_THREAD_NAME)
+                self._writer.start()
+            self._writes.append((index, data, flight))
+            self._writes_changed.notify_all()
+        return True
+
+    def _write_loop(self) -> None:
+        """The writer thread: on-demand chunks to DEST in the order they were fetched."""
+        while True:
+            with self._lock:
+                while not self._writes and not self._writer_closed:
+                    self._writes_changed.wait()
+                if not self._writes:
+                    return
+                index, data, flight = self._writes[0]
+            try:
+                self._store(index, data, False, self.write_dest, None)
+            except BaseException as err:  # noqa: BLE001 - the chunk stays unrestored
+                flight.error = err
+                log.error("writing on-demand chunk %d to DEST failed: %s", index, err)
+                with self._lock:
+                    self.errors.append(f"writing chunk {index} to DEST failed: {err}")
+            finally:
+                with self._lock:
+                    self._writes.popleft()
+                    self._writes_changed.notify_all()
+                self._land(index, flight)
+
+    def wait_writes(self, timeout: float | None = None) -> bool:
+        """Wait until every on-demand chunk handed to the writer is on DEST (or failed);
+        False on timeout."""
+        with self._lock:
+            return self._writes_changed.wait_for(lambda: not self._writes, timeout)
+
+    def _stop_writer(self, drain: bool) -> None:
+        """Stop the writer thread: after the queued writes (drain) or after the one in
+        progress, the others dropped (their chunks stay unrestored: fetched again later)."""
+        with self._lock:
+            self._writer_closed = True
+            if not drain:
+                dropped = list(self._writes)[1:] if self._writes else []
+                for item in dropped:
+                    self._writes.remove(item)
+            else:
+                dropped = []
+            self._writes_changed.notify_all()
+            writer = self._writer
+        for index, _, flight in dropped:
+            flight.error = EngineError(f"chunk {index} was not written: DEST was closed")
+            self._land(index, flight)
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
 
     def _read_with_retry(self, index: int, background: bool = False) -> bytes:
         tid = threading.get_ident()
@@ -521,6 +601,40 @@ class Fetcher:
             out += more
         return out
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """read() when it would not block: every chunk restored and in DEST's page cache,
+        or its bytes fetched and on their way to DEST; None otherwise."""
+        if self._head is not None and offset < MARK_SIZE:
+            return None
+        cs = self.source.chunk_size
+        end = offset + length
+        first, last = offset // cs, (end - 1) // cs
+        if first == last and self.restored.test(first):
+            return self.read_dest_nowait(offset, length)
+        parts: list[bytes] = []
+        for index in range(first, last + 1):
+            a, b = max(offset, index * cs), min(end, (index + 1) * cs)
+            flight = None if self.restored.test(index) else self._inflight.get(index)
+            data = flight.data if flight is not None else None
+            if data is not None:
+                part: bytes | None = data[a - index * cs:b - index * cs]
+            elif self.restored.test(index):  # (also when it landed since the first test)
+                part = self.read_dest_nowait(a, b - a)
+            else:
+                return None
+            if part is None:
+                return None
+            parts.append(part)
+        return b"".join(parts)
+
+    def is_present(self, index: int) -> bool:
+        """True when chunk `index` is restored or its fetched bytes are in memory (a read of
+        it needs no fetch)."""
+        if self.restored.test(index):
+            return True
+        flight = self._inflight.get(index)
+        return flight is not None and flight.data is not None
+
     def read_dest_nowait(self, offset: int, length: int) -> bytes | None:
         """read_dest() when DEST's page cache holds every byte; None when it would block (a
         disk read, the marked head: the caller then uses read_dest from a worker thread)."""
@@ -562,7 +676,7 @@ class Fetcher:
                     return
                 except OSError as err:
                     log.debug("BLKZEROOUT failed (%s); writing zeros", err)
-        elif _reads_as_zeros(self._fd, offset, length) or _zero_range(self._fd, offset, length):
+        elif reads_as_zeros(self._fd, offset, length) or zero_range(self._fd, offset, length):
             return
         zeros = bytes(min(length, 1 << 20))
         pos = offset
@@ -609,8 +723,8 @@ class Fetcher:
                 "demand_fetches": n,
                 "background_fetches": self.background_fetches,
                 "demand_latency_mean": self._latency_sum / n if n else None,
-                "demand_latency_p50": _percentile(lats, 0.50),
-                "demand_latency_p99": _percentile(lats, 0.99),
+                "demand_latency_p50": percentile(lats, 0.50),
+                "demand_latency_p99": percentile(lats, 0.99),
                 "demand_latency_max": self._latency_max if n else None,
                 "retries": self.retries,
                 "waiting_for_repository_since": waiting,
@@ -623,6 +737,13 @@ class Fetcher:
                 "synced_chunks": self.synced_chunks,
             }
 
+    def demand_breakdown(self) -> dict:
+        """Where the recent on-demand fetches spent their time, stage by stage (JSON-ready;
+        see timing.breakdown)."""
+        with self._lock:
+            samples = list(self._stages)
+        return breakdown(samples)
+
     def _restored_bytes(self) -> int:
         cs = self.source.chunk_size
         last = self.source.chunk_count - 1
@@ -633,6 +754,7 @@ class Fetcher:
 
     def abandon(self) -> None:
         """Close DEST without syncing (tests: what a SIGKILL leaves)."""
+        self._stop_writer(drain=False)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -643,45 +765,9 @@ class Fetcher:
         if self._fd < 0:
             return
         try:
+            self._stop_writer(drain=True)
             self.sync()
         finally:
             os.close(self._fd)
             self._fd = -1
             self._mapfile.close()
-
-
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
-_libc: Any = None
-
-
-def _reads_as_zeros(fd: int, offset: int, length: int) -> bool:
-    """True when a regular file has no data in [offset, offset+length): a hole, or (ext4, xfs)
-    an unwritten preallocated extent. Zeroing it again would change nothing a read sees, and
-    ZERO_RANGE would allocate the blocks of a hole: a sparse 1 TiB DEST whose zero chunks
-    were "zeroed" filled this host's disk."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
-    except OSError as err:
-        return err.errno == errno.ENXIO  # no data after offset at all
-
-
-def _zero_range(fd: int, offset: int, length: int) -> bool:
-    """fallocate(ZERO_RANGE|KEEP_SIZE) on a regular file; False when unsupported. Not a
-    punched hole: DEST was preallocated so that nothing written later can meet a full
-    filesystem, and its blocks stay allocated."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    rc = _libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
-    if rc != 0:
-        e = ctypes.get_errno()
-        if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise DeviceError(f"zeroing a range of DEST failed: {os.strerror(e)}")
-    return True

@@ -132,14 +132,14 @@ class PseudoVolume:
         f = self.fetcher
         ov = self.overlay
         if ov is None or ov.present_count == 0:
-            return f.read_dest_nowait(offset, end - offset)
+            return f.read_nowait(offset, end - offset)
         parts: list[bytes] = []
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         for run_start, run_count, present in ov.runs(first, last - first + 1):
             a = max(offset, run_start * BLOCK_SIZE)
             b = min(end, (run_start + run_count) * BLOCK_SIZE)
-            part = ov.read_nowait(a, b - a) if present else f.read_dest_nowait(a, b - a)
+            part = ov.read_nowait(a, b - a) if present else f.read_nowait(a, b - a)
             if part is None:
                 return None
             parts.append(part)
@@ -154,7 +154,7 @@ class PseudoVolume:
             return False
         cs = self.source.chunk_size
         f = self.fetcher
-        return not all(f.is_restored(i) for i in range(offset // cs, (end - 1) // cs + 1))
+        return not all(f.is_present(i) for i in range(offset // cs, (end - 1) // cs + 1))
 
     def write(self, offset: int, data: bytes) -> int:
         """Write data at offset into the overlay; returns len(data) once acknowledged.
@@ -388,11 +388,9 @@ class PseudoVolume:
                 "overlay_room": allocated + st.f_bavail * st.f_frsize}
 
     def _read_lower(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) from DEST, fetching the chunks not restored yet."""
-        cs = self.source.chunk_size
-        for index in range(start // cs, (end - 1) // cs + 1):
-            self.fetcher.ensure(index)
-        return self.fetcher.read_dest(start, end - start)
+        """Bytes [start, end) from DEST, fetching the chunks not restored yet (served from
+        the fetched bytes: Fetcher.read)."""
+        return self.fetcher.read(start, end - start)
 
 
 def _move_map(old: Path, new: Path) -> None:

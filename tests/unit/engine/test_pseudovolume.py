@@ -470,6 +470,7 @@ def test_an_incomplete_dest_is_marked_until_the_restore_completes(tmp_path) -> N
     pv = PseudoVolume(src, dest, tmp_path / "state", mark_dest=head)
     assert head.exists() and dest.read_bytes()[:4096] == bytes(4096), "marked at once"
     assert pv.read(0, 8192) == data[:8192]  # served as restored, DEST still marked
+    assert pv.fetcher.wait_writes(30)  # the chunk's DEST write follows the read
     assert dest.read_bytes()[:4096] == bytes(4096)
     assert dest.read_bytes()[4096:8192] == data[4096:8192]
     assert pv.stats()["dest_marked"]
@@ -506,14 +507,17 @@ def test_read_nowait_serves_cached_restored_and_overlay_data_only(tmp_path) -> N
         assert pv.read_nowait(CS + 10, 5000) is None  # chunk 1 not restored
         assert src.reads == []
         pv.read(CS, 1)  # fetches chunk 1 (DEST now holds it in the page cache)
+        assert pv.fetcher.wait_writes(30)
         assert pv.read_nowait(CS + 10, 5000) == data[CS + 10:CS + 5010]
         assert pv.read_nowait(2 * CS - 100, 200) is None  # spans chunk 2: not restored
         pv.write(CS + 4096, b"\x01" * 8192)  # overlay blocks inside chunk 1
         model[CS + 4096:CS + 4096 + 8192] = b"\x01" * 8192
         assert pv.read_nowait(CS, CS) == bytes(model[CS:2 * CS])
         pv.read(7 * CS, 1)
+        assert pv.fetcher.wait_writes(30)
         assert pv.read_nowait(7 * CS, CS + 1000) is None  # the short last chunk 8: not yet
         pv.read(8 * CS, 1)
+        assert pv.fetcher.wait_writes(30)
         assert pv.read_nowait(7 * CS, CS + 1000) == data[7 * CS:]  # the short end
         assert pv.read_nowait(len(data), 10) == b""
         assert pv.read_nowait(-1, 10) is None

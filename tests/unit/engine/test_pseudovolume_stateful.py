@@ -94,10 +94,17 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
             raise AssertionError("a write beyond the end was accepted")
         assert self.pv.write(off, data) == n
         self.model[off:off + n] = data
+        self._written()
 
     @rule(off=offsets, n=lengths)
     def read(self, off: int, n: int) -> None:
         assert self.pv.read(off, n) == bytes(self.model[off:off + n])
+        self._written()
+
+    def _written(self) -> None:
+        # On-demand chunks reach DEST in the writer thread after the read returns: wait for
+        # them so that the preconditions (restored count) do not depend on its timing.
+        assert self.pv.fetcher.wait_writes(30)
 
     @rule(off=offsets, n=lengths)
     def read_nowait(self, off: int, n: int) -> None:
@@ -131,6 +138,7 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
         self.pv = self._open()
         # every acknowledged write survives a kill (it is in the page cache and the log)
         assert self.pv.read(0, SIZE) == bytes(self.model)
+        self._written()
         self._snapshot_overlay()  # reopening checkpoints the recovered overlay
         self.flushed_model = bytearray(self.model)
         # DEST was not synced: its durable content is still that of the last sync
@@ -144,6 +152,7 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
         self.pv = self._open()
         self.model = bytearray(self.flushed_model)
         assert self.pv.read(0, SIZE) == bytes(self.model)
+        self._written()
         self._snapshot_overlay()
 
     @precondition(lambda self: self.pv.fetcher.restored_chunks == NCHUNKS + 1)
