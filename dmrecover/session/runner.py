@@ -79,6 +79,9 @@ class SessionRunner:
         self.claims: list[Claim] = []  # held by run_session for the process's life
         self.auto_retry_at = 0.0  # monotonic time of the next automatic cutover attempt
         self.auto_attempts = 0
+        # When this process reached each step of its start (wall clock, into the record's
+        # timings with app_started): where a live restore's RTO goes (bench/bench_s3.py).
+        self.marks: dict[str, float] = {}
 
     # ---------------------------------------------------------- main
 
@@ -89,7 +92,9 @@ class SessionRunner:
             log.info("session %s is done; nothing to do", r.name)
             return 0
         try:
+            self.marks["session_process"] = time.time()
             self.open()
+            self.marks["volume_opened"] = time.time()
             if r.state == State.CUTTING_OVER and r.phase in RESUMABLE_PHASES:
                 self._cutover().run(resume=r.phase)
                 return 0
@@ -146,6 +151,7 @@ class SessionRunner:
         presentation = self.backend.present(self.volume, r.context())
         presentation.build()  # undoes its own steps when one fails
         self.presentation = presentation
+        self.marks["stack_built"] = time.time()
         try:
             fault_point("app")
             handle = self.app.start()
@@ -158,6 +164,9 @@ class SessionRunner:
         if warning and warning not in r.warnings:
             r.add_warnings([warning])
         timings = dict(r.timings)
+        timings.update(self.marks)
+        if handle.started_at:
+            timings["app_spawned"] = handle.started_at
         timings["app_started"] = time.time()
         r.set_state(State.RESTORING, app_handle=handle.to_dict(), app_started=True,
                     devices=presentation.devices(), timings=timings)

@@ -129,6 +129,7 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
                      cutover: CutoverMode, held: list[Claim]) -> SessionRecord:
     repo = Repository.open(req.repo)
     manifest = repo.manifest(req.backup)
+    opened = time.time()
     if not manifest.fstype:
         raise UsageError(f"backup {manifest.id} records no filesystem type",
                          hint="live restore mounts the volume: back up a filesystem")
@@ -179,7 +180,7 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
         app=req.app, backend=backend.name, cutover_mode=cutover,
         fetch_deadline=req.fetch_deadline, on_repository_lost=req.on_repository_lost,
         engine_dir=engine_dir,
-        timings={"command_started": now})
+        timings={"repository_opened": opened, "command_started": now})
     record.set_state(State.STARTING)
     volume.hand_over(location, repo, manifest)  # the session process opens it no more
     if backend.resume_at_boot:
