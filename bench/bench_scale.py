@@ -22,7 +22,12 @@ pause) while the background restore runs: samples every 0.5 s of the restore rat
 application's IOPS and its read latency, to completion; the offline restore of the same
 backup (dmrecover's restore) is timed in the same run for the ratio, and the repository's
 chunk read time (RepositorySource.read_chunk, page cache dropped) for the on-demand latency's
-goal.
+goal. Then two tables say where an on-demand read's time went: the engine's stages
+(Fetcher.demand_breakdown: lock, waiting for a fetch of the chunk in flight, the source's
+read, its CPU time, the DEST write in the reader) and the chunk reads' stages, on-demand and
+background apart (TimedSource: the storage read, decrypt/decompress/verify, the thread's CPU
+time, its wait for a CPU from /proc/thread-self/schedstat, and the rest: blocked on the disk
+or a lock, the GIL included). BENCH_RESTORE_WORKERS sets the restorer's pool (experiments).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +90,72 @@ def build(tmp: Path, size: int, data: int) -> Path:
     return img
 
 
+def _schedstat() -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of the calling thread."""
+    with open("/proc/thread-self/schedstat") as f:
+        run, wait, _ = f.read().split()
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+class TimedSource:
+    """A ChunkSource wrapping another, timing each read_chunk stage by stage per kind of
+    thread (the restorer's or another: an on-demand read): the storage read (get), the rest
+    (decrypt, decompress, verify), and of the whole the thread's CPU time and its wait for a
+    CPU (run queue; the rest of the wall time is blocked: disk, locks)."""
+
+    def __init__(self, source: Any) -> None:
+        from dmrecover.engine.restorer import THREAD_NAME
+
+        self._source = source
+        self._restorer = THREAD_NAME
+        self.size, self.chunk_size = source.size, source.chunk_size
+        self.chunk_count = source.chunk_count
+        self.samples: dict[str, list[dict[str, float]]] = {"demand": [], "background": []}
+        self._local = threading.local()
+        storage = source.repo.storage
+        get = storage.get
+
+        def timed_get(key: str, max_size: int | None = None) -> bytes:
+            t = time.perf_counter()
+            try:
+                return get(key, max_size)
+            finally:
+                self._local.get = time.perf_counter() - t
+
+        storage.get = timed_get  # instance attribute: this process's repository only
+
+    def is_zero(self, index: int) -> bool:
+        return self._source.is_zero(index)
+
+    def read_chunk(self, index: int) -> bytes:
+        self._local.get = 0.0
+        run0, wait0 = _schedstat()
+        t = time.perf_counter()
+        data = self._source.read_chunk(index)
+        wall = time.perf_counter() - t
+        run1, wait1 = _schedstat()
+        kind = ("background" if threading.current_thread().name == self._restorer
+                else "demand")
+        self.samples[kind].append({"wall": wall, "get": self._local.get,
+                                   "decode": wall - self._local.get, "cpu": run1 - run0,
+                                   "runq": wait1 - wait0,
+                                   "blocked": wall - (run1 - run0) - (wait1 - wait0)})
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind, rows in self.samples.items():
+            entry: dict[str, Any] = {"count": len(rows)}
+            for name in ("wall", "get", "decode", "cpu", "runq", "blocked"):
+                vals = sorted(r[name] for r in rows)
+                if vals:
+                    entry[name] = {"mean": sum(vals) / len(vals),
+                                   "p50": vals[len(vals) // 2],
+                                   "p99": vals[min(len(vals) - 1, int(0.99 * len(vals)))]}
+            out[kind] = entry
+        return out
+
+
 def child(args: argparse.Namespace) -> int:
     """One live restore in this process; prints a JSON line."""
     t0 = time.monotonic()
@@ -96,7 +168,7 @@ def child(args: argparse.Namespace) -> int:
     tmp = Path(args.tmp)
     repo = Repository.open(args.repo)
     manifest = repo.manifest(args.backup)
-    source = RepositorySource(repo, manifest)
+    source = TimedSource(RepositorySource(repo, manifest))
     dest = tmp / "dest.img"
     with open(dest, "wb") as f:
         f.truncate(source.size)
@@ -127,6 +199,8 @@ def child(args: argparse.Namespace) -> int:
             out["stats"] = {k: v for k, v in st.items()
                             if isinstance(v, (int, float, type(None)))}
             out["restorer_error"] = st.get("restorer_error")
+            out["demand_breakdown"] = pv.fetcher.demand_breakdown()
+            out["chunk_read_breakdown"] = source.summary()
         finally:
             pv.stop_restore()
             command.run(["umount", str(mnt)], timeout=600)
@@ -223,6 +297,27 @@ def chunk_read_time(repo: Any, manifest: Any, src: Path, count: int = 40) -> flo
     return times[len(times) // 2]
 
 
+def print_breakdown(r: dict[str, Any]) -> None:
+    """The on-demand fetches' stages and the chunk reads' stages, as Markdown tables (ms)."""
+    print("| on-demand fetch | count | total p50/p99 | lock | wait (shared fetch) | read | "
+          "read CPU | write DEST |\n|---|---|---|---|---|---|---|---|")
+    for kind, e in r["demand_breakdown"].items():
+        if kind == "slowest" or not e["count"]:
+            continue
+        cells = " | ".join(f"{e[n]['p50'] * 1e3:.1f}/{e[n]['p99'] * 1e3:.1f}"
+                           for n in ("total", "lock", "wait", "read", "read_cpu", "write"))
+        print(f"| {kind} | {e['count']} | {cells} |")
+    print("| chunk read (p50/p99) | count | wall | storage get | decode+verify | CPU | "
+          "run queue | blocked |\n|---|---|---|---|---|---|---|---|")
+    for kind, e in r["chunk_read_breakdown"].items():
+        if not e["count"]:
+            continue
+        cells = " | ".join(f"{e[n]['p50'] * 1e3:.1f}/{e[n]['p99'] * 1e3:.1f}"
+                           for n in ("wall", "get", "decode", "cpu", "runq", "blocked"))
+        print(f"| {kind} | {e['count']} | {cells} |")
+    print(flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1G,8G,64G,1T")
@@ -277,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{(r['stats'].get('demand_latency_p99') or 0) * 1e3:.1f} ms vs chunk "
                       f"read {chunk_s * 1e3:.1f} ms, peak RSS {format_size(r['peak_rss'])}",
                       flush=True)
+                print_breakdown(r)
             else:
                 img.unlink()
                 r = run_child(tmp, repo_path, m.id, args.restore_limit, False)
