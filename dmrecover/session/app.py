@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import select
 import shlex
 import signal
 import subprocess
@@ -47,6 +48,23 @@ STOP_TIMEOUT = 120.0  # default --stop-timeout: a database may take a while to c
 TERM_GRACE = 10.0  # after SIGTERM, before SIGKILL (at most the stop timeout)
 KILL_WAIT = 10.0  # after SIGKILL, before naming the survivors
 STOP_LOG_KEEP = 20
+
+
+def _exit_within(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The exit code of proc if it exits within timeout, else None: woken by its exit (a
+    pidfd), so a start command that daemonizes returns as soon as it has, with no polling."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:  # no pidfd (Linux < 5.3) or already reaped: poll as subprocess does
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return proc.poll()
 
 
 def cgroup_name(session: str, state_dir: str) -> str:
@@ -215,18 +233,14 @@ class Application:
                                 cgroup=cg.to_dict(), stop_log=self.handle.stop_log)
         # A start command that fails at once is a failed start; one that exits 0 has
         # daemonized; one still running after the grace period is a foreground server.
-        deadline = time.monotonic() + START_GRACE
-        while time.monotonic() < deadline:
-            rc = proc.poll()
-            if rc is not None:
-                self.handle.exit_code = rc
-                if rc != 0:
-                    cg.kill(timeout=KILL_WAIT)  # whatever it forked before failing
-                    self.release()
-                    raise AppError(f"the application's start command exited with code {rc}",
-                                   hint=f"see {self.log_path}" if self.log_path else None)
-                break
-            time.sleep(0.02)
+        rc = _exit_within(proc, START_GRACE)
+        if rc is not None:
+            self.handle.exit_code = rc
+            if rc != 0:
+                cg.kill(timeout=KILL_WAIT)  # whatever it forked before failing
+                self.release()
+                raise AppError(f"the application's start command exited with code {rc}",
+                               hint=f"see {self.log_path}" if self.log_path else None)
         return self.handle
 
     # ------------------------------------------------------------------ state
