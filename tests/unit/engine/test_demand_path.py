@@ -9,6 +9,7 @@ import os
 import threading
 from pathlib import Path
 
+from dmrecover.engine import fetcher as fetcher_module
 from dmrecover.engine.bitmap import SlotFile
 from dmrecover.engine.fetcher import Fetcher, MemorySource
 from dmrecover.engine.pseudovolume import PseudoVolume
@@ -147,3 +148,40 @@ def test_a_failed_dest_write_leaves_the_chunk_unrestored(tmp_path) -> None:
         assert pv.read(CS, 100) == data[CS:CS + 100]  # fetched again, written this time
         assert f.wait_writes(30) and f.is_restored(1)
         assert src.reads == [1, 1]
+
+
+class PrioritySource(MemorySource):
+    """Records the nice of the thread reading each chunk."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data, CS, zero_chunks=set())
+        self.nice: dict[int, int] = {}
+
+    def read_chunk(self, index: int) -> bytes:
+        self.nice[index] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return super().read_chunk(index)
+
+
+def test_an_on_demand_fetch_runs_at_a_raised_cpu_priority(tmp_path) -> None:
+    # Under load, an on-demand read's p99 went to waiting for a CPU behind the pool.
+    data = os.urandom(4 * CS)
+    src = PrioritySource(data)
+    f = Fetcher(src, make_dest(tmp_path, len(data)), tmp_path / "map")
+    try:
+        def mine() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def demand() -> tuple[int, int, bytes]:
+            before = mine()
+            out = f.read(CS, 10)
+            return before, mine(), out
+
+        before, after, out = run(demand)
+        assert out == data[CS:CS + 10]
+        assert after == before, "the thread's own priority is given back"
+        expected = fetcher_module.DEMAND_NICE if os.geteuid() == 0 else before
+        assert src.nice[1] == min(before, expected)
+        f.ensure(2, background=True)
+        assert src.nice[2] == mine(), "the background restore keeps its priority"
+    finally:
+        f.close()
