@@ -29,6 +29,15 @@ def pread_nowait(fd: int, offset: int, length: int) -> bytes | None:
 _libc: Any = None
 
 
+def _load_libc() -> None:
+    global _libc
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_uint]
+    _libc = libc
+
+
 def reads_as_zeros(fd: int, offset: int, length: int) -> bool:
     """True when a regular file has no data in [offset, offset+length): a hole, or (ext4, xfs)
     an unwritten preallocated extent. Zeroing it again would change nothing a read sees, and
@@ -44,10 +53,8 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
     """fallocate(ZERO_RANGE|KEEP_SIZE) on a regular file; False when unsupported. Not a
     punched hole: DEST was preallocated so that nothing written later can meet a full
     filesystem, and its blocks stay allocated."""
-    global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _load_libc()
     rc = _libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc != 0:
         e = ctypes.get_errno()
@@ -55,3 +62,15 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
             return False
         raise DeviceError(f"zeroing a range of DEST failed: {os.strerror(e)}")
     return True
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing back [offset, offset+length) of fd (sync_file_range WRITE: returns
+    without waiting for the disk; no durability), so dirty data goes out as it is written
+    instead of in one burst at the next fsync. Errors are ignored: the fsync reports them."""
+    if _libc is None:
+        _load_libc()
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
