@@ -185,3 +185,18 @@ def test_an_on_demand_fetch_runs_at_a_raised_cpu_priority(tmp_path) -> None:
         assert src.nice[2] == mine(), "the background restore keeps its priority"
     finally:
         f.close()
+
+
+def test_a_zero_chunk_reads_as_zeros_before_and_after_its_dest_write(tmp_path) -> None:
+    data = os.urandom(CS) + bytes(CS) + os.urandom(CS)
+    src = MemorySource(data, CS)  # chunk 1: a zero chunk, never read
+    dest = make_dest(tmp_path, len(data))  # garbage (0xee) where nothing is restored
+    with PseudoVolume(src, dest, tmp_path / "state") as pv:
+        gate = gate_writes(pv.fetcher)
+        assert run(pv.read, CS - 10, 30) == data[CS - 10:CS + 20]
+        assert pv.read_nowait(CS + 100, 50) == bytes(50)
+        gate.set()
+        assert pv.fetcher.wait_writes(30)
+        assert pv.fetcher.is_restored(1) and pv.read(CS, CS) == bytes(CS)
+        assert src.reads == [0]
+    assert dest.read_bytes()[CS:2 * CS] == bytes(CS)
