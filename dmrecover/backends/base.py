@@ -171,6 +171,12 @@ class Backend(ABC):
             return False
         return True
 
+    def preload(self) -> None:
+        """Import what building the stack will need (slow native bindings), so that a caller
+        can do it in a thread beside other waits (the password's key derivation) instead of
+        on the recovery's critical path. The default needs nothing."""
+        return None
+
     def engine_dest(self, ctx: BackendContext) -> str:
         """Where the engine writes restored chunks: DEST itself, except where the kernel must
         be DEST's only writer (dm-clone: a staging file in the engine dir, made here)."""

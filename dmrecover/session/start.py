@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,19 @@ def prepare(req: LiveRestoreRequest, *,
 
 
 def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
+                     cutover: CutoverMode, held: list[Claim]) -> SessionRecord:
+    # The backend's slow imports (pyfuse3, trio) beside the repository's opening, whose key
+    # derivation (scrypt) releases the GIL: off the RTO's path. Joined before returning:
+    # the session process is forked from this one, and no thread may run at a fork.
+    preload = threading.Thread(target=backend.preload, name="preload", daemon=True)
+    preload.start()
+    try:
+        return _prepare_checked(req, name, backend, cutover, held)
+    finally:
+        preload.join()
+
+
+def _prepare_checked(req: LiveRestoreRequest, name: str, backend: Backend,
                      cutover: CutoverMode, held: list[Claim]) -> SessionRecord:
     repo = Repository.open(req.repo)
     manifest = repo.manifest(req.backup)

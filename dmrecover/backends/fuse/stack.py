@@ -141,6 +141,15 @@ class FuseStack(Presentation):
         return self.undo.unwind()
 
 
+def preload_server() -> None:
+    """Import the FUSE server's modules (pyfuse3 and trio: 0.2-0.4 s on a loaded host) now.
+    A no-op where pyfuse3 is missing: probe() says so, and start_server() fails clearly."""
+    try:
+        import dmrecover.backends.fuse.server  # noqa: F401 - deferred as in start_server
+    except ImportError as err:
+        log.debug("FUSE server not preloaded: %s", err)
+
+
 def start_server(volume: PseudoVolume, mountdir: str, name: str, *,
                  read_only: bool = False) -> FuseServer:
     """Serve `volume` as mountdir/name (started: the file answers when this returns)."""
