@@ -17,7 +17,9 @@ sequentially.
 
 One writer to DEST: the workers fetch in parallel, their DEST writes go one at a time (a lock
 around `Fetcher.write_dest`), so DEST sees one sequential-ish stream, not `workers` competing
-ones.
+ones (plus the fetcher's writer thread, which writes the chunks read on demand; module doc
+of fetcher). A read of a chunk a worker has in flight takes its bytes once they are read,
+without waiting for this lock or the write.
 
 Errors: a corrupt chunk is recorded and skipped (the application may never read it), and the
 restore ends with an error naming it; transient faults are retried inside the fetcher (the
