@@ -88,7 +88,7 @@ ON_LOST = ("block", "error")
 MARK_SIZE = 4096
 # On-demand chunks waiting for their DEST write at most (memory: this many chunks); past it
 # the reading thread writes its chunk itself.
-_WRITE_QUEUE = 16
+_WRITE_QUEUE = 4
 WRITER_THREAD_NAME = "dmrecover-dest-writer"
 # A zero chunk's bytes in flight (never allocated: 4 MiB of zeros per chunk cost the restore
 # of a mostly empty volume seconds); a chunk's real bytes are never empty.
