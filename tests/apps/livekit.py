@@ -146,6 +146,21 @@ class Sandbox:
         log = (self.state_root / name / "session.log").read_text()[-3000:]
         raise AssertionError(f"session {name} stuck in {self.session(name)['state']}:\n{log}")
 
+    def wait_synced_chunks(self, name: str, timeout: float = 60) -> int:
+        """The chunks the session's persisted restored map names (what a crash keeps), once
+        there are some."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                st = json.loads((self.state_root / name / "status.json").read_text())
+            except (OSError, ValueError):
+                st = {}
+            n = (st.get("stats") or {}).get("synced_chunks") or 0
+            if n:
+                return n
+            time.sleep(0.1)
+        raise AssertionError(f"session {name} never persisted its restored map")
+
     def query(self, req: dict, timeout: float = 30) -> dict:
         return query(str(self.appstate), req, timeout=timeout)
 

@@ -6,7 +6,6 @@ mid-restore and resume, manual cutover, abort (and resume after it)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -103,21 +102,6 @@ def test_live_restore_auto_cutover(box: Sandbox, fs_tools, request, fstype: str)
           f"downtime {st['timings']['cutover_downtime']:.2f} s")
 
 
-def _wait_synced_chunks(box: Sandbox, name: str, timeout: float = 60) -> int:
-    """The chunks the session's persisted restored map names, once there are some."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            st = json.loads((box.state_root / name / "status.json").read_text())
-        except (OSError, ValueError):
-            st = {}
-        n = (st.get("stats") or {}).get("synced_chunks") or 0
-        if n:
-            return n
-        time.sleep(0.1)
-    raise AssertionError(f"session {name} never persisted its restored map")
-
-
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
 def test_sigkill_mid_restore_then_resume(box: Sandbox, fs_tools, request, fstype: str) -> None:
     box.prepare(fs_tools, _image(request, fstype))
@@ -128,7 +112,7 @@ def test_sigkill_mid_restore_then_resume(box: Sandbox, fs_tools, request, fstype
     acks_before = box.query({"op": "ping"})["commits"]
     assert acks_before > 0
     # Kill once the restored map has been persisted at least once: what a crash keeps.
-    synced = _wait_synced_chunks(box, "crash")
+    synced = box.wait_synced_chunks("crash")
     pid = box.session("crash")["pid"]
     os.kill(pid, signal.SIGKILL)
     psutil.Process(pid).wait(10) if psutil.pid_exists(pid) else None
