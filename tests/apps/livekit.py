@@ -231,13 +231,17 @@ class Sandbox:
         """Remove everything the test made, whatever state it is in."""
         for sdir in self.state_root.glob("*"):
             try:
-                pid = json.loads((sdir / "session.json").read_text()).get("pid")
+                rec = json.loads((sdir / "session.json").read_text())
             except (OSError, ValueError):
                 continue
-            if pid:
+            pid, created = rec.get("pid"), rec.get("pid_create_time")
+            if pid and created:
+                # The session process is forked from live-restore/resume (its command line
+                # is theirs): known by the pid and start time its record names. Killed
+                # first, or it would start the application again under the teardown.
                 try:
                     p = psutil.Process(pid)
-                    if any("session-run" in a for a in p.cmdline()):
+                    if abs(p.create_time() - created) < 0.01:
                         p.send_signal(signal.SIGKILL)
                         p.wait(10)
                 except psutil.Error:

@@ -5,8 +5,11 @@ forget, and `resume` with a corrected --app-start."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,26 @@ def test_resume_with_a_corrected_app_start(box: Sandbox) -> None:
     r = box.cli("forget", "typo")
     assert r.returncode == 0, r.stderr
     assert json.loads(box.cli("status", "--json").stdout) == []
+
+
+def test_teardown_kills_a_resumed_session_and_its_application(box: Sandbox) -> None:
+    """The harness's teardown after a resume: the session process, forked from `resume` (its
+    command line names neither session-run nor the application), is found by the pid and
+    start time its record names and killed; nothing starts the application again."""
+    import psutil
+
+    r = box.live_restore("td", "--cutover", "manual")
+    assert r.returncode == 0, r.stderr
+    box.wait_app()
+    first = box.session("td")["pid"]
+    os.kill(first, signal.SIGKILL)
+    box.stop_app()
+    r = box.cli("resume", "td")
+    assert r.returncode == 0, r.stderr
+    box.wait_app()
+    pid = box.session("td")["pid"]
+    assert pid != first and psutil.pid_exists(pid)
+    box.teardown()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    time.sleep(1.0)  # a surviving session would restart its application by now
+    assert not box.app_procs()
