@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dmrecover.engine.fastio import limit_malloc_arenas
 from dmrecover.engine.fetcher import ChunkSource, Fetcher
 from dmrecover.engine.overlay import BLOCK_SIZE, CHECKPOINT_LOG_BYTES, Overlay
 from dmrecover.engine.restorer import Restorer
@@ -55,6 +56,9 @@ class PseudoVolume:
                  map_dir: str | os.PathLike[str] | None = None,
                  mark_dest: str | os.PathLike[str] | None = None,
                  checkpoint_log_bytes: int | None = None) -> None:
+        # Before the engine's threads start: their 4 MiB chunk buffers would otherwise
+        # spread over per-thread arenas and double the peak RSS (see limit_malloc_arenas).
+        limit_malloc_arenas()
         self.source = source
         self.size = source.size
         self.read_only = read_only
