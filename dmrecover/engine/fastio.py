@@ -34,8 +34,6 @@ def _load_libc() -> None:
     global _libc
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                     ctypes.c_uint]
     _libc = libc
 
 
@@ -63,18 +61,6 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
             return False
         raise DeviceError(f"zeroing a range of DEST failed: {os.strerror(e)}")
     return True
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing back [offset, offset+length) of fd (sync_file_range WRITE: returns
-    without waiting for the disk; no durability), so dirty data goes out as it is written
-    instead of in one burst at the next fsync. Errors are ignored: the fsync reports them."""
-    if _libc is None:
-        _load_libc()
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter

@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dmrecover.engine.bitmap import Bitmap, SlotFile
-from dmrecover.engine.fastio import pread_nowait, reads_as_zeros, start_writeback, zero_range
+from dmrecover.engine.fastio import pread_nowait, reads_as_zeros, zero_range
 from dmrecover.engine.source import ChunkSource, MemorySource, chunk_length
 from dmrecover.engine.timing import Stages, breakdown, percentile
 from dmrecover.errors import (
@@ -75,7 +75,7 @@ from dmrecover.errors import (
     EngineError,
     RepositoryUnavailable,
 )
-from dmrecover.system.files import atomic_write, fsync_dir
+from dmrecover.system.files import atomic_write, fsync_dir, start_writeback
 
 # ChunkSource, chunk_length and MemorySource live in engine/source.py; importable from here.
 __all__ = ["ON_LOST", "ChunkSource", "Fetcher", "MemorySource", "chunk_length"]

@@ -18,8 +18,6 @@ Order of work:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections import deque
@@ -31,20 +29,12 @@ from dmrecover.repository.manifest import Manifest
 from dmrecover.repository.repo import Repository
 from dmrecover.system import blockdev as device
 from dmrecover.system import claims
-from dmrecover.system.files import write_all
+from dmrecover.system.files import start_writeback, write_all
 from dmrecover.system.mounts import mounts_of
 
 log = logging.getLogger(__name__)
 
 # Start writeback of what was just written so the final fsync has little left to do.
-_SYNC_FILE_RANGE_WRITE = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-try:
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-except AttributeError:  # pragma: no cover - every Linux libc has it
-    _sync_file_range = None
-
 WRITEBACK_EVERY = 64 << 20
 
 
@@ -219,8 +209,8 @@ def _drain_one(pending: deque[tuple[int, Future[bytes]]], manifest: Manifest, fd
     offset = index * manifest.chunk_size
     write_all(fd, data, offset)
     end = offset + len(data)
-    if _sync_file_range is not None and end - unsynced_from >= WRITEBACK_EVERY:
-        _sync_file_range(fd, unsynced_from, end - unsynced_from, _SYNC_FILE_RANGE_WRITE)
+    if end - unsynced_from >= WRITEBACK_EVERY:
+        start_writeback(fd, unsynced_from, end - unsynced_from)
         unsynced_from = end
     progress.update(len(data), items=1)
     return index + 1, unsynced_from
