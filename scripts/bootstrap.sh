@@ -26,12 +26,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3' 2>/dev/nu
     rm -rf .venv
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-# Every module of the install_requires and the test extra in setup.cfg: one missing (a new
-# dependency since the last run) reinstalls.
+# Every module of the install_requires and the test and lvm extras in setup.cfg: one missing (a
+# new dependency since the last run) reinstalls. blivet is looked up, not imported (its import
+# talks to DBus).
 if ! .venv/bin/python -c 'import dmrecover, blake3, zstandard, pyudev, psutil, rich, boto3, cryptography, pytest, hypothesis, importlinter' 2>/dev/null \
+        || ! .venv/bin/python -c 'import importlib.util as u; raise SystemExit(u.find_spec("blivet") is None)' \
         || [ ! -x .venv/bin/ruff ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e ".[test]"
+    .venv/bin/pip install -q -e ".[test,lvm]"
 fi
 scripts/install.sh
 echo "bootstrap: ready: dmrecover (/usr/local/sbin/dmrecover -> $here/.venv/bin/dmrecover)"

@@ -148,6 +148,17 @@ systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.
     man-db.timer >/dev/null 2>&1 || true
 update-initramfs -u -k all >/dev/null
 CHROOT
+# blivet (the LVM-backed overlay and DEST, issue 11) runs on Debian's libblockdev 2 and its
+# gobject bindings: installed with apt's own resolver (debootstrap resolves no virtual package,
+# and libblockdev-plugins-all pulls in a dozen plugins), from the host's mirror.
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+chroot "$root" /bin/sh -eu <<'CHROOT'
+apt-get update -qq >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    python3-gi python3-blockdev python3-bytesize python3-parted gir1.2-blockdev-2.0 \
+    libblockdev-plugins-all >/dev/null
+apt-get clean
+CHROOT
 build_dm_clone
 
 install -m 0600 -o 1000 -g 1000 "$pub" "$root/home/vagrant/.ssh/authorized_keys"

@@ -59,7 +59,7 @@ trap 'exit 130' INT TERM
 rm -rf "$wheelhouse"
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
-"$py" -m pip wheel -q --wheel-dir "$wheelhouse" ".[test]" >/dev/null
+"$py" -m pip wheel -q --wheel-dir "$wheelhouse" ".[test,lvm]" >/dev/null
 log "wheelhouse: $(ls "$wheelhouse" | wc -l) wheels"
 
 vagrant up --provider libvirt 9>&-
@@ -68,7 +68,7 @@ log "VM up"
 guest() { vagrant ssh -c "$*" -- -o LogLevel=ERROR; }
 guest "set -e
 sudo python3 -m venv --system-site-packages /opt/dmrecover
-sudo /opt/dmrecover/bin/pip install -q --no-index --find-links /vagrant/vagrant/.wheelhouse 'dmrecover[test]'
+sudo /opt/dmrecover/bin/pip install -q --no-index --find-links /vagrant/vagrant/.wheelhouse 'dmrecover[test,lvm]'
 /opt/dmrecover/bin/dmrecover --version"
 log "dmrecover installed in the guest"
 
