@@ -5,12 +5,11 @@ allocator's arena limit (limit_malloc_arenas)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-from typing import Any
 
 from dmrecover.errors import DeviceError
+from dmrecover.system import libc
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -25,16 +24,6 @@ def pread_nowait(fd: int, offset: int, length: int) -> bytes | None:
     except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file cannot say
         return None
     return bytes(buf) if n == length else None
-
-
-_libc: Any = None
-
-
-def _load_libc() -> None:
-    global _libc
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _libc = libc
 
 
 def reads_as_zeros(fd: int, offset: int, length: int) -> bool:
@@ -52,11 +41,13 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
     """fallocate(ZERO_RANGE|KEEP_SIZE) on a regular file; False when unsupported. Not a
     punched hole: DEST was preallocated so that nothing written later can meet a full
     filesystem, and its blocks stay allocated."""
-    if _libc is None:
-        _load_libc()
-    rc = _libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    fallocate = libc.function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                              ctypes.c_int64)
+    if fallocate is None:
+        return False
+    rc = fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc != 0:
-        e = ctypes.get_errno()
+        e = libc.errno()
         if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return False
         raise DeviceError(f"zeroing a range of DEST failed: {os.strerror(e)}")
@@ -78,11 +69,7 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
     the GIL around most allocations, so one arena costs next to no contention: 130 MiB at
     1 TiB with it, and unlike a fixed mmap threshold (116 MiB) no mmap and page faults per
     chunk. It applies to threads that have not allocated yet: call it before starting them."""
-    try:
-        if _libc is None:
-            _load_libc()
-        mallopt = _libc.mallopt
-    except (OSError, AttributeError):  # not glibc
+    mallopt = libc.function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:  # not glibc
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_ARENA_MAX, arenas))

@@ -11,7 +11,6 @@ module.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import os
 import secrets
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dmrecover.errors import DmrecoverError
+from dmrecover.system import libc
 
 Buffer = bytes | bytearray | memoryview
 StrPath = str | os.PathLike[str]
@@ -45,7 +45,6 @@ def write_all(fd: int, data: Buffer, offset: int | None = None) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range: Any = None  # libc's, once looked up; False where there is none
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -53,15 +52,10 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     without waiting for the disk; no durability), so dirty data goes out as it is written
     instead of in one burst at the next fsync. Errors are ignored (the fsync reports them),
     and so is a C library without sync_file_range."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = getattr(libc, "sync_file_range", None)
-        if fn is not None:
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        _sync_file_range = fn or False
-    if _sync_file_range:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    fn = libc.function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_uint)
+    if fn is not None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: StrPath) -> None:
