@@ -312,9 +312,13 @@ def create(name: str, table: str | list[str], uuid: str, *, read_only: bool = Fa
     return path
 
 
-def reload(name: str, table: str | list[str]) -> None:
-    """Load a new (inactive) table; it takes effect at the next resume."""
-    _dmsetup(["reload", name], what=f"reloading the table of {name}", input=_table_text(table))
+def reload(name: str, table: str | list[str], *, read_only: bool = False) -> None:
+    """Load a new (inactive) table; it takes effect at the next resume.
+
+    read_only: the table opens its devices read-only (a device created read-only needs it:
+    its table may sit on read-only loops)."""
+    args = ["reload", name] + (["--readonly"] if read_only else [])
+    _dmsetup(args, what=f"reloading the table of {name}", input=_table_text(table))
 
 
 def message(name: str, text: str, sector: int = 0) -> str:

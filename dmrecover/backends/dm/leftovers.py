@@ -7,7 +7,9 @@ layer answers the questions about state dirs through a `SessionLookup`: this mod
 import it.
 
 Left alone: devices of a live session, and the pseudo-volume of a finished online cutover (a
-`linear` mapping on DEST that the application runs on).
+`linear` mapping on DEST that the application runs on). A dead session's origin device (its
+table may be one `linear` on DEST too) always goes, after the pseudo-volume over it; the
+read-only loop on DEST under it goes by itself with it (autoclear, see stack.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dmrecover.system.mounts import mounts, umount_or_detach
 BACKEND = "dm"
 MOUNT = "mount"
 DEVICE = "dm"
+#: Removal order among layers equally open (lower first, others 0): the origin under them last.
+LAYER_ORDER = {"origin": 1}
 
 
 def _session_state(info: dm.DmInfo, sessions: SessionLookup
@@ -58,15 +62,22 @@ def leftover_devices(sessions: SessionLookup, session: str | None = None) -> lis
         _, live, state = _session_state(inf, sessions)
         if live:
             continue
-        if state == "done":
+        layer = (dm.split_uuid(inf.uuid) or ("", ""))[1]
+        if state == "done" and layer == "pseudo":
             try:
                 if dm.table(inf.name).split()[2:3] == ["linear"]:
                     continue
             except StackError:
                 pass
         found.append(inf)
-    # Top layers (opened by nothing of ours) first: fewer open references first.
-    return [i.name for i in sorted(found, key=lambda i: i.open_count)]
+    # Top layers (opened by nothing of ours) first: fewer open references first, and the
+    # pseudo-volume before the origin under it (a mounted pseudo is open once, as is the
+    # origin it holds).
+    return [i.name for i in sorted(found, key=lambda i: (i.open_count, _layer_rank(i)))]
+
+
+def _layer_rank(info: dm.DmInfo) -> int:
+    return LAYER_ORDER.get((dm.split_uuid(info.uuid) or ("", ""))[1], 0)
 
 
 def mounts_of_devices(names: list[str]) -> list[str]:

@@ -1,9 +1,16 @@
 """The device-mapper backend's stack: build, teardown and online cutover, with an undo list.
 
-    PseudoVolume(read_only) -> FUSE file STATE/origin/volume -> losetup -r  (origin)
+    PseudoVolume(read_only) -> FUSE file STATE/origin/volume -> losetup -r  (origin loop)
+    DEST (a block device, or losetup -r on a file)                            (DEST)
+    dm "linear" segments: restored runs on DEST, the rest on the origin loop
+                                      = dmrecover-<session>-origin            (origin)
     sparse file STATE/cow.img -> losetup                                      (COW)
     dm "snapshot" <origin> <cow> P 8  = dmrecover-<session>-pseudo            (pseudo-volume)
     -> mount at MP
+
+The origin device's table follows the persisted restored map (origin.py): reads of restored
+chunks never leave the kernel; once every chunk is restored it is one linear on DEST, and
+the FUSE origin stays up, idle, until the cutover takes it down.
 
 The kernel keeps the application's writes (the COW, a persistent exception store with 4 KiB
 chunks); the Python engine only serves the origin: restored chunks from DEST, else fetched,
@@ -21,7 +28,7 @@ Cutover:
 Each step pushes its undo on an `UndoStack`; a failure at step N unwinds N-1..1 so that no dm
 device, loop, mount or FUSE mount is left behind. `DMRECOVER_FAIL_AT=<step>` (a test hook, see
 dmrecover.testhooks) injects a failure (steps: dm-probe, fuse, origin-loop, cow, cow-loop,
-dm-pseudo, mount; dm-merge in merge.py).
+dm-origin, dm-pseudo, mount; dm-merge in merge.py).
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from dmrecover.backends.dm.merge import (
     flush_block_cache,
     wait_merged,
 )
+from dmrecover.backends.dm.origin import OriginReloader
 from dmrecover.backends.fuse.stack import start_server
+from dmrecover.engine.fetcher import MARK_SIZE
 from dmrecover.errors import StackError
 from dmrecover.system import command, loops
 from dmrecover.system.files import fsync_dir
@@ -89,6 +98,10 @@ class DmStack(Presentation):
     cow_loop: str | None = None
     pseudo: str | None = None  # dm name
     dest_loop: str | None = None  # loop on DEST (a regular file) during an online merge
+    origin_dm: str | None = None  # dm name of the origin (linear segments: DEST or FUSE)
+    origin_dest: str | None = None  # DEST as the origin reads it (its device, or a loop -r)
+    reloader: OriginReloader | None = None
+    _origin_dest_fd: int = -1  # holds the DEST loop open (see _create_origin)
     mounted: bool = False
     #: The origin loop reads its FUSE file with O_DIRECT: one FUSE request per block request,
     #: many in flight (buffered, Linux 6.1's loop reads its file page by page, each 4 KiB a
@@ -134,6 +147,8 @@ class DmStack(Presentation):
         return {"backend": "dm", "fuse_dir": self.origin_dir if self.server else None,
                 "origin_loop": self.origin_loop, "cow_loop": self.cow_loop,
                 "cow": self.cow_path, "dm": self.pseudo, "dest_loop": self.dest_loop,
+                "origin_dm": self.origin_dm, "origin_dest": self.origin_dest,
+                "origin_reloads": self.reloader.stats.as_dict() if self.reloader else None,
                 "mounted": self.mountpoint if self.mounted else None}
 
     def _changed(self) -> None:
@@ -151,6 +166,7 @@ class DmStack(Presentation):
             dm.install_udev_rules()
             self._start_origin()
             self._attach_origin()
+            self._create_origin()
             self._make_cow()
             self._attach_cow()
             self._create_pseudo()
@@ -189,6 +205,81 @@ class DmStack(Presentation):
             loops.detach(dev)
         self._changed()
 
+    def _create_origin(self) -> None:
+        """The origin dm device over DEST and the origin loop, its table from the persisted
+        restored map, and the thread that reloads it as the restore advances (origin.py)."""
+        fault_point("dm-origin")
+        name = dm.dm_name(self.session, "origin")
+        if dm.info(name) is not None:
+            raise StackError(f"device-mapper device {name} exists already",
+                             hint="a dead session left it: run `dmrecover cleanup`")
+        assert self.origin_loop
+        fetcher = self.volume.fetcher
+        dest = fetcher.dest_path
+        if stat.S_ISBLK(os.stat(dest).st_mode):
+            self.origin_dest = dest
+        else:
+            # Read-only: the origin never writes DEST. Buffered: it reads through DEST's page
+            # cache, the one the engine writes into.
+            self.origin_dest = loops.attach(dest, read_only=True)
+            self.undo.push("origin-dest-loop", self._detach_origin_dest)
+            # Autoclear: this process holds the loop open and detaches it at once, so it
+            # goes by itself at the last close: when this process ends (a crash too) if no
+            # table uses it yet, else when the origin device goes (which cleanup removes).
+            self._origin_dest_fd = os.open(self.origin_dest, os.O_RDONLY | os.O_CLOEXEC)
+            loops.detach(self.origin_dest, wait=0)
+        self._changed()
+
+        def busy() -> bool:
+            st = fetcher.stats()
+            return bool(st["waiting_for_repository_since"] or st["repository_lost_since"])
+
+        reloader = OriginReloader(
+            name, map_path=str(fetcher.map_path), nbits=fetcher.source.chunk_count,
+            chunk_size=fetcher.source.chunk_size, size=self.volume.size,
+            dest=self.origin_dest, fuse=self.origin_loop,
+            marked=lambda: fetcher.marked, head=MARK_SIZE,
+            synced=lambda: fetcher.synced_at, busy=busy)
+        dm.create(name, reloader.table(), dm.dm_uuid(self.session, "origin"), read_only=True)
+        self.origin_dm = name
+        self.undo.push("dm-origin", self._remove_origin)
+        self.reloader = reloader
+        reloader.start()
+        self.undo.push("origin-reload", self._stop_reloader)
+        self._changed()
+
+    def _stop_reloader(self) -> None:
+        if self.reloader is not None:
+            self.reloader.stop()
+
+    def _remove_origin(self) -> None:
+        name, self.origin_dm = self.origin_dm, None
+        if name is not None:
+            dm.remove(name)
+        self._changed()
+
+    def _detach_origin_dest(self) -> None:
+        """Let the DEST loop go (autoclear: at its last close, ours, once the origin device is
+        gone) and wait for it, so that a loop number reused later is never detached."""
+        dev, self.origin_dest = self.origin_dest, None
+        fd, self._origin_dest_fd = self._origin_dest_fd, -1
+        if fd >= 0:
+            os.close(fd)
+        if dev is None:
+            return
+        deadline = time.monotonic() + 10
+        while loops.backing_file(dev) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if loops.backing_file(dev) is not None:
+            loops.detach(dev)
+        self._changed()
+
+    @property
+    def origin_device(self) -> str:
+        """What the snapshot reads as its origin."""
+        assert self.origin_dm is not None
+        return str(dm.mapper_path(self.origin_dm))
+
     def _make_cow(self) -> None:
         """A sparse COW file; an existing one is kept (a resumed session's writes are in it)."""
         fault_point("cow")
@@ -224,8 +315,8 @@ class DmStack(Presentation):
         if dm.info(name) is not None:
             raise StackError(f"device-mapper device {name} exists already",
                              hint="a dead session left it: run `dmrecover cleanup`")
-        assert self.origin_loop and self.cow_loop
-        table = dm.snapshot_table(self.origin_loop, self.cow_loop, self.volume.size,
+        assert self.origin_dm and self.cow_loop
+        table = dm.snapshot_table(self.origin_device, self.cow_loop, self.volume.size,
                                   CHUNK_SECTORS)
         dm.create(name, table, dm.dm_uuid(self.session, "pseudo"))
         self.pseudo = name
@@ -285,14 +376,20 @@ class DmStack(Presentation):
             raise StackError("online cutover needs the dm pseudo-volume to be up")
         phase = on_phase or (lambda _p: None)
         size = self.volume.size
+        # No origin reload from here on: the swap below must see the origin still.
+        try:
+            self.undo.pop("origin-reload")()
+        except KeyError:
+            pass
         dest_dev = self._dest_device(dest)
         self.volume.fetcher.sync_dest()
         flush_block_cache(dest_dev)
         phase("reload-merge")
         pause = self._swap(dm.snapshot_merge_table(dest_dev, self.cow_loop, size,
                                                    CHUNK_SECTORS), suspend_first=True)
-        # The origin is no longer used by any table: take it down now.
-        for step in ("origin-loop", "fuse"):
+        # The origin is no longer used by any table: take it down now, before the merge
+        # writes DEST (the origin's read-only view of DEST must not outlive the swap).
+        for step in ("dm-origin", "origin-dest-loop", "origin-loop", "fuse"):
             try:
                 self.undo.pop(step)()
             except KeyError:
