@@ -79,8 +79,8 @@ def build_segments(restored: Bitmap, chunk_size: int, size: int, *, keep_off: in
     size). At most max_segments (>= 1) segments: the shortest DEST runs stay on FUSE.
     """
     if size % dm.SECTOR or chunk_size % dm.SECTOR or chunk_size <= 0:
-        raise ValueError(f"size {size} and chunk size {chunk_size} must be multiples of "
-                         f"{dm.SECTOR}")
+        raise StackError(f"the volume size {size} and chunk size {chunk_size} are not both "
+                         f"multiples of {dm.SECTOR} bytes: no device-mapper origin for them")
     if max_segments < 1:
         raise ValueError("max_segments must be >= 1")
     runs = dest_extents(restored, chunk_size, size, keep_off=keep_off)

@@ -100,7 +100,7 @@ def test_the_cap_holds_for_many_islands() -> None:
 
 
 def test_sizes_not_in_sectors_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(StackError, match="multiples of 512"):
         build_segments(Bitmap(1), CS, CS - 1)
 
 
