@@ -291,7 +291,7 @@ class OriginReloader:
         seen = self.synced()
         marked = self.marked()
         last = 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.all_dest:
             self._wake.wait(POLL)
             self._wake.clear()
             if self._stop.is_set():
@@ -308,6 +308,5 @@ class OriginReloader:
             except Exception:  # noqa: BLE001 - a failed reload must not end the following
                 log.exception("origin table reload failed")
             last = time.monotonic()
-            if self.all_dest:
-                log.info("origin %s is DEST alone: no more reloads", self.name)
-                break
+        if self.all_dest:
+            log.info("origin %s is DEST alone: no more reloads", self.name)

@@ -232,3 +232,13 @@ def test_cleanup_removes_a_dead_sessions_origin_after_its_pseudo(
                              f"{root}/done": (False, "done")}, root=root)
     names = [i.name for i in DmBackend().leftovers(sessions) if i.kind == "dm"]
     assert names == ["dead-pseudo", "dead-origin", "done-origin"]
+
+
+def test_the_thread_does_not_run_for_an_origin_already_on_dest(world) -> None:
+    """A session resumed after its restore completed: nothing to follow."""
+    r, mapfile, state, fake = world
+    mapfile.save(bitmap(8, (0, 8)))
+    assert r.table() == [f"0 {8 * CSS} linear /dev/D 0"]
+    r.start()
+    r._thread.join(30)
+    assert not r._thread.is_alive() and fake.calls == []
