@@ -214,11 +214,18 @@ def claim_destination(path: StrPath, owner: str, *, create: bool = True,
         raise
     if is_block:
         try:
-            fd = _open_dest(p, os.O_EXCL if exclusive else 0)
+            fd = _open_dest(_dev_node(p), os.O_EXCL if exclusive else 0)
         except BaseException:
             _release_all([lock])
             raise
     return Claim("dest", p, owner, [lock], fd=fd, created=created)
+
+
+def _dev_node(p: str) -> str:
+    """A block device's node: udev's symlinks under /dev (/dev/VG/LV, /dev/mapper/NAME, made
+    by root) resolved; any other path as it is (a symlink is refused by O_NOFOLLOW)."""
+    real = os.path.realpath(p)
+    return real if p.startswith("/dev/") and real.startswith("/dev/") else p
 
 
 def _open_dest(p: str, extra: int) -> int:
