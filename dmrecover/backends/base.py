@@ -191,6 +191,12 @@ class Backend(ABC):
         """Restart-mode cutover, after teardown: put the overlay's blocks into DEST durably.
         Idempotent (a crash midway runs it again). Returns the bytes merged."""
 
+    def overlay_file(self, size: int) -> tuple[str, int] | None:
+        """The engine-dir file of the kernel's overlay that a block device may stand for
+        (`--overlay VG`: a symlink to an LV), and the size that device needs for a volume of
+        `size` bytes; None where the overlay cannot live on a block device."""
+        return None
+
     def finish_online_cutover(self, ctx: BackendContext) -> None:
         """After `online_cutover`: drop what the merged overlay left (e.g. the COW file)."""
         return None

@@ -234,8 +234,13 @@ def _session_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     _repo_opt(sp)
     _password_opt(sp, export=True)
     sp.add_argument("backup", metavar="BACKUP", help="the backup's name or id (`dmrecover list`)")
-    sp.add_argument("dest", metavar="DEST",
-                    help="the block device or file the backup is restored to")
+    sp.add_argument("dest", metavar="DEST", nargs="?",
+                    help="the block device or file the backup is restored to (or --dest-vg)")
+    sp.add_argument("--dest-vg", metavar="VG",
+                    help="instead of DEST: create DEST as a new LV of the backup's size in "
+                    "this LVM volume group, named after the session and tagged as "
+                    "dmrecover's; it holds the data and stays after the cutover (removed "
+                    "only when the start fails, or by `forget --discard-overlay`)")
     sp.add_argument("--mount", required=True, metavar="MOUNTPOINT",
                     help="where the application finds its volume (an empty directory)")
     _app_opts(sp, required=True)
@@ -249,9 +254,12 @@ def _session_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--cutover", choices=["auto", "manual", "online"], default="auto",
                     help="auto: when restored; manual: on `dmrecover cutover`; online: merge "
                     "without stopping the application (dm backend)")
-    sp.add_argument("--overlay", metavar="DIR",
+    sp.add_argument("--overlay", metavar="DIR|VG",
                     help="a directory for the engine's files: the overlay holding the "
-                    "application's writes and the restore map (default: the state dir)")
+                    "application's writes and the restore map (default: the state dir); or, "
+                    "dm and dm-clone backends, an LVM volume group (a name without '/'): "
+                    "the COW or the clone metadata on a new tagged LV there, sized from the "
+                    "backup, removed after the cutover")
     _state_dir_opt(sp)
     sp.add_argument("--foreground", action="store_true",
                     help="run the session in this process instead of in the background")

@@ -30,7 +30,8 @@ def print_started(record: SessionRecord) -> None:
 def live_restore_request(args: argparse.Namespace) -> LiveRestoreRequest:
     """The typed request the live-restore arguments stand for."""
     return LiveRestoreRequest(
-        repo=args.repo, backup=args.backup, dest=args.dest, mountpoint=args.mount,
+        repo=args.repo, backup=args.backup, dest=args.dest or "",
+        dest_vg=getattr(args, "dest_vg", None), mountpoint=args.mount,
         app=AppSpec(start=args.app_start, stop=args.app_stop, unit=args.app_unit,
                     stop_timeout=args.stop_timeout),
         session=args.session, state_dir=args.state_dir, backend=args.backend,

@@ -32,7 +32,7 @@ from dmrecover.session.record import (
     session_dir,
     state_root,
 )
-from dmrecover.system import cgroups
+from dmrecover.system import cgroups, lvm
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def find_leftovers(backends: Iterable[Backend] | None = None, *,
     if app_cgroups if app_cgroups is not None else backends is None:
         found += [Found(None, Leftover("session", "cgroup", path))
                   for path in find_app_cgroups()]
+        found += [Found(None, Leftover("session", "lv", str(lvm.as_volume(info))))
+                  for info in find_orphan_lvs()]
     return found
 
 
@@ -96,7 +98,9 @@ def remove_leftovers(found: Iterable[Found]) -> list[str]:
     problems = []
     for f in found:
         try:
-            if f.backend is None:
+            if f.backend is None and f.item.kind == "lv":
+                _remove_orphan_lv(f.item.name)
+            elif f.backend is None:
                 if not cgroups.remove_empty_cgroup(f.item.name):
                     problems.append(f"{f.item}: a process joined it meanwhile; left alone")
             else:
@@ -109,6 +113,37 @@ def remove_leftovers(found: Iterable[Found]) -> list[str]:
 
 def all_backends() -> list[Backend]:
     return [registry.get(name) for name in registry.names()]
+
+
+# ---------------------------------------------------------------- LVs
+
+def find_orphan_lvs() -> list[lvm.LvInfo]:
+    """LVs dmrecover created (--overlay VG) whose session is gone: tagged with a state dir
+    that holds no record listing them. Never DEST's LV (--dest-vg: it holds the data), never
+    one without the state dir's tag, never one a session record still lists."""
+    out = []
+    for info in lvm.ours():
+        state_dir = lvm.state_dir_of(info)
+        if state_dir is None or lvm.role_of(info) == "dest":
+            continue
+        if lock_held(state_dir) if os.path.isdir(state_dir) else False:
+            continue
+        try:
+            data = read_json(os.path.join(state_dir, SESSION_FILE)) or {}
+        except DmrecoverError:
+            continue  # unreadable: not ours to judge
+        listed = {(d.get("vg"), d.get("name")) for d in data.get("lvs") or []
+                  if isinstance(d, dict)}
+        if (info.vg, info.name) not in listed:
+            out.append(info)
+    return out
+
+
+def _remove_orphan_lv(name: str) -> None:
+    vg, lv = name.split("/", 1)
+    info = next((i for i in lvm.ours() if (i.vg, i.name) == (vg, lv)), None)
+    if info is not None:  # gone meanwhile: nothing to do
+        lvm.remove(lvm.session_of(info) or "", lvm.as_volume(info))
 
 
 # ---------------------------------------------------------------- application cgroups

@@ -36,7 +36,7 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.runner import OnStarted, launch
 from dmrecover.session.services import Services, ServicesFactory, default_services
-from dmrecover.system import files, mounts
+from dmrecover.system import files, lvm, mounts
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +342,15 @@ def forget_session(name: str, *, state_dir: str | None = None, discard_overlay: 
                            f"on {record.dest}",
                            hint=f"`dmrecover resume {n}` continues with them; to drop them: "
                                 f"dmrecover forget {n} --discard-overlay")
+    # LVs the session created: DEST's stays once done (the application runs on it).
+    lvs = [lvm.LogicalVolume.from_dict(d) for d in record.lvs
+           if record.state != State.DONE or d.get("role") != "dest"]
+    if record.state != State.DONE and lvs and not discard_overlay:
+        raise SessionError(f"session {n} is {record.state}: it created the LVs "
+                           f"{', '.join(map(str, lvs))}, which hold its restore and the "
+                           "application's writes",
+                           hint=f"`dmrecover resume {n}` continues with them; to remove them: "
+                                f"dmrecover forget {n} --discard-overlay")
     left: list[str] = []
     if record.state == State.DONE:
         stop = (f"systemctl stop {record.app.unit}" if record.app.unit
@@ -358,6 +367,9 @@ def forget_session(name: str, *, state_dir: str | None = None, discard_overlay: 
                         "discarded")
     _check_nothing_mounted(record.state_dir, eng)
     removed: list[str] = []
+    problems = lvm.remove_all(n, lvs)
+    left += problems
+    removed += [f"LV {lv}" for lv in lvs if not any(str(lv) in p for p in problems)]
     if eng != record.state_dir and os.path.isdir(eng):
         for f in (overlay_files.IMG, overlay_files.MAP, overlay_files.LOG, RESTORED_MAP,
                   MERGED_MARKER):

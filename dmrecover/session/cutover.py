@@ -34,6 +34,7 @@ from dmrecover.engine.pseudovolume import PseudoVolume, mark_merged
 from dmrecover.errors import StackError
 from dmrecover.session.record import Phase, SessionRecord, State
 from dmrecover.session.services import Services
+from dmrecover.system import lvm
 from dmrecover.testhooks import fault_point
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class Cutover:
 
     def discard(self) -> None:
         self.volume.discard_overlay()
+        self._remove_overlay_lvs()
 
     # ------------------------------------------------------------ online
 
@@ -168,6 +170,7 @@ class Cutover:
         # "merged" before the backend drops what the merge consumed: resume trusts it.
         mark_merged(r.engine_path)
         self.services.backend.finish_online_cutover(r.context())
+        self._remove_overlay_lvs()
         t = self.timings
         t["online_max_pause"] = pause
         t["merged"] = t["done"] = time.time()
@@ -186,6 +189,14 @@ class Cutover:
             v.start_restore()
             v.wait_restored()
             v.stop_restore()
+
+    def _remove_overlay_lvs(self) -> None:
+        """The merged COW's or the clone metadata's LV (--overlay VG) is of no more use; DEST's
+        LV (--dest-vg) holds the data and stays. Idempotent (a resumed discard)."""
+        r = self.record
+        gone = [lvm.LogicalVolume.from_dict(d) for d in r.lvs if d.get("role") != "dest"]
+        if gone:
+            r.add_warnings(lvm.remove_all(r.name, gone))
 
     def _restart_on_pseudo_volume(self, message: str) -> None:
         """The cutover cannot go on: start the application again on the pseudo-volume (it is

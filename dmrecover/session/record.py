@@ -188,6 +188,8 @@ class SessionRecord:
     fetch_deadline: float = 600.0
     on_repository_lost: str = "block"  # past the deadline: reads wait, or fail ("error")
     engine_dir: str | None = None
+    #: LVs the session created (--overlay VG, --dest-vg VG): LogicalVolume.to_dict() each
+    lvs: list[dict] = field(default_factory=list)
     created: float | None = None
     # ---- runtime
     state: str = State.STARTING
@@ -267,7 +269,7 @@ class SessionRecord:
         for name in ("devices", "timings"):
             if not isinstance(kwargs.get(name, {}), dict):
                 kwargs[name] = {}
-        for name in ("warnings", "history"):
+        for name in ("warnings", "history", "lvs"):
             if not isinstance(kwargs.get(name, []), list):
                 kwargs[name] = []
         return cls(state_dir=state_dir, extra=extra, **kwargs)

@@ -17,6 +17,7 @@ from dmrecover.engine.fetcher import ON_LOST
 from dmrecover.errors import DeviceError, DmrecoverError, SessionError, UsageError
 from dmrecover.repository import keys
 from dmrecover.repository.crypto import AeadCodec
+from dmrecover.repository.manifest import Manifest
 from dmrecover.repository.repo import Repository
 from dmrecover.repository.s3 import is_s3_url
 from dmrecover.session import boot, volume
@@ -41,7 +42,7 @@ from dmrecover.session.volume import (
     key_cache_path,
     release_claims,
 )
-from dmrecover.system import files
+from dmrecover.system import claims, files, lvm
 from dmrecover.system.blockdev import check_writable_destination
 from dmrecover.system.claims import Claim
 from dmrecover.system.mounts import is_mountpoint
@@ -66,7 +67,9 @@ class LiveRestoreRequest:
     backend: str = registry.AUTO
     cutover: str = CutoverMode.AUTO
     fetch_deadline: float = 600.0
-    overlay: str | None = None  # a directory for the engine's files (default: the state dir)
+    overlay: str | None = None  # a directory for the engine's files (default: the state dir),
+    # or a volume group's name (dm backends): the kernel's overlay on a new LV there
+    dest_vg: str | None = None  # DEST: a new LV of this volume group (dest then "")
     force: bool = False  # overwrite a DEST that holds a filesystem
     overlay_reserve: int = 64 << 20  # free room the overlay's filesystem must have at start
     on_repository_lost: str = "block"  # past fetch_deadline: reads wait ("block") or fail
@@ -117,8 +120,18 @@ def prepare(req: LiveRestoreRequest, *,
     if not _NAME_RE.match(name):
         raise UsageError(f"bad session name {name!r}",
                          hint="letters, digits, '.', '_' and '-', at most 64")
-    # The claims first: every check below holds for as long as the session lives.
-    held = claim_for_session(name, req.dest, req.mountpoint)
+    if bool(req.dest) == bool(req.dest_vg):
+        raise UsageError("name DEST or --dest-vg VG (one of them)")
+    vg = overlay_vg(req.overlay)
+    if vg is not None and backend.overlay_file(1) is None:
+        raise UsageError(f"--overlay {req.overlay}: an overlay on LVM needs the dm or dm-clone "
+                         f"backend, not {backend.name}",
+                         hint=f"a directory: --overlay ./{req.overlay}")
+    # The claims first: every check below holds for as long as the session lives (a DEST
+    # LV of --dest-vg is claimed once created).
+    held = (claim_for_session(name, req.dest, req.mountpoint) if req.dest else
+            [claims.claim_mountpoint(req.mountpoint, f"session {name}")]
+            if os.path.isdir(req.mountpoint) else [])
     try:
         return _prepare_claimed(req, name, backend, cutover, held), held
     except BaseException:
@@ -147,27 +160,33 @@ def _prepare_checked(req: LiveRestoreRequest, name: str, backend: Backend,
     if not manifest.fstype:
         raise UsageError(f"backup {manifest.id} records no filesystem type",
                          hint="live restore mounts the volume: back up a filesystem")
-    dest = os.path.abspath(req.dest)
+    over_vg = overlay_vg(req.overlay)
+    dest = (os.path.abspath(req.dest) if req.dest else
+            lvm.LogicalVolume(str(req.dest_vg), lvm.lv_name(name, "dest"), "dest", 0).path)
     mp = os.path.abspath(req.mountpoint)
     d = session_dir(name, req.state_dir)
-    engine = os.path.abspath(req.overlay) if req.overlay else d
+    engine = os.path.abspath(req.overlay) if req.overlay and not over_vg else d
     # Nothing the session writes may be in the repository, or hold it (issue 9 item 4).
     for path, what in ((dest, "destination"), (d, "state dir"), (engine, "overlay dir"),
                        (mp, "mount point")):
         repo.check_apart(path, what)
     # The session first: a half-done one explains a DEST that already holds a filesystem.
     _check_state_dir(d)
-    check_writable_destination(dest, manifest.size, force=req.force, claimed=True)
+    if req.dest:
+        check_writable_destination(dest, manifest.size, force=req.force, claimed=True)
     _check_mountpoint(mp)
     if os.path.commonpath([d, mp]) == mp or os.path.commonpath([dest, mp]) == mp:
         raise UsageError("the state dir and DEST must not be under the mount point")
-    engine_dir = os.path.abspath(req.overlay) if req.overlay else d
-    if req.overlay and os.path.exists(engine_dir) and not os.path.isdir(engine_dir):
+    engine_dir = engine
+    if req.overlay and not over_vg and os.path.exists(engine_dir) \
+            and not os.path.isdir(engine_dir):
         raise UsageError(f"--overlay {req.overlay}: the overlay is kept in a directory",
                          hint="name a directory")
 
-    dest_claim = next(c for c in held if c.kind == "dest")
-    need = 0 if dest_claim.is_block else max(0, manifest.size - _allocated(dest))
+    lv_plan = _plan_lvs(req, name, backend, manifest.size, over_vg)
+    dest_claim = next((c for c in held if c.kind == "dest"), None)
+    need = 0 if dest_claim is None or dest_claim.is_block \
+        else max(0, manifest.size - _allocated(dest))
     if need:
         _check_room(dest, need, "destination")
     same_fs = need and _fs_of(dest) == _fs_of(engine_dir)
@@ -176,6 +195,20 @@ def _prepare_checked(req: LiveRestoreRequest, name: str, backend: Backend,
 
     # Validated: from here on things change.
     files.private_dir(d, error=SessionError, kind="state dir")
+    created = _create_lvs(name, lv_plan, backend, d, engine_dir, manifest.size, held)
+    try:
+        return _write_session(req, name, backend, cutover, manifest, repo, opened, d,
+                              engine_dir, dest, mp, held, created)
+    except BaseException:
+        lvm.remove_all(name, created)
+        raise
+
+
+def _write_session(req: LiveRestoreRequest, name: str, backend: Backend,
+                   cutover: CutoverMode, manifest: Manifest, repo: Repository, opened: float,
+                   d: str, engine_dir: str, dest: str, mp: str, held: list[Claim],
+                   created: list[lvm.LogicalVolume]) -> SessionRecord:
+    dest_claim = next(c for c in held if c.kind == "dest")
     if engine_dir != d:
         files.private_dir(engine_dir, error=SessionError, kind="overlay dir")
     _clear_done_session(d, engine_dir)
@@ -193,7 +226,7 @@ def _prepare_checked(req: LiveRestoreRequest, name: str, backend: Backend,
         chunk_size=manifest.chunk_size, fstype=manifest.fstype, dest=dest, mountpoint=mp,
         app=req.app, backend=backend.name, cutover_mode=cutover,
         fetch_deadline=req.fetch_deadline, on_repository_lost=req.on_repository_lost,
-        engine_dir=engine_dir,
+        engine_dir=engine_dir, lvs=[lv.to_dict() for lv in created],
         timings={"repository_opened": opened, "command_started": now})
     record.set_state(State.STARTING)
     volume.hand_over(location, repo, manifest)  # the session process opens it no more
@@ -203,6 +236,52 @@ def _prepare_checked(req: LiveRestoreRequest, name: str, backend: Backend,
         except DmrecoverError as err:
             log.warning("session %s will not resume at boot: %s", name, err)
     return record
+
+
+def overlay_vg(overlay: str | None) -> str | None:
+    """The volume group `--overlay` names, or None for a directory: a value without '/' that
+    is not an existing directory is a VG (a new relative directory: ./NAME)."""
+    if not overlay or "/" in overlay or os.path.isdir(overlay):
+        return None
+    return overlay
+
+
+def _plan_lvs(req: LiveRestoreRequest, name: str, backend: Backend, size: int,
+              over_vg: str | None) -> list[lvm.LogicalVolume]:
+    """The LVs the session will create, checked (VG there, room, name free): nothing made."""
+    wanted = []
+    if req.dest_vg:
+        wanted.append((req.dest_vg, "dest", size))
+    if over_vg:
+        spec = backend.overlay_file(size)
+        assert spec is not None  # checked in prepare()
+        wanted.append((over_vg, "cow" if backend.name == "dm" else "meta", spec[1]))
+    return lvm.plan(name, wanted) if wanted else []
+
+
+def _create_lvs(name: str, plan: list[lvm.LogicalVolume], backend: Backend, state_dir: str,
+                engine_dir: str, size: int, held: list[Claim]) -> list[lvm.LogicalVolume]:
+    """Create the planned LVs (tagged for the session); DEST's is claimed, the overlay's
+    linked from the engine dir (where the backend looks for its file). Undone on failure."""
+    created: list[lvm.LogicalVolume] = []
+    try:
+        for lv in plan:
+            created.append(lvm.create(name, lv, state_dir=state_dir))
+            if lv.role == "dest":
+                held.append(claims.claim_destination(lv.path, f"session {name}",
+                                                     create=False))
+            else:
+                spec = backend.overlay_file(size)
+                assert spec is not None
+                link = os.path.join(engine_dir, spec[0])
+                if os.path.lexists(link):
+                    os.unlink(link)
+                os.symlink(lv.path, link)
+                files.fsync_dir(engine_dir)
+    except BaseException:
+        lvm.remove_all(name, created)
+        raise
+    return created
 
 
 def _existing(path: str) -> str:

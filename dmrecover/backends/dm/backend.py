@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import Backend, BackendContext, Leftover, SessionLookup
 from dmrecover.backends.dm import dmsetup, leftovers, merge
-from dmrecover.backends.dm.stack import ORIGIN_SUBDIR, DmStack
+from dmrecover.backends.dm.stack import ORIGIN_SUBDIR, DmStack, cow_size
 from dmrecover.backends.fuse.stack import preload_server, teardown_leftovers
 
 if TYPE_CHECKING:  # typing only: the engine is a lower layer, imported for annotations
@@ -40,6 +40,9 @@ class DmBackend(Backend):
 
     def present(self, volume: PseudoVolume, ctx: BackendContext) -> DmStack:
         return DmStack(volume, ctx)
+
+    def overlay_file(self, size: int) -> tuple[str, int] | None:
+        return merge.COW_FILE, cow_size(size)
 
     def merge_into_dest(self, volume: PseudoVolume, ctx: BackendContext) -> int:
         return merge.merge_into_dest(volume, ctx.engine_dir, ctx.dest, ctx.session)

@@ -55,7 +55,7 @@ from dmrecover.backends.dm.origin import OriginReloader
 from dmrecover.backends.fuse.stack import start_server
 from dmrecover.engine.fetcher import MARK_SIZE
 from dmrecover.errors import StackError
-from dmrecover.system import command, loops
+from dmrecover.system import command, loops, lvm
 from dmrecover.system.files import fsync_dir
 from dmrecover.system.mounts import mount, umount
 from dmrecover.testhooks import fault_point
@@ -284,6 +284,9 @@ class DmStack(Presentation):
         """A sparse COW file; an existing one is kept (a resumed session's writes are in it)."""
         fault_point("cow")
         size = cow_size(self.volume.size)
+        if os.path.islink(self.cow_path):  # --overlay VG: the COW is an LV of the session's
+            lvm.device_for(self.cow_path, size, "COW")
+            return
         created = not os.path.exists(self.cow_path)
         fd = os.open(self.cow_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -299,6 +302,11 @@ class DmStack(Presentation):
 
     def _attach_cow(self) -> None:
         fault_point("cow-loop")
+        if os.path.islink(self.cow_path):
+            # An LV: the snapshot uses it directly (no loop to detach, nothing to undo).
+            self.cow_loop = os.path.realpath(self.cow_path)
+            self._changed()
+            return
         self.cow_loop = loops.attach(self.cow_path)
         self.undo.push("cow-loop", self._detach_cow)
         self._changed()

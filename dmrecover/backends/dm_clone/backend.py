@@ -62,6 +62,9 @@ class DmCloneBackend(Backend):
         make_sparse(path, ctx.size)
         return path
 
+    def overlay_file(self, size: int) -> tuple[str, int] | None:
+        return META_FILE, target.metadata_size(size)
+
     def present(self, volume: PseudoVolume, ctx: BackendContext) -> CloneStack:
         return CloneStack(volume, ctx)
 

@@ -44,7 +44,7 @@ from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.backends.dm_clone import target
 from dmrecover.backends.fuse.stack import start_server
 from dmrecover.errors import StackError
-from dmrecover.system import command, loops
+from dmrecover.system import command, loops, lvm
 from dmrecover.system.files import fsync_dir
 from dmrecover.system.mounts import mount, umount
 from dmrecover.testhooks import fault_point
@@ -237,11 +237,18 @@ class CloneStack(Presentation):
         """A sparse metadata file (all zeroes: the target formats it); an existing one is
         kept: it records what is hydrated (a resumed session)."""
         fault_point("clone-meta")
+        if os.path.islink(self.meta_path):  # --overlay VG: the metadata is the session's LV
+            lvm.device_for(self.meta_path, target.metadata_size(self.volume.size), "metadata")
+            return
         if make_sparse(self.meta_path, target.metadata_size(self.volume.size)):
             self.undo.push("clone-meta", lambda: os.unlink(self.meta_path))
 
     def _attach_metadata(self) -> None:
         fault_point("meta-loop")
+        if os.path.islink(self.meta_path):  # an LV: used directly, no loop
+            self.meta_loop = os.path.realpath(self.meta_path)
+            self._changed()
+            return
         self.meta_loop = loops.attach(self.meta_path)
         self.undo.push("meta-loop", self._detach("meta_loop"))
         self._changed()

@@ -70,12 +70,19 @@ def test_backend_choices_are_the_registry_names(monkeypatch: pytest.MonkeyPatch)
     assert parse(*lr, "--backend", "clone").backend == "clone"
 
 
-def test_overlay_help_promises_no_volume_group(capsys: pytest.CaptureFixture[str]) -> None:
+def test_overlay_help_names_the_volume_group_form(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         parse("live-restore", "--help")
     assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert "--overlay DIR" in out and "LVM" not in out and "volume group" not in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--overlay DIR|VG" in out and "--dest-vg VG" in out
+    assert "stays after the cutover" in out and "removed after the cutover" in out
+
+
+def test_live_restore_takes_dest_vg_instead_of_dest() -> None:
+    args = parse("live-restore", "--repo", "/r", "b", "--dest-vg", "vg0", "--mount", "/m",
+                 "--app-start", "x", "--overlay", "vg0")
+    assert args.dest is None and args.dest_vg == "vg0" and args.overlay == "vg0"
 
 
 @pytest.mark.parametrize("argv", [
