@@ -25,6 +25,7 @@ import re
 import stat
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +144,7 @@ def _import_blivet() -> Any:
         if _blivet is not None:
             return _blivet
         saved = os.dup(2)
+        filters = warnings.filters[:]
         with tempfile.TemporaryFile() as err:
             os.dup2(err.fileno(), 2)
             try:
@@ -160,6 +162,14 @@ def _import_blivet() -> Any:
                 chatter = err.read().decode(errors="replace").strip()
                 if chatter:
                     log.debug("blivet import: %s", " ".join(chatter.split()))
+        # Its import turns on DeprecationWarnings and logs Python warnings: undone, and its
+        # own loggers (blivet, libblockdev's "program") heard only at -vv (debug): nothing of
+        # it reaches the user's terminal through dmrecover's logging otherwise.
+        warnings.filters[:] = filters
+        logging.captureWarnings(False)
+        for name in ("blivet", "program", "testdata"):
+            logger = logging.getLogger(name)
+            logger.propagate = logging.getLogger().isEnabledFor(logging.DEBUG)
         _blivet = blivet
         return blivet
 

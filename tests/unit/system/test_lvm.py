@@ -232,10 +232,14 @@ def test_lvs_report_is_parsed(monkeypatch):
 def test_blivet_import_keeps_its_dbus_chatter_off_stderr():
     """blivet is imported lazily, and what its import prints on fd 2 (libblockdev's DBus
     complaint where no system bus runs) goes to the debug log, not to the terminal."""
-    code = ("import sys, dmrecover.system.lvm as l\n"
+    code = ("import logging, sys, warnings, dmrecover.system.lvm as l\n"
             "assert 'blivet' not in sys.modules\n"
+            "before, show = warnings.filters[:], warnings.showwarning\n"
+            "logging.basicConfig(level=logging.WARNING)\n"
             "l._import_blivet()\n"
             "assert 'blivet' in sys.modules\n"
+            "assert warnings.filters == before and warnings.showwarning is show\n"
+            "logging.getLogger('blivet').warning('not for the user')\n"
             "print('imported')\n")
     try:
         import importlib.util
