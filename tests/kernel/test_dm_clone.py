@@ -4,7 +4,10 @@ Stack level: the clone over a read-only engine origin hydrates DEST in the kerne
 go to DEST directly; the clone re-created from its metadata after a teardown keeps what was
 hydrated and written; the online cutover swaps to `linear` on DEST.
 Session level (real CLI, real SQLite application): online cutover with the application
-running, restart cutover, SIGKILL of the session then `dmrecover resume`.
+running, restart cutover, SIGKILL of the session then `dmrecover resume`, SIGKILL then
+`dmrecover cleanup` (nothing left), the repository gone for 30 s mid-hydration (reads wait, no
+I/O error). Power cuts during hydration and during the table swap: powercut.py, driven by
+vagrant/run-kernel-tests.sh.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +31,16 @@ from dmrecover.engine.fetcher import MemorySource
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.system.mounts import mount_at, umount
 from tests.apps.livekit import Sandbox
+from tests.helpers import images
 from tests.kernel.kernelutil import sh
-from tests.kernel.test_dm_live_restore import SLOW, _read_unrestored_files, box  # noqa: F401
+from tests.kernel.test_dm_live_restore import (  # noqa: F401
+    SLOW,
+    _kernel_log,
+    _read_direct,
+    _read_unrestored_files,
+    box,
+    dm_state,
+)
 
 MiB = 1 << 20
 
@@ -221,3 +234,137 @@ def test_clone_session_killed_then_resumed(box: Sandbox, fs_tools, request) -> N
     umount(str(box.mnt))
     rows, acks = box.verify_dest(fs_tools)
     assert acks > 10 and rows >= acks
+
+
+@pytest.fixture(scope="module")
+def clone_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 256 MiB ext4 image holding 24 MiB of data: under the restore delay the kernel
+    hydrates one region at a time, so hydration still runs well after the application is up."""
+    return images.make_fs_image(tmp_path_factory.mktemp("img") / "clone.img", "ext4",
+                                size=256 * MiB, seed=3, budget=24 * MiB)
+
+
+def _data_blocks(image: Path, start: int, end: int, count: int, block: int = 256 << 10
+                 ) -> list[int]:
+    """Up to `count` offsets of non-zero `block`-sized blocks of `image` in [start, end),
+    spread over the upper half of those."""
+    found = []
+    with open(image, "rb") as f:
+        for offset in range(-(-start // block) * block, end, block):
+            f.seek(offset)
+            if f.read(block).strip(b"\0"):
+                found.append(offset)
+    found = found[len(found) // 2:]  # the restorer, going up, reaches these last
+    step = max(len(found) // count, 1)
+    return found[::step][:count]
+
+
+def _mounts() -> set[str]:
+    return {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+
+
+def test_clone_killed_session_then_cleanup(box: Sandbox, fs_tools, request) -> None:  # noqa: F811
+    """SIGKILL the session process (and its application): `dmrecover cleanup` removes the
+    clone, its source (FUSE, loop), its metadata loop and the loop on the DEST file: `dmsetup
+    ls`, `losetup -a` and the mounts are as before the session."""
+    import psutil
+
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    before, mounts_before = dm_state(), _mounts()
+    r = box.live_restore("kc", "--backend", "dm-clone", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    box.wait_app(timeout=120)
+    name = _on_clone(box, "kc")
+    os.kill(box.session("kc")["pid"], signal.SIGKILL)
+    for p in box.app_procs():
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(box.app_procs(), timeout=20)
+    assert dm.list_owned("kc"), "the dead session's devices are still there"
+    r = box.cli("cleanup", "--dry-run")
+    assert r.returncode == 0 and name in r.stdout, r.stdout + r.stderr
+    r = box.cli("cleanup")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not dm.list_owned("kc")
+    assert dm_state() == before, "dm devices or loops left behind"
+    assert _mounts() == mounts_before, _mounts() ^ mounts_before
+    assert "nothing to clean up" in box.cli("cleanup").stdout
+
+
+def test_clone_repository_unreachable_30s_no_io_error(box: Sandbox, clone_image: Path,  # noqa: F811
+                                                      fs_tools) -> None:
+    """The repository vanishes for 30 s (an empty tmpfs over it) while the kernel hydrates:
+    direct reads of regions not hydrated yet, the application's read of an unrestored file and
+    the hydration itself wait; no read fails, the kernel logs no I/O error, the clone does not
+    fail, and the session completes (online cutover) with every acknowledged write on DEST."""
+    box.prepare(fs_tools, clone_image)
+    r = box.live_restore("out", "--backend", "dm-clone", "--cutover", "online", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    box.wait_app(timeout=120)
+    name = _on_clone(box, "out")
+    dev = str(dm.mapper_path(name))
+    log_before = len(_kernel_log())
+    size = box.size
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "gone", str(box.repo)], check=True)
+    t0 = time.monotonic()
+    st = target.status(name)
+    frontier = (st.hydrated + st.hydrating) * st.region_sectors * dm.SECTOR
+    # Hydration goes up from region 0: data blocks well above the frontier are neither
+    # hydrated nor (at 0.25 s a chunk) restored yet: reading them needs the repository.
+    offsets = _data_blocks(clone_image, frontier + (16 << 20), size, 8)
+    assert offsets, f"no data left above the hydration frontier ({frontier} of {size} bytes)"
+    got: dict[int, bytes] = {}
+    failures: list[BaseException] = []
+    answers: list[dict] = []
+    last = sorted(box.checksums)[-1]
+
+    def read_direct(offset: int) -> None:
+        try:
+            got[offset] = _read_dev(dev, offset, 256 << 10)
+        except BaseException as err:  # reported by the main thread
+            failures.append(err)
+
+    def read_unrestored() -> None:
+        try:
+            answers.append(box.query({"op": "sha256", "path": last}, timeout=180))
+        except BaseException as err:  # reported by the main thread
+            failures.append(err)
+
+    readers = [threading.Thread(target=read_direct, args=(o,)) for o in offsets]
+    readers.append(threading.Thread(target=read_unrestored))
+    try:
+        time.sleep(1.0)
+        for t in readers:
+            t.start()
+        saw_wait = False
+        while time.monotonic() - t0 < 30:
+            s = box.status("out")
+            saw_wait = saw_wait or bool(s.get("waiting_for_repository_since"))
+            assert s["state"] == "restoring", s
+            c = target.status(name)
+            assert not (c.failed or c.needs_check or c.read_only_metadata), c
+            time.sleep(2)
+        assert saw_wait, "status shows the wait for the repository"
+        assert len(got) < len(offsets), "reads of unrestored data wait for the repository"
+    finally:
+        subprocess.run(["umount", str(box.repo)], check=True)
+    for t in readers:
+        t.join(180)
+    assert not failures, failures
+    assert answers == [{"ok": True, "sha256": box.checksums[last]}]
+    with open(clone_image, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            assert got[offset] == f.read(256 << 10), f"bytes at {offset}"
+    done = box.wait_state("out", ("done", "failed"), timeout=900)
+    assert done["state"] == "done", done.get("error")
+    bad = [line for line in _kernel_log()[log_before:]
+           if "I/O error" in line or ("clone" in line and "device-mapper" in line)]
+    assert not bad, bad
+    box.stop_app()
+    umount(str(box.mnt))
+    dm.remove(name)
+    time.sleep(0.2)
+    rows, acks = box.verify_dest(fs_tools)
+    assert acks > 10 and rows >= acks
+    app_log = (box.state_root / "out" / "app.log").read_text()
+    assert "I/O error" not in app_log and "disk I/O" not in app_log, app_log[-2000:]

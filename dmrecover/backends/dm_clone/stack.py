@@ -26,7 +26,8 @@ staging file and waits for the rest. After a crash the clone is re-created from 
 metadata: hydrated regions stay hydrated, application writes stay in DEST.
 
 `DMRECOVER_FAIL_AT=<step>` (a test hook) injects a failure at: dm-probe, fuse, origin-loop,
-clone-meta, meta-loop, dest-loop, dm-clone, mount.
+clone-meta, meta-loop, dest-loop, dm-clone, mount. `DMRECOVER_TEST_MERGE_PAUSE=<s>` holds the
+online cutover for s seconds with the linear table loaded, before the swap (a power cut there).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dmrecover.errors import StackError
 from dmrecover.system import command, loops, lvm
 from dmrecover.system.files import fsync_dir
 from dmrecover.system.mounts import mount, umount
-from dmrecover.testhooks import fault_point
+from dmrecover.testhooks import fault_point, merge_pause
 
 if TYPE_CHECKING:  # annotations only: server.py needs pyfuse3 (see fuse.stack.start_server)
     from dmrecover.backends.fuse.server import FuseServer
@@ -268,7 +269,17 @@ class CloneStack(Presentation):
             raise StackError(f"DEST {self.ctx.dest} is smaller than the volume "
                              f"({st.st_size} < {self.volume.size} bytes)")
         self.dest_loop = loops.attach(self.ctx.dest)
-        self.undo.push("dest-loop", self._detach("dest_loop"))
+        self.undo.push("dest-loop", self._detach_dest_loop)
+        self._changed()
+
+    def _detach_dest_loop(self) -> None:
+        """Undo of dest-loop: once the clone holds the loop it is autoclear (see
+        _create_clone) and may be gone already, its number reused: detach it only while it
+        still serves DEST."""
+        dev, self.dest_loop = self.dest_loop, None
+        backing = loops.backing_file(dev) if dev is not None else None
+        if backing and os.path.realpath(backing) == os.path.realpath(self.ctx.dest):
+            loops.detach(dev)
         self._changed()
 
     def _create_clone(self) -> None:
@@ -283,6 +294,11 @@ class CloneStack(Presentation):
         dm.create(name, table, dm.dm_uuid(self.session, LAYER))
         self.clone = name
         self.undo.push("dm-clone", self._remove_clone)
+        if self.dest_loop is not None:
+            # The clone holds the DEST loop now: detaching it only sets autoclear, so it goes
+            # with the clone. `dmrecover cleanup` after a SIGKILL finds the session's dm
+            # devices and the loops on files under its state dir, not a DEST file elsewhere.
+            loops.detach(self.dest_loop, wait=0)
         self._changed()
         st = target.status(name)
         if st.failed or st.needs_check:
@@ -338,6 +354,9 @@ class CloneStack(Presentation):
         phase("reload-linear")
         dest_dev = self._dest_device()
         dm.reload(self.clone, dm.linear_table(dest_dev, self.volume.size))
+        pause_for_test = merge_pause()  # a test cuts the power with the new table loaded
+        if pause_for_test:
+            time.sleep(pause_for_test)
         t0 = time.monotonic()
         dm.suspend(self.clone)
         dm.resume(self.clone, udev_wait=False)
