@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.errors import StackError
+from dmrecover.testhooks import restore_delay
 
 TARGET = "clone"
 #: 64 KiB regions: a write smaller than a region first copies its region from the source (an
@@ -40,8 +41,11 @@ def clone_table(metadata: str, dest: str, source: str, size_bytes: int, *,
     """A clone table; hydration starts off unless `hydrate` (it is enabled by a message once
     the stack is up, so creating the device never starts a flood of fetches by itself)."""
     features = "0" if hydrate else "1 no_hydration"
-    core = (f"4 hydration_threshold {HYDRATION_THRESHOLD} "
-            f"hydration_batch_size {HYDRATION_BATCH}")
+    # A test that slows the restore down (DMRECOVER_TEST_RESTORE_DELAY) slows the kernel's copy
+    # too, one region at a time: on this backend hydration is the background restore, and a
+    # power cut or a kill "during hydration" needs hydration still running.
+    threshold, batch = (1, 1) if restore_delay() else (HYDRATION_THRESHOLD, HYDRATION_BATCH)
+    core = f"4 hydration_threshold {threshold} hydration_batch_size {batch}"
     return (f"0 {dm.sectors(size_bytes)} {TARGET} {metadata} {dest} {source} "
             f"{region_sectors} {features} {core}")
 
