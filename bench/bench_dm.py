@@ -1,29 +1,36 @@
 #!/usr/bin/env python3
-"""The dm backend against DEST directly and against the portable backend, in one guest (root,
-a kernel with device-mapper: run it in the VM). Emulated CPUs make absolute figures meaningless:
-read the ratios.
+"""The dm backends (dm-snapshot, dm-clone) and the fuse backend against DEST read directly, with
+fio, in one guest (root, a kernel with device-mapper and the clone target: run it in the VM,
+vagrant/run-bench.sh). Emulated CPUs make absolute figures meaningless: read the ratios, all
+from the same run.
 
-    python bench/bench_dm.py [--size 256M] [--file 96M] [--json FILE]
+    python bench/bench_dm.py [--size 256M] [--file 96M] [--runtime 5] [--json FILE]
     python bench/bench_dm.py --cold [--size 128M] [--file 16M]   cold reads only
+
+One ext4 image holding a random file data.bin is the backup (in memory, a MemorySource). BASE,
+a copy of the image on its own loop, stands for DEST read directly. Each backend presents the
+restored volume (restored in full first, so reads hit restored data):
+
+- dm-snapshot: DmStack (snapshot over the read-only FUSE origin, COW on a loop file);
+- dm-clone:    CloneStack (clone of a fresh DEST from the read-only FUSE origin, hydrated
+               in full: reads come from DEST in the kernel, writes go to DEST);
+- fuse:        the portable backend (ext4 on loop on the read-write FUSE file).
+
+fio jobs (bench_fio.JOBS, time-based, O_DIRECT, the page cache dropped before each): 1 MiB
+sequential read, 4 KiB random read (depth 16), 4 KiB random write (depth 16), on data.bin, each
+run on BASE and on the pseudo-volume back to back (the same load of the shared host); the ratio
+pseudo/BASE is the figure. Goals: reads >= 0.9x and random writes >= 0.8x on both dm backends.
+
+Online cutover pause (dm backends): an application loop (4 KiB write + fdatasync, timestamps
+of every completion) runs on the pseudo-volume while `online_cutover()` swaps the table; the
+longest gap between two completions from the swap's start to 0.5 s after it (goal: 200 ms of
+guest time), beside the longest gap in the 3 s before it. dm-clone: the time from the restore's
+end to the application on plain DEST = the hydration still running when the engine finished
+(the clone built before the restore started, hydrating alongside) + the whole online cutover.
 
 --cold: nothing restored and no restorer, every chunk fetched on demand; a sequential read of
 data.bin through dm (origin loop buffered, then with O_DIRECT) and through the fuse backend,
 with the request counts and average sizes seen by the origin loop and by FUSE (the engine).
-
-One ext4 image holding a random file is the backup (in memory); DEST is fully restored through
-the engine first, so reads hit the restored tier in every configuration. Then, on the same
-filesystem (bench_engine.measure: O_DIRECT sequential read, 4 KiB random reads, O_DIRECT and
-buffered sequential writes, re-read of written data):
-
-- dest:   ext4 on loop on DEST;
-- dm:     ext4 on the dm snapshot (origin: loop -r on the read-only FUSE file; COW: loop on a
-          sparse file), i.e. the dm backend's DmStack;
-- fuse:   ext4 on loop on the read-write FUSE file (the portable backend).
-
-Online cutover pause: an application loop (4 KiB write + fdatasync, timestamps of every
-completion) runs on the dm pseudo-volume while `DmStack.online_cutover()` swaps the tables; the
-longest gap between two completions during the swaps is reported against the longest gap
-during the same time before it (goal: at most 200 ms of guest time).
 """
 
 from __future__ import annotations
@@ -41,11 +48,14 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent))
 sys.path.insert(0, str(here))
 
-from bench_engine import measure  # noqa: E402
+from bench_fio import fio  # noqa: E402
 
 from dmrecover.backends.base import BackendContext  # noqa: E402
 from dmrecover.backends.dm import DmBackend  # noqa: E402
 from dmrecover.backends.dm import dmsetup as dm  # noqa: E402
+from dmrecover.backends.dm_clone import DmCloneBackend  # noqa: E402
+from dmrecover.backends.dm_clone import target as clone_target  # noqa: E402
+from dmrecover.backends.dm_clone.stack import wait_hydrated  # noqa: E402
 from dmrecover.backends.fuse import FuseBackend  # noqa: E402
 from dmrecover.engine.fetcher import MemorySource  # noqa: E402
 from dmrecover.engine.pseudovolume import PseudoVolume  # noqa: E402
@@ -222,115 +232,216 @@ def cold_main(args: argparse.Namespace) -> int:
     return 0
 
 
+JOBS = ("seqread_1m", "randread_4k", "randwrite_4k")  # writes last: reads see restored data
+GOALS = {"seqread_1m": 0.9, "randread_4k": 0.9, "randwrite_4k": 0.8}
+BACKENDS = ("dm-snapshot", "dm-clone", "fuse")
+
+
+def drop_caches() -> None:
+    command.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
+
+
+def fio_pair(base_mnt: Path, mnt: Path, file_size: int, runtime: float) -> dict:
+    """Every job on BASE then on the pseudo-volume; IOPS of both and the ratio."""
+    out = {}
+    for job in JOBS:
+        drop_caches()
+        b = fio(base_mnt / "data.bin", job, file_size, runtime)
+        drop_caches()
+        p = fio(mnt / "data.bin", job, file_size, runtime)
+        out[job] = {"base_iops": b["iops"], "pseudo_iops": p["iops"],
+                    "ratio": p["iops"] / b["iops"], "goal": GOALS[job],
+                    "base_p99_us": b["p99_us"], "pseudo_p99_us": p["p99_us"]}
+        print(f"  {job:13} base {b['iops']:8.0f} IOPS  pseudo {p['iops']:8.0f} IOPS  "
+              f"ratio {out[job]['ratio']:.2f}x", flush=True)
+    return out
+
+
+def cutover_pause(mnt: Path, cutover) -> dict:
+    """The longest gap of an fdatasync loop on the mounted pseudo-volume while `cutover()`
+    (an online cutover) runs, against the longest gap in the 3 s before it."""
+    w = Writer(mnt / "pause.bin")
+    w.start()
+    time.sleep(3.0)
+    t_swap = time.monotonic()
+    suspended = cutover()
+    t_end = time.monotonic()
+    time.sleep(1.0)
+    w.stop.set()
+    w.join(30)
+    if w.error:
+        raise w.error
+    os.unlink(mnt / "pause.bin")
+    return {"gap_before_ms": 1000 * w.longest_gap(t_swap - 3.0, t_swap),
+            "gap_during_cutover_ms": 1000 * w.longest_gap(t_swap, t_end + 0.5),
+            "dm_suspended_ms": 1000 * suspended, "cutover_total_s": t_end - t_swap,
+            "writes": len(w.times)}
+
+
+def run_snapshot(tmp: Path, src: MemorySource, size: int, file_size: int, base_mnt: Path,
+                 runtime: float) -> dict:
+    sdir = tmp / "dmrecover" / "snap"
+    sdir.mkdir(parents=True)
+    dest = tmp / "dest-snap.img"
+    with open(dest, "wb") as f:
+        f.truncate(size)
+    mnt = tmp / "mnt-snap"
+    mnt.mkdir()
+    pv = PseudoVolume(src, dest, sdir, read_only=True)
+    pv.start_restore()
+    pv.wait_restored()
+    pv.stop_restore()
+    pv.flush()
+    stack = DmBackend().present(pv, BackendContext(
+        session="bsnap", state_dir=str(sdir), engine_dir=str(sdir), mountpoint=str(mnt),
+        fstype="ext4", dest=str(dest), size=size))
+    stack.build()
+    try:
+        out = {"fio": fio_pair(base_mnt, mnt, file_size, runtime)}
+        out["online"] = cutover_pause(mnt, lambda: stack.online_cutover(str(dest)))
+    finally:
+        stack.undo.unwind()
+        if dm.info(stack.pseudo_name) is not None:
+            dm.remove(stack.pseudo_name)
+        pv.close()
+        dest.unlink()
+    return out
+
+
+def run_clone(tmp: Path, src: MemorySource, size: int, file_size: int, base_mnt: Path,
+              runtime: float) -> dict:
+    """The clone is up and hydrating while the engine restores (as in a session): the time
+    from the restore's end to the application on plain DEST is what hydration still needs
+    then, plus the online cutover (timed below with the pause)."""
+    sdir = tmp / "dmrecover" / "clone"
+    sdir.mkdir(parents=True)
+    dest = tmp / "dest-clone.img"
+    with open(dest, "wb") as f:
+        f.truncate(size)
+    mnt = tmp / "mnt-clone"
+    mnt.mkdir()
+    backend = DmCloneBackend()
+    ctx = BackendContext(session="bclone", state_dir=str(sdir), engine_dir=str(sdir),
+                         mountpoint=str(mnt), fstype="ext4", dest=str(dest), size=size)
+    pv = PseudoVolume(src, backend.engine_dest(ctx), sdir / "state", read_only=True)
+    pv.start_restore()
+    stack = backend.present(pv, ctx)
+    stack.build()
+    try:
+        pv.wait_restored()
+        t_restored = time.monotonic()
+        pv.stop_restore()
+        pv.flush()
+        wait_hydrated(stack.clone_name, timeout=3600)
+        hydrate_after = time.monotonic() - t_restored
+        st = clone_target.status(stack.clone_name)
+        assert st.complete, st
+        out = {"fio": fio_pair(base_mnt, mnt, file_size, runtime)}
+        out["online"] = cutover_pause(mnt, lambda: stack.online_cutover(str(dest)))
+        out["hydration_after_restore_s"] = hydrate_after
+        out["restore_to_plain_dest_s"] = hydrate_after + out["online"]["cutover_total_s"]
+        backend.finish_online_cutover(ctx)
+        if "clone-meta" in stack.undo.names():
+            stack.undo.pop("clone-meta")  # consumed by the cutover, not an undo any more
+    finally:
+        stack.undo.unwind()
+        if dm.info(stack.clone_name) is not None:
+            dm.remove(stack.clone_name)
+        pv.close()
+        dest.unlink()
+    return out
+
+
+def run_fuse(tmp: Path, src: MemorySource, size: int, file_size: int, base_mnt: Path,
+             runtime: float) -> dict:
+    fdir = tmp / "dmrecover" / "fuse"
+    fdir.mkdir(parents=True)
+    dest = tmp / "dest-fuse.img"
+    with open(dest, "wb") as f:
+        f.truncate(size)
+    mnt = tmp / "mnt-fuse"
+    mnt.mkdir()
+    pv = PseudoVolume(src, dest, fdir)
+    pv.start_restore()
+    pv.wait_restored()
+    pv.stop_restore()
+    stack = FuseBackend().present(pv, BackendContext(
+        session="bfuse", state_dir=str(fdir), engine_dir=str(fdir), mountpoint=str(mnt),
+        fstype="ext4", dest=str(dest), size=size))
+    stack.build()
+    try:
+        return {"fio": fio_pair(base_mnt, mnt, file_size, runtime)}
+    finally:
+        stack.undo.unwind()
+        pv.close()
+        dest.unlink()
+
+
+def print_table(results: dict) -> None:
+    print(f"\nvolume {format_size(results['size'])}, file {format_size(results['file'])}, "
+          f"fio {results['runtime']:g} s a job; ratio = pseudo-volume / DEST read directly")
+    print(f"{'measure':34} " + " ".join(f"{b:>12}" for b in BACKENDS) + f" {'goal (dm)':>10}")
+    names = {"seqread_1m": "sequential read 1 MiB (ratio)",
+             "randread_4k": "random read 4 KiB IOPS (ratio)",
+             "randwrite_4k": "random write 4 KiB IOPS (ratio)"}
+    for job in JOBS:
+        cells = [f"{results[b]['fio'][job]['ratio']:.2f}x" if b in results else "-"
+                 for b in BACKENDS]
+        print(f"{names[job]:34} " + " ".join(f"{c:>12}" for c in cells)
+              + f" {'>= ' + str(GOALS[job]) + 'x':>10}")
+    cells = [f"{results[b]['online']['gap_during_cutover_ms']:.0f} ms"
+             if "online" in results.get(b, {}) else "-" for b in BACKENDS]
+    print(f"{'online cutover longest I/O pause':34} " + " ".join(f"{c:>12}" for c in cells)
+          + f" {'<= 200 ms':>10}")
+    cells = [f"{results[b]['online']['gap_before_ms']:.0f} ms"
+             if "online" in results.get(b, {}) else "-" for b in BACKENDS]
+    print(f"{'  (longest gap before it)':34} " + " ".join(f"{c:>12}" for c in cells))
+    c = results.get("dm-clone", {})
+    if "restore_to_plain_dest_s" in c:
+        print(f"{'restore complete -> app on DEST':34} {'-':>12} "
+              f"{c['restore_to_plain_dest_s']:11.2f}s {'-':>12}   (hydration "
+              f"{c['hydration_after_restore_s']:.2f} s + cutover "
+              f"{c['online']['cutover_total_s']:.2f} s)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="256M")
     ap.add_argument("--file", default="96M")
-    ap.add_argument("--write", default="32M")
+    ap.add_argument("--runtime", type=float, default=5.0, help="seconds per fio job")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--cold", action="store_true",
                     help="only the cold read: dm (buffered / O_DIRECT origin loop) vs fuse")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.cold:
         return cold_main(args)
-    size, file_size, write_size = (parse_size(args.size), parse_size(args.file),
-                                   parse_size(args.write))
-    dm.probe()
-    results: dict = {"size": size, "file": file_size}
+    size, file_size = parse_size(args.size), parse_size(args.file)
+    wanted = args.backends.split(",")
+    if "dm-clone" in wanted:
+        dm.probe(("snapshot", "clone"))
+    elif "dm-snapshot" in wanted:
+        dm.probe()
+    results: dict = {"size": size, "file": file_size, "runtime": args.runtime}
+    runs = {"dm-snapshot": run_snapshot, "dm-clone": run_clone, "fuse": run_fuse}
     with tempfile.TemporaryDirectory(prefix="dmr-bench-dm.", dir="/var/tmp") as td:
         tmp = Path(td)
         data = make_image(tmp / "src.img", size, file_size)
         src = MemorySource(data, 1 * MiB)
-        dest = tmp / "dest.img"
-        with open(dest, "wb") as f:
-            f.truncate(size)
-
-        # dm: a read-only engine as origin, restored fully first.
-        sdir = tmp / "dmrecover" / "bench"
-        sdir.mkdir(parents=True)
-        pv = PseudoVolume(src, dest, sdir, read_only=True)
-        pv.start_restore()
-        pv.wait_restored()
-        pv.stop_restore()
-        pv.flush()
-        mnt = tmp / "mnt"
-        mnt.mkdir()
-        stack = DmBackend().present(pv, BackendContext(
-            session="bench", state_dir=str(sdir), engine_dir=str(sdir), mountpoint=str(mnt),
-            fstype="ext4", dest=str(dest), size=size))
-        stack.build()
+        base_dev = loop_attach(tmp / "src.img")  # BASE: the image itself, DEST read directly
+        base_mnt = tmp / "mnt-base"
+        base_mnt.mkdir()
+        mount(base_dev, str(base_mnt), "ext4")
         try:
-            umount(str(mnt))
-            stack.undo.pop("mount")
-            results["dm"] = measure(stack.device, file_size, dest, write_size)
-            mount(stack.device, str(mnt), "ext4")
-            stack.undo.push("mount", lambda: umount(str(mnt)))
-            # Online cutover pause, with an fdatasync loop running.
-            w = Writer(mnt / "pause.bin")
-            w.start()
-            time.sleep(3.0)
-            t_swap = time.monotonic()
-            max_pause = stack.online_cutover(str(dest))
-            t_end = time.monotonic()
-            time.sleep(1.0)
-            w.stop.set()
-            w.join(30)
-            if w.error:
-                raise w.error
-            results["online"] = {
-                "gap_before_ms": 1000 * w.longest_gap(t_swap - 3.0, t_swap),
-                "gap_during_cutover_ms": 1000 * w.longest_gap(t_swap, t_end + 0.5),
-                "dm_suspended_ms": 1000 * max_pause,
-                "cutover_total_s": t_end - t_swap,
-                "writes": len(w.times),
-            }
-            os.unlink(mnt / "pause.bin")
+            for name in wanted:
+                print(f"{name}:", flush=True)
+                results[name] = runs[name](tmp, src, size, file_size, base_mnt, args.runtime)
         finally:
-            stack.undo.unwind()
-            if dm.info(stack.pseudo_name) is not None:
-                dm.remove(stack.pseudo_name)
-            pv.close()
-        # fuse: the portable backend over a read-write engine on the same (now merged) DEST.
-        fdir = tmp / "dmrecover" / "fuse"
-        fdir.mkdir(parents=True)
-        pvf = PseudoVolume(src, dest, fdir)
-        pvf.start_restore()
-        pvf.wait_restored()
-        pvf.stop_restore()
-        fstack = FuseBackend().present(pvf, BackendContext(
-            session="fuse", state_dir=str(fdir), engine_dir=str(fdir), mountpoint=str(mnt),
-            fstype="ext4", dest=str(dest), size=size))
-        fstack.build()
-        try:
-            umount(str(mnt))
-            fstack.undo.pop("mount")
-            assert fstack.loop
-            results["fuse"] = measure(fstack.loop, file_size, dest, write_size)
-        finally:
-            fstack.undo.unwind()
-            pvf.close()
-        # dest directly.
-        dev = loop_attach(dest)
-        try:
-            results["dest"] = measure(dev, file_size, dest, write_size)
-        finally:
-            loop_detach(dev)
-
-    keys = ["seq_read", "rand_read_4k_iops", "seq_write", "seq_write_buffered", "reread_overlay"]
-    print(f"volume {format_size(size)}, file {format_size(file_size)} (ratios to DEST directly)")
-    print(f"{'measure':22} {'dest':>12} {'dm':>12} {'fuse':>12} {'dm/dest':>8} {'fuse/dest':>9}"
-          f" {'dm/fuse':>8}")
-    for k in keys:
-        d, m_, f = results["dest"][k], results["dm"][k], results["fuse"][k]
-        unit = (lambda v: f"{v:,.0f}/s") if "iops" in k else (lambda v: f"{v / MiB:.1f} MB/s")
-        print(f"{k:22} {unit(d):>12} {unit(m_):>12} {unit(f):>12} {m_ / d:8.2f} {f / d:9.2f}"
-              f" {m_ / f:8.2f}")
-    o = results["online"]
-    print(f"online cutover: longest I/O gap {o['gap_during_cutover_ms']:.0f} ms (before it "
-          f"{o['gap_before_ms']:.0f} ms; dm suspended {o['dm_suspended_ms']:.0f} ms; "
-          f"whole cutover {o['cutover_total_s']:.1f} s)")
+            umount(str(base_mnt))
+            loop_detach(base_dev)
+    print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

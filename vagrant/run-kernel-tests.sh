@@ -9,8 +9,11 @@
 # Extra arguments go to pytest. DMRECOVER_KEEP_VM=1 keeps the VM for debugging (its dot folder
 # is printed). DMRECOVER_POWERCUT: 1 (the default) runs every power cut after a full run (no
 # pytest arguments), 0 none, or a list such as "dm-clone:hydration dm-clone:swap" runs those
-# (also after a run with pytest arguments).
+# (also after a run with pytest arguments). DMRECOVER_BENCH="<bench_dm.py arguments>" (may be
+# " ") runs bench/bench_dm.py last, on the tree as it is then (see vagrant/run-bench.sh); its
+# JSON goes to DMRECOVER_BENCH_JSON (default bench-dm-<UTC time>.json here).
 set -euo pipefail
+bench_json=$(realpath -m "${DMRECOVER_BENCH_JSON:-bench-dm-$(date -u +%Y%m%dT%H%M%SZ).json}")
 log_name=kernel-tests
 . "$(dirname "$0")/vm-lib.sh"
 vm_up
@@ -66,6 +69,12 @@ for cut in $cuts; do
         log "power cut ${cut%%:*} during the ${cut#*:}: FAILED"; rc_pc=1
     fi
 done
+rc_bench=0
+if [ -n "${DMRECOVER_BENCH:-}" ]; then
+    # shellcheck disable=SC2086  # the bench's arguments, split on purpose
+    guest_bench "$bench_json" $DMRECOVER_BENCH || { log "bench FAILED"; rc_bench=1; }
+fi
 set -e
 [ $rc -ne 0 ] && exit $rc
-exit $rc_pc
+[ $rc_pc -ne 0 ] && exit $rc_pc
+exit $rc_bench

@@ -76,3 +76,18 @@ guest() { vagrant ssh -c "$*" -- -o LogLevel=ERROR; }
 guest_root() {
     guest "cd /vagrant && sudo env PATH=/opt/dmrecover/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin DMRECOVER_IN_VM=1 $*"
 }
+
+# bench/bench_dm.py in the guest, on the work tree as it is now (`vagrant rsync` first: the
+# bench imports dmrecover from /vagrant, so a bench at the end of a long run measures the
+# latest tree); the table goes to stdout, the JSON to the host file $1. Other arguments go to
+# the bench.
+guest_bench() {
+    local out=$1; shift
+    local args="" a
+    for a in "$@"; do args+=" $(printf '%q' "$a")"; done
+    vagrant rsync >/dev/null 9>&-
+    log "bench on $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- dmrecover bench || echo ' with uncommitted changes under dmrecover/ or bench/')"
+    guest_root "/opt/dmrecover/bin/python bench/bench_dm.py --json /var/tmp/bench-dm.json$args" || return 1
+    guest "sudo cat /var/tmp/bench-dm.json" > "$out"
+    log "bench JSON: $out"
+}
