@@ -96,8 +96,10 @@ def start(during: str, backend: str = "dm") -> int:
         _wait("hydration", lambda: target.status(clone).hydrated > 0, timeout=120)
     st = box.status(SESSION)
     note = ""
-    if during in ("restore", "hydration"):
+    if during == "restore":
         assert st["state"] == "restoring" and st["percent"] < 90, st
+    elif during == "hydration":  # a mostly empty volume: the percent counts zeros restored
+        assert st["state"] == "restoring", st
     elif during == "merge":
         assert st["state"] == "cutting-over" and st["phase"] == "merge", st
     else:

@@ -23,6 +23,15 @@ def test_table_starts_without_hydration_and_batches_copies() -> None:
         target.clone_table("m", "d", "s", 1000)  # not whole sectors
 
 
+def test_test_restore_delay_slows_hydration_only_with_the_hooks_on(monkeypatch) -> None:
+    monkeypatch.setenv("DMRECOVER_TEST_RESTORE_DELAY", "0.25")
+    assert "hydration_threshold 64 hydration_batch_size 16" in target.clone_table(
+        "m", "d", "s", MiB)
+    monkeypatch.setenv("DMRECOVER_TEST_HOOKS", "1")
+    assert target.clone_table("m", "d", "s", MiB).endswith(
+        "4 hydration_threshold 1 hydration_batch_size 1")
+
+
 def test_status_while_hydrating() -> None:
     st = target.parse_status("0 131072 clone 8 72/32768 128 100/1024 16 1 no_hydration "
                              "4 hydration_threshold 64 hydration_batch_size 16 rw -")
