@@ -51,15 +51,18 @@ def _segments(name: str) -> list[tuple[int, int, str]]:
 
 
 def _origin_devices(origin: str, box: Sandbox) -> tuple[str, str]:
-    """(FUSE origin loop, DEST loop) under the origin device, as major:minor."""
+    """(FUSE origin loop, DEST loop) of the origin device, as major:minor. The DEST loop is
+    found by its backing file: the table names it only once a run is restored."""
     fuse = dest = ""
     for major, minor in dm.dependencies(origin):
-        devno = f"{major}:{minor}"
-        backing = _backing(devno)
-        if backing == str(box.dest):
-            dest = devno
-        elif backing.endswith("/origin/volume"):
-            fuse = devno
+        if _backing(f"{major}:{minor}").endswith("/origin/volume"):
+            fuse = f"{major}:{minor}"
+    for lo in Path("/sys/block").glob("loop*"):
+        b = lo / "loop" / "backing_file"
+        if b.exists() and b.read_text().strip() == str(box.dest):
+            assert (lo / "ro").read_text().strip() == "1", "the origin reads DEST read-only"
+            assert not dest, "one loop on DEST"
+            dest = (lo / "dev").read_text().strip()
     return fuse, dest
 
 
@@ -119,7 +122,7 @@ def test_dm_origin_serves_restored_chunks_from_dest(box: Sandbox, fs_tools, requ
     off, n = start * SECTOR, min(length * SECTOR, 4 * MiB)
     via_fuse, via_dest = _read_counted(dev, off, n, fuse, dest)
     print(f"restored {n >> 10} KiB at {off}: {via_fuse >> 10} KiB via FUSE, "
-          f"{via_dest >> 10} KiB via DEST")
+          f"{via_dest >> 10} KiB via DEST; reload pauses so far (s): {_pauses(box, 'org')}")
     assert via_fuse <= n // 16, (via_fuse, n)
     assert via_dest >= n // 2, (via_dest, n)
 
