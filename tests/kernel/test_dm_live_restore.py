@@ -219,6 +219,10 @@ def _origin_loop_dio(pseudo: str) -> bool:
     origin = dm.table(pseudo).split()[3]  # "0 <len> snapshot <origin> <cow> P 8"
     name = os.path.basename(os.path.realpath(origin)) if not origin[0].isdigit() else \
         os.path.basename(os.path.realpath(f"/sys/dev/block/{origin}"))
+    if name.startswith("dm-"):  # the origin device (dm/origin.py): its loop over FUSE
+        name = next(n for n in os.listdir(f"/sys/block/{name}/slaves")
+                    if Path(f"/sys/block/{n}/loop/backing_file").read_text().strip()
+                    .endswith("/origin/volume"))
     return Path(f"/sys/block/{name}/loop/dio").read_text().strip() == "1"
 
 
