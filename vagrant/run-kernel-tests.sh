@@ -10,8 +10,8 @@
 # is printed). DMRECOVER_POWERCUT: 1 (the default) runs every power cut after a full run (no
 # pytest arguments), 0 none, or a list such as "dm-clone:hydration dm-clone:swap" runs those
 # (also after a run with pytest arguments). DMRECOVER_BENCH="<bench_dm.py arguments>" (may be
-# " ") runs bench/bench_dm.py last, on the tree as it is then (see vagrant/run-bench.sh); its
-# JSON goes to DMRECOVER_BENCH_JSON (default bench-dm-<UTC time>.json here).
+# " ") runs bench/bench_dm.py after pytest, on the tree as it is then (see vagrant/run-bench.sh);
+# its JSON goes to DMRECOVER_BENCH_JSON (default bench-dm-<UTC time>.json here).
 set -euo pipefail
 bench_json=$(realpath -m "${DMRECOVER_BENCH_JSON:-bench-dm-$(date -u +%Y%m%dT%H%M%SZ).json}")
 log_name=kernel-tests
@@ -31,6 +31,13 @@ for a in "$@"; do pytest_args+=" $(printf '%q' "$a")"; done
 guest_root "/opt/dmrecover/bin/pytest -p no:cacheprovider tests/kernel$pytest_args"
 rc=$?
 log "pytest exit status $rc"
+
+# The bench before the power cuts: on the guest as booted, not after a crash.
+rc_bench=0
+if [ -n "${DMRECOVER_BENCH:-}" ]; then
+    # shellcheck disable=SC2086  # the bench's arguments, split on purpose
+    guest_bench "$bench_json" $DMRECOVER_BENCH || { log "bench FAILED"; rc_bench=1; }
+fi
 
 # Power cuts: the guest starts a session (tests/kernel/powercut.py), the host pulls the plug
 # (virsh destroy) and boots the guest again, and the guest checks that the session's boot unit
@@ -69,11 +76,6 @@ for cut in $cuts; do
         log "power cut ${cut%%:*} during the ${cut#*:}: FAILED"; rc_pc=1
     fi
 done
-rc_bench=0
-if [ -n "${DMRECOVER_BENCH:-}" ]; then
-    # shellcheck disable=SC2086  # the bench's arguments, split on purpose
-    guest_bench "$bench_json" $DMRECOVER_BENCH || { log "bench FAILED"; rc_bench=1; }
-fi
 set -e
 [ $rc -ne 0 ] && exit $rc
 [ $rc_pc -ne 0 ] && exit $rc_pc
