@@ -18,14 +18,17 @@ tags: they are read with `lvs --reportformat json`, the one LVM command run here
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import stat
+import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,16 +140,39 @@ _import_lock = threading.Lock()
 _blivet: Any = None
 
 
+#: libblockdev's LVM plugin that runs the LVM tools. Debian's configuration prefers the DBus
+#: one (libbd_lvm-dbus), which loads wherever a system bus runs and then fails every call
+#: when lvm2-dbusd is not installed (the test VM: "com.redhat.lvmdbus1 was not provided").
+LVM_PLUGIN = "libbd_lvm.so.2"
+
+
+@contextlib.contextmanager
+def _quiet_stderr(what: str) -> Iterator[None]:
+    """What libblockdev and GLib print on fd 2 meanwhile (DBus complaints, GLib warnings)
+    goes to the debug log, not to the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as err:
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            err.seek(0)
+            chatter = err.read().decode(errors="replace").strip()
+            if chatter:
+                log.debug("%s: %s", what, " ".join(chatter.split())[:2000])
+
+
 def _import_blivet() -> Any:
-    """blivet, imported once, its import-time chatter on fd 2 sent to the debug log."""
+    """blivet, imported once, with libblockdev's LVM plugin the one that runs the tools."""
     global _blivet
     with _import_lock:
         if _blivet is not None:
             return _blivet
-        saved = os.dup(2)
         filters = warnings.filters[:]
-        with tempfile.TemporaryFile() as err:
-            os.dup2(err.fileno(), 2)
+        with _quiet_stderr("blivet import"):
             try:
                 # Deferred: blivet is optional (setup.cfg extra `lvm`) and needed only for
                 # --overlay VG / --dest-vg VG; its import loads libblockdev's plugins.
@@ -155,13 +181,19 @@ def _import_blivet() -> Any:
                 raise DeviceError("LVM support needs blivet, which is not installed",
                                   hint="install dmrecover[lvm] (with Debian's python3-blockdev "
                                        "and python3-gi)") from exc
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                err.seek(0)
-                chatter = err.read().decode(errors="replace").strip()
-                if chatter:
-                    log.debug("blivet import: %s", " ".join(chatter.split()))
+            bd = blivet.blockdev
+            specs = bd.plugin_specs_from_names(sorted(blivet._REQUESTED_PLUGIN_NAMES))
+            for spec in specs:
+                if spec.name == bd.Plugin.LVM:
+                    spec.so_name = LVM_PLUGIN
+            try:
+                bd.try_reinit(require_plugins=specs, reload=True, log_func=None)
+            except Exception as err:
+                log.debug("libblockdev reinit: %s", _one_line(err))
+            if not bd.is_plugin_available(bd.Plugin.LVM):
+                raise DeviceError("LVM support needs libblockdev's LVM plugin "
+                                  f"({LVM_PLUGIN}), which did not load",
+                                  hint="apt install libblockdev-lvm2 lvm2")
         # Its import turns on DeprecationWarnings and logs Python warnings: undone, and its
         # own loggers (blivet, libblockdev's "program") heard only at -vv (debug): nothing of
         # it reaches the user's terminal through dmrecover's logging otherwise.
@@ -185,19 +217,21 @@ class Lvm:
         """The volume group `name` as blivet sees it, or None when there is none."""
         blivet = _import_blivet()
         try:
-            b = blivet.Blivet()
-            b.reset()
-            dev = b.devicetree.get_device_by_name(name)
+            with _quiet_stderr("blivet scan"):
+                b = blivet.Blivet()
+                b.reset()
+                dev = b.devicetree.get_device_by_name(name)
         except Exception as err:  # a device blivet cannot scan must not hide the VG
-            log.warning("blivet could not scan the devices (%s): asking LVM directly",
-                        _one_line(err))
+            log.info("blivet could not scan the devices (%s): asking LVM directly",
+                     _one_line(err))
             dev = None
         if dev is not None and getattr(dev, "type", None) == "lvmvg":
             return VolumeGroup(name, int(dev.free_space), int(dev.pe_size))
         # Not in blivet's device tree (it hides some PVs, e.g. on devices it ignores): ask
         # its libblockdev directly before saying there is no such VG.
         try:
-            info = self._blockdev().lvm.vginfo(name)
+            with _quiet_stderr("vginfo"):
+                info = self._blockdev().lvm.vginfo(name)
         except Exception as err:
             log.debug("vginfo %s: %s", name, _one_line(err))
             return None
@@ -208,19 +242,22 @@ class Lvm:
         bd = self._blockdev()
         extra = [bd.ExtraArg.new("--addtag", t) for t in tags]
         try:
-            bd.lvm.lvcreate(vg, name, size, extra=extra)
+            with _quiet_stderr("lvcreate"):
+                bd.lvm.lvcreate(vg, name, size, extra=extra)
         except Exception as err:  # GLib.Error from libblockdev
             raise StackError(f"creating LV {vg}/{name}: {_one_line(err)}") from err
 
     def activate(self, vg: str, name: str) -> None:
         try:
-            self._blockdev().lvm.lvactivate(vg, name, ignore_skip=True)
+            with _quiet_stderr("lvactivate"):
+                self._blockdev().lvm.lvactivate(vg, name, ignore_skip=True)
         except Exception as err:
             raise StackError(f"activating LV {vg}/{name}: {_one_line(err)}") from err
 
     def remove(self, vg: str, name: str) -> None:
         try:
-            self._blockdev().lvm.lvremove(vg, name, force=True)
+            with _quiet_stderr("lvremove"):
+                self._blockdev().lvm.lvremove(vg, name, force=True)
         except Exception as err:
             raise StackError(f"removing LV {vg}/{name}: {_one_line(err)}") from err
 

@@ -231,7 +231,8 @@ def test_lvs_report_is_parsed(monkeypatch):
 
 def test_blivet_import_keeps_its_dbus_chatter_off_stderr():
     """blivet is imported lazily, and what its import prints on fd 2 (libblockdev's DBus
-    complaint where no system bus runs) goes to the debug log, not to the terminal."""
+    complaint where no system bus runs) goes to the debug log, not to the terminal; the LVM
+    plugin is the one that runs the LVM tools (the DBus one needs lvm2-dbusd)."""
     code = ("import logging, sys, warnings, dmrecover.system.lvm as l\n"
             "assert 'blivet' not in sys.modules\n"
             "before, show = warnings.filters[:], warnings.showwarning\n"
@@ -239,6 +240,8 @@ def test_blivet_import_keeps_its_dbus_chatter_off_stderr():
             "l._import_blivet()\n"
             "assert 'blivet' in sys.modules\n"
             "assert warnings.filters == before and warnings.showwarning is show\n"
+            "bd = l._blivet.blockdev\n"
+            "assert bd.get_plugin_soname(bd.Plugin.LVM) == l.LVM_PLUGIN\n"
             "logging.getLogger('blivet').warning('not for the user')\n"
             "print('imported')\n")
     try:
