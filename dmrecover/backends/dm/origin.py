@@ -16,9 +16,10 @@ complete, see the fetcher's module doc) those bytes always stay on the FUSE orig
 
 The `OriginReloader` thread follows the persisted map: when it changed (each sync of the
 restored map) and at most once per `interval`, it builds the new table, loads it inactive
-(`dmsetup reload --readonly`), then suspends and resumes the device. Only suspend+resume
-stops I/O: that is the pause it measures. A failed load keeps the old table (nothing
-suspended); a suspend is always followed by a resume. dm-snapshot invalidates a snapshot for
+(`dmsetup reload --readonly`), then resumes the device, which makes the kernel suspend it,
+swap the tables and resume it in one ioctl. Only that stops I/O: the pause it measures (an
+upper bound: it includes starting dmsetup). A failed load keeps the old table (nothing
+suspended); a failed swap is resumed again. dm-snapshot invalidates a snapshot for
 good on one origin read error, so no reload may ever leave the origin failing reads.
 
 Segment cap: at most `max_segments` table lines; past it the shortest DEST runs stay on the
@@ -206,9 +207,10 @@ class OriginReloader:
     def reload(self) -> bool:
         """Load the wanted table and swap it in when it differs; True when swapped.
 
-        Load first (inactive, I/O goes on); a failed load keeps the old table. Then suspend
-        and resume: the pause. A resume that fails is retried: a suspended origin would
-        hold every read of the pseudo-volume.
+        Load first (inactive, I/O goes on); a failed load keeps the old table. Then one
+        resume, which suspends, swaps and resumes in the kernel: the pause. A failed swap
+        is resumed again (retried): a suspended origin would hold every read of the
+        pseudo-volume.
         """
         with self._lock:
             segs = self.wanted()
@@ -226,18 +228,20 @@ class OriginReloader:
                 self._pending = True  # tried again after the interval
                 log.warning("origin table not reloaded (the old one stays): %s", err)
                 return False
+            # One resume swaps it in: with an inactive table loaded, the kernel's resume
+            # suspends the device (waiting for its in-flight I/O), swaps the tables and
+            # resumes, all in one ioctl (dm-ioctl.c do_resume). A `dmsetup suspend` first
+            # added a second process start under the pause (240-302 ms in the TCG guest).
             t0 = time.monotonic()
             try:
-                dm.suspend(self.name)
+                dm.resume(self.name, udev_wait=False)
             except DmrecoverError as err:
-                # Not suspended: the loaded table waits for the next resume (the next reload
-                # loads over it). Make sure nothing stays suspended anyway.
+                # A swap that fails leaves the device suspended: resume it (no table now).
                 self.stats.failed += 1
                 self._pending = True
-                log.warning("origin %s not suspended: %s", self.name, err)
+                log.warning("origin %s: new table not swapped in: %s", self.name, err)
                 self._resume()
                 return False
-            self._resume()
             pause = time.monotonic() - t0
             self.segments = segs
             self._account(segs)
