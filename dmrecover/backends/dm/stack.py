@@ -426,15 +426,23 @@ class DmStack(Presentation):
         a linear table can be loaded before, which keeps the pause shorter.
         """
         assert self.pseudo is not None
-        if not suspend_first:
-            dm.reload(self.pseudo, table)
         t0 = time.monotonic()
-        dm.suspend(self.pseudo)
-        try:
-            if suspend_first:
+        if suspend_first:
+            dm.suspend(self.pseudo)
+            try:
                 dm.reload(self.pseudo, table)
-        finally:
-            dm.resume(self.pseudo, udev_wait=False)
+            finally:
+                dm.resume(self.pseudo, udev_wait=False)
+        else:
+            dm.reload(self.pseudo, table)
+            # One resume swaps a loaded table in: the kernel suspends, swaps and resumes in
+            # one ioctl (see origin.OriginReloader.reload), one dmsetup start under the pause.
+            t0 = time.monotonic()
+            try:
+                dm.resume(self.pseudo, udev_wait=False)
+            except BaseException:
+                dm.resume(self.pseudo, udev_wait=False)  # a failed swap leaves it suspended
+                raise
         pause = time.monotonic() - t0
         # Let udev finish the change event before anything looks at the device again.
         if dm.use_udevsync():
