@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         md.append("")
     for title, name in images:
         md += [f"![{title}]({rel}/{name})", ""]
+    md += ["The dm backends (dm-snapshot, dm-clone) are measured in the kernel suite's VM: "
+           "[benchmarks-dm.md](benchmarks-dm.md).", ""]
     Path(args.out).write_text("\n".join(md) + "\n")
     return 0
 

@@ -9,8 +9,10 @@ can never slow down or break a real recovery. The session's boot unit never sets
 | variable                          | effect                                                   |
 | --------------------------------- | -------------------------------------------------------- |
 | DMRECOVER_FAIL_AT=<step>          | `fault_point(step)` raises StackError before the step    |
-| DMRECOVER_TEST_RESTORE_DELAY=<s>  | the background restorer sleeps s seconds per chunk      |
-| DMRECOVER_TEST_MERGE_PAUSE=<s>    | the dm merge waits s seconds before it starts            |
+| DMRECOVER_TEST_RESTORE_DELAY=<s>  | the background restorer sleeps s seconds per chunk;     |
+|                                   | dm-clone hydrates one region at a time under it          |
+| DMRECOVER_TEST_MERGE_PAUSE=<s>    | the dm merge waits s seconds before it starts; dm-clone  |
+|                                   | holds its swap with the linear table loaded              |
 | DMRECOVER_TEST_CHECKPOINT_LOG_BYTES=<n> | the overlay checkpoints once its log holds n bytes |
 
 Steps named by `fault_point`: fuse, loop, mount, app, cutover-unmount, cutover-merge (both
