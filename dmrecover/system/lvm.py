@@ -358,25 +358,21 @@ def is_ours(info: LvInfo, session: str | None = None) -> bool:
     return session_tag(session) in info.tags
 
 
+def _tag_value(info: LvInfo, prefix: str) -> str | None:
+    """The rest of the LV's first tag that starts with `prefix`, or None."""
+    return next((t[len(prefix):] for t in info.tags if t.startswith(prefix)), None)
+
+
 def session_of(info: LvInfo) -> str | None:
-    for t in info.tags:
-        if t.startswith(SESSION_TAG):
-            return t[len(SESSION_TAG):]
-    return None
+    return _tag_value(info, SESSION_TAG)
 
 
 def state_dir_of(info: LvInfo) -> str | None:
-    for t in info.tags:
-        if t.startswith(STATE_TAG):
-            return t[len(STATE_TAG):]
-    return None
+    return _tag_value(info, STATE_TAG)
 
 
 def role_of(info: LvInfo) -> str | None:
-    for t in info.tags:
-        if t.startswith(ROLE_TAG):
-            return t[len(ROLE_TAG):]
-    return None
+    return _tag_value(info, ROLE_TAG)
 
 
 def create(session: str, lv: LogicalVolume, *, state_dir: str | None = None,
