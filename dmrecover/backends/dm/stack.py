@@ -426,8 +426,8 @@ class DmStack(Presentation):
         a linear table can be loaded before, which keeps the pause shorter.
         """
         assert self.pseudo is not None
-        t0 = time.monotonic()
         if suspend_first:
+            t0 = time.monotonic()
             dm.suspend(self.pseudo)
             try:
                 dm.reload(self.pseudo, table)
