@@ -35,3 +35,28 @@ def test_a_block_destination_is_claimed_exclusively(tmp_path, loop_device, monke
         c.release_device()  # the cutover's turn: it may mount DEST now, the lock stays
         with pytest.raises(claims.ClaimRefused):
             claims.claim_destination(dev, "restore")
+
+
+def test_a_udev_symlink_under_dev_is_opened_by_its_node(tmp_path, loop_device,
+                                                        monkeypatch) -> None:
+    """/dev/VG/LV and /dev/mapper/NAME are udev's symlinks (made by root): a DEST named so is
+    claimed through its node. Before, O_NOFOLLOW refused every LV named that way. A symlink
+    anywhere else is still refused."""
+    monkeypatch.setenv(claims.CLAIMS_DIR_ENV, str(tmp_path / "claims"))
+    img = tmp_path / "dev.img"
+    img.write_bytes(b"")
+    os.truncate(img, 8 * MiB)
+    dev = loop_device(img)
+    link = f"/dev/dmrecover-test-claim-{os.getpid()}"
+    os.symlink(dev, link)
+    try:
+        with claims.claim_destination(link, "session lv") as c:
+            assert c.is_block
+            with pytest.raises(claims.ClaimRefused, match="session lv"):
+                claims.claim_destination(link, "restore")
+    finally:
+        os.unlink(link)
+    outside = tmp_path / "dest-link"
+    os.symlink(dev, outside)
+    with pytest.raises(claims.DeviceError, match="symbolic link"):
+        claims.claim_destination(outside, "session x")
