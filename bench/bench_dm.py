@@ -28,6 +28,11 @@ guest time), beside the longest gap in the 3 s before it. dm-clone: the time fro
 end to the application on plain DEST = the hydration still running when the engine finished
 (the clone built before the restore started, hydrating alongside) + the whole online cutover.
 
+Calibration (unless --no-kernel): the same fio jobs through a bare dm linear and a bare
+persistent dm-snapshot (4 KiB chunks, COW on a loop file) over a copy of the image, no dmrecover:
+under emulated CPUs every dm layer costs what real hardware does not show, and these columns say
+how much of a dm backend's ratio is the kernel target's own.
+
 --cold: nothing restored and no restorer, every chunk fetched on demand; a sequential read of
 data.bin through dm (origin loop buffered, then with O_DIRECT) and through the fuse backend,
 with the request counts and average sizes seen by the origin loop and by FUSE (the engine).
@@ -53,6 +58,7 @@ from bench_fio import fio  # noqa: E402
 from dmrecover.backends.base import BackendContext  # noqa: E402
 from dmrecover.backends.dm import DmBackend  # noqa: E402
 from dmrecover.backends.dm import dmsetup as dm  # noqa: E402
+from dmrecover.backends.dm.merge import CHUNK_SECTORS  # noqa: E402
 from dmrecover.backends.dm_clone import DmCloneBackend  # noqa: E402
 from dmrecover.backends.dm_clone import target as clone_target  # noqa: E402
 from dmrecover.backends.dm_clone.stack import wait_hydrated  # noqa: E402
@@ -235,6 +241,8 @@ def cold_main(args: argparse.Namespace) -> int:
 JOBS = ("seqread_1m", "randread_4k", "randwrite_4k")  # writes last: reads see restored data
 GOALS = {"seqread_1m": 0.9, "randread_4k": 0.9, "randwrite_4k": 0.8}
 BACKENDS = ("dm-snapshot", "dm-clone", "fuse")
+# Calibration: the bare kernel targets (no dmrecover) over a copy of the image, same fio jobs.
+KERNEL = ("kernel-linear", "kernel-snapshot")
 
 
 def drop_caches() -> None:
@@ -377,29 +385,68 @@ def run_fuse(tmp: Path, src: MemorySource, size: int, file_size: int, base_mnt: 
         dest.unlink()
 
 
+def run_kernel(kind: str, tmp: Path, size: int, file_size: int, base_mnt: Path,
+               runtime: float) -> dict:
+    """The kernel's own cost under this CPU, no dmrecover: fio through a bare dm device over a
+    copy of the image ("linear": one linear target; "snapshot": a persistent snapshot with the
+    backend's 4 KiB chunks and a COW loop file, its origin the copy's loop), against BASE.
+    Under emulation every dm layer costs CPU time that real hardware does not show: these rows
+    say how much of a backend's ratio is the kernel target's, not dmrecover's."""
+    img = tmp / f"kernel-{kind}.img"
+    command.run(["cp", "--sparse=always", str(tmp / "src.img"), str(img)])
+    mnt = tmp / f"mnt-kernel-{kind}"
+    mnt.mkdir()
+    cow = tmp / f"kernel-{kind}.cow"
+    loops = [loop_attach(img)]
+    name = dm.dm_name("bench", f"k{kind}")
+    if kind == "linear":
+        table = dm.linear_table(loops[0], size)
+    else:
+        with open(cow, "wb") as f:
+            f.truncate(size // 2)
+        loops.append(loop_attach(cow))
+        table = dm.snapshot_table(loops[0], loops[1], size, CHUNK_SECTORS)
+    try:
+        dev = dm.create(name, table, dm.dm_uuid("bench", f"k{kind}"))
+        try:
+            mount(str(dev), str(mnt), "ext4")
+            try:
+                return {"fio": fio_pair(base_mnt, mnt, file_size, runtime)}
+            finally:
+                umount(str(mnt))
+        finally:
+            dm.remove(name)
+    finally:
+        for loop in reversed(loops):
+            loop_detach(loop)
+        img.unlink()
+        cow.unlink(missing_ok=True)
+
+
 def print_table(results: dict) -> None:
     print(f"\nvolume {format_size(results['size'])}, file {format_size(results['file'])}, "
           f"fio {results['runtime']:g} s a job; ratio = pseudo-volume / DEST read directly")
-    print(f"{'measure':34} " + " ".join(f"{b:>12}" for b in BACKENDS) + f" {'goal (dm)':>10}")
+    cols = BACKENDS + tuple(k for k in KERNEL if k in results)
+    print(f"{'measure':34} " + " ".join(f"{b:>15}" for b in cols) + f" {'goal (dm)':>10}")
     names = {"seqread_1m": "sequential read 1 MiB (ratio)",
              "randread_4k": "random read 4 KiB IOPS (ratio)",
              "randwrite_4k": "random write 4 KiB IOPS (ratio)"}
     for job in JOBS:
         cells = [f"{results[b]['fio'][job]['ratio']:.2f}x" if b in results else "-"
-                 for b in BACKENDS]
-        print(f"{names[job]:34} " + " ".join(f"{c:>12}" for c in cells)
+                 for b in cols]
+        print(f"{names[job]:34} " + " ".join(f"{c:>15}" for c in cells)
               + f" {'>= ' + str(GOALS[job]) + 'x':>10}")
     cells = [f"{results[b]['online']['gap_during_cutover_ms']:.0f} ms"
              if "online" in results.get(b, {}) else "-" for b in BACKENDS]
-    print(f"{'online cutover longest I/O pause':34} " + " ".join(f"{c:>12}" for c in cells)
+    print(f"{'online cutover longest I/O pause':34} " + " ".join(f"{c:>15}" for c in cells)
           + f" {'<= 200 ms':>10}")
     cells = [f"{results[b]['online']['gap_before_ms']:.0f} ms"
              if "online" in results.get(b, {}) else "-" for b in BACKENDS]
-    print(f"{'  (longest gap before it)':34} " + " ".join(f"{c:>12}" for c in cells))
+    print(f"{'  (longest gap before it)':34} " + " ".join(f"{c:>15}" for c in cells))
     c = results.get("dm-clone", {})
     if "restore_to_plain_dest_s" in c:
-        print(f"{'restore complete -> app on DEST':34} {'-':>12} "
-              f"{c['restore_to_plain_dest_s']:11.2f}s {'-':>12}   (hydration "
+        print(f"{'restore complete -> app on DEST':34} {'-':>15} "
+              f"{c['restore_to_plain_dest_s']:14.2f}s {'-':>15}   (hydration "
               f"{c['hydration_after_restore_s']:.2f} s + cutover "
               f"{c['online']['cutover_total_s']:.2f} s)")
 
@@ -410,6 +457,8 @@ def main() -> int:
     ap.add_argument("--file", default="96M")
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per fio job")
     ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--no-kernel", action="store_true",
+                    help="skip the calibration rows (bare dm linear and snapshot, no dmrecover)")
     ap.add_argument("--cold", action="store_true",
                     help="only the cold read: dm (buffered / O_DIRECT origin loop) vs fuse")
     ap.add_argument("--json")
@@ -436,6 +485,11 @@ def main() -> int:
             for name in wanted:
                 print(f"{name}:", flush=True)
                 results[name] = runs[name](tmp, src, size, file_size, base_mnt, args.runtime)
+            if not args.no_kernel and any(w.startswith("dm-") for w in wanted):
+                for kind in KERNEL:
+                    print(f"{kind} (no dmrecover):", flush=True)
+                    results[kind] = run_kernel(kind.split("-", 1)[1], tmp, size, file_size,
+                                               base_mnt, args.runtime)
         finally:
             umount(str(base_mnt))
             loop_detach(base_dev)
