@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from dmrecover.backends.dm import dmsetup as dm
-from tests.kernel.kernelutil import sh
+from tests.apps.livekit import Sandbox
+from tests.kernel.kernelutil import dm_state, sh, teardown_sandbox
 
 pytestmark = pytest.mark.kernel
 
@@ -86,3 +87,17 @@ def owned_cleanup(session_name: str) -> Iterator[str]:
             for d in sorted(left, key=lambda d: d.open_count):
                 subprocess.run(["dmsetup", "remove", "--force", "--retry", d.name],
                                capture_output=True)
+
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Sandbox]:
+    """A live-restore sandbox under tmp_path. At the end, passed or failed, none of its
+    sessions' dm devices, loops, mounts or boot units is left (`dmsetup ls` and `losetup -a`
+    as before the test)."""
+    sb = Sandbox(tmp_path)
+    before = dm_state()
+    try:
+        yield sb
+    finally:
+        teardown_sandbox(sb, before)

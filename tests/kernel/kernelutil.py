@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from dmrecover import DM_UUID_PREFIX
 from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.session import boot
+from dmrecover.system import loops
+from dmrecover.system.mounts import umount
+from tests.apps.livekit import Sandbox
 
 
 def sh(*argv: str, check: bool = True, input: bytes | None = None) -> str:
@@ -23,3 +31,104 @@ def foreign_uuid() -> str:
     u = f"TEST-{uuidlib.uuid4().hex[:12]}"
     assert not u.startswith(DM_UUID_PREFIX)
     return u
+
+
+def dm_state() -> tuple[str, str]:
+    """What `dmsetup ls` and `losetup -a` say (compared before and after a session)."""
+    ls = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
+    lo = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return "\n".join(sorted(ls.splitlines())), "\n".join(sorted(lo.splitlines()))
+
+
+def detach_loops_under(root: str | os.PathLike[str]) -> list[str]:
+    """Detach every loop backed by a file under root; one a device still holds (a dm table, a
+    mount) is only marked autoclear and goes when that lets go. Call it before any FUSE mount
+    under root is unmounted: a lazily unmounted FUSE file's loop names its backing file
+    "/volume", and nothing finds it by its path afterwards."""
+    found = [dev for dev, _path in loops.loops_backed_under(root)]
+    for dev in found:
+        try:
+            loops.detach(dev, wait=0)
+        except Exception as err:  # keep detaching the others; the fixture's checks report it
+            print(f"teardown: detaching {dev}: {err}")
+    return found
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll predicate until it holds or timeout seconds pass; returns its last answer."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return predicate()
+        time.sleep(0.1)
+    return True
+
+
+
+def teardown_sandbox(sb: Sandbox, before: tuple[str, str]) -> None:
+    """Remove all that a live-restore test made, whatever state its sessions are in, and check
+    that `dmsetup ls` and `losetup -a` say `before` again (the `box` fixture's end)."""
+    # Loops first, while their backing paths still name files under the sandbox: the
+    # Sandbox's teardown unmounts lazily, and the loop over a lazily unmounted FUSE origin then
+    # names "/volume" as its file, so no lookup by path finds it again. A loop that a dm device
+    # still holds is marked autoclear and goes with the device, below.
+    detach_loops_under(sb.tmp)
+    sb.teardown()
+    # dm devices of the sessions (Sandbox.teardown knows mounts and loops only), and their
+    # boot units (a test session must not come back at the VM's next boot).
+    for sdir in sb.state_root.glob("*"):
+        boot.disable(sdir.name)
+        for _ in range(3):
+            try:
+                dm.remove_owned(sdir.name)
+                break
+            except Exception:
+                time.sleep(0.5)
+    sb.teardown()
+    assert not sb.mounts_under(), "teardown left mounts"
+    assert not sb.loops_under(), "teardown left loops"
+    # Autoclear loops go once their last holder has let go: give them a moment.
+    wait_for(lambda: dm_state() == before, timeout=15)
+    assert dm_state() == before, "dm devices or loops left behind"
+
+
+@contextmanager
+def repository_outage(box: Sandbox) -> Iterator[float]:
+    """The sandbox's repository gone for the block (an empty tmpfs mounted over it); yields
+    when it went (time.monotonic())."""
+    sh("mount", "-t", "tmpfs", "-o", "size=1m", "gone", str(box.repo))
+    try:
+        yield time.monotonic()
+    finally:
+        sh("umount", str(box.repo))
+
+
+def ride_out_outage(box: Sandbox, session: str, since: float, *, seconds: float = 30.0,
+                    check: Callable[[], None] | None = None) -> None:
+    """Poll the session until `seconds` after `since`: it keeps restoring all along, `check()`
+    (the stack's own state) passes each round, and its status shows the wait for the
+    repository at least once."""
+    saw_wait = False
+    while time.monotonic() - since < seconds:
+        st = box.status(session)
+        saw_wait = saw_wait or bool(st.get("waiting_for_repository_since"))
+        assert st["state"] == "restoring", st
+        if check is not None:
+            check()
+        time.sleep(2)
+    assert saw_wait, "status shows the wait for the repository"
+
+
+def verify_dest_alone(box: Sandbox, fs_tools, device: str | None = None) -> tuple[int, int]:
+    """The end of a session's test: stop the application, unmount, remove the device the
+    online cutover left on DEST (when named), then check DEST alone: every backed-up file,
+    the seed table, every acknowledged write. Returns (rows, acknowledged writes)."""
+    box.stop_app()
+    umount(str(box.mnt))
+    if device is not None:
+        dm.remove(device)
+    # DEST's loop (autoclear) goes once the unmount or the removal lets go of it.
+    wait_for(lambda: not loops.loop_of(box.dest), timeout=10)
+    rows, acks = box.verify_dest(fs_tools)
+    assert acks > 10 and rows >= acks, (rows, acks)
+    return rows, acks

@@ -13,44 +13,24 @@ from pathlib import Path
 
 import pytest
 
-from dmrecover.backends.dm import dmsetup as dm  # noqa: E402
-from dmrecover.system.mounts import mount_at, umount  # noqa: E402
+from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.system import loops
+from dmrecover.system.mounts import mount_at
 from tests.apps.livekit import Sandbox
+from tests.kernel import conftest
+from tests.kernel.kernelutil import (
+    dm_state,
+    repository_outage,
+    ride_out_outage,
+    teardown_sandbox,
+    verify_dest_alone,
+)
 
 SLOW = {"DMRECOVER_TEST_RESTORE_DELAY": "0.25"}
 
-
-def dm_state() -> tuple[str, str]:
-    """What `dmsetup ls` and `losetup -a` say (compared before and after a session)."""
-    ls = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
-    lo = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    return "\n".join(sorted(ls.splitlines())), "\n".join(sorted(lo.splitlines()))
-
-
-@pytest.fixture
-def box(tmp_path: Path):
-    sb = Sandbox(tmp_path)
-    before = dm_state()
-    try:
-        yield sb
-    finally:
-        sb.teardown()
-        # dm devices of this test's sessions (Sandbox.teardown knows mounts and loops only),
-        # and their boot units (a test session must not come back at the VM's next boot).
-        from dmrecover.session import boot
-
-        for sdir in sb.state_root.glob("*"):
-            boot.disable(sdir.name)
-            for _ in range(3):
-                try:
-                    dm.remove_owned(sdir.name)
-                    break
-                except Exception:
-                    time.sleep(0.5)
-        sb.teardown()
-        assert not sb.mounts_under(), "teardown left mounts"
-        assert not sb.loops_under(), "teardown left loops"
-        assert dm_state() == before, "dm devices or loops left behind"
+# The sandbox fixture lives in conftest.py; test_lvm.py and test_dm_origin.py import it, and
+# dm_state, from here.
+box = conftest.box
 
 
 def _read_unrestored_files(box: Sandbox, count: int = 6) -> None:
@@ -102,11 +82,7 @@ def test_dm_restart_cutover(box: Sandbox, fs_tools, request, fstype: str) -> Non
     n0 = box.query({"op": "count"})["rows"]
     time.sleep(0.5)
     assert box.query({"op": "count"})["rows"] > n0, "the application writes on DEST"
-    box.stop_app()
-    umount(str(box.mnt))
-    time.sleep(0.2)
-    rows, acks = box.verify_dest(fs_tools)
-    assert acks > 10 and rows >= acks
+    _rows, acks = verify_dest_alone(box, fs_tools)
     print(f"dm restart: {acks} acknowledged writes, downtime "
           f"{done['timings']['cutover_downtime']:.2f} s")
 
@@ -143,12 +119,7 @@ def test_dm_online_cutover(box: Sandbox, fs_tools, request) -> None:
     # cleanup leaves a finished session's device alone (the application runs on it).
     r = box.cli("cleanup", "--dry-run")
     assert name not in r.stdout, r.stdout
-    box.stop_app()
-    umount(str(box.mnt))
-    dm.remove(name)
-    time.sleep(0.2)
-    rows, acks = box.verify_dest(fs_tools)
-    assert acks > 10 and rows >= acks
+    _rows, acks = verify_dest_alone(box, fs_tools, name)
     print(f"dm online: {acks} acknowledged writes, longest pause "
           f"{done['timings']['online_max_pause'] * 1000:.0f} ms")
 
@@ -210,6 +181,24 @@ def test_killed_session_then_cleanup(box: Sandbox, fs_tools, request) -> None:
     assert "nothing to clean up" in r.stdout
 
 
+def test_sandbox_teardown_mid_restore_leaves_nothing(tmp_path: Path, fs_tools,
+                                                     ext4_image: Path) -> None:
+    """The `box` fixture's end after a test that failed mid-restore (session, application,
+    FUSE origin, loops and dm devices all up) leaves nothing behind. It once left the origin's
+    loop: looked up by its path after the FUSE mount under it was lazily unmounted, when the
+    kernel names that file "/volume"."""
+    sb = Sandbox(tmp_path / "sb")
+    before = dm_state()
+    sb.prepare(fs_tools, ext4_image)
+    r = sb.live_restore("td", "--backend", "dm", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    sb.wait_app(timeout=120)
+    assert sb.status("td")["state"] == "restoring"
+    fuse_dir = str(sb.state_root / "td" / "origin")
+    assert any(path.startswith(fuse_dir + "/") for _dev, path in loops.loops_backed_under(sb.tmp))
+    teardown_sandbox(sb, before)
+
+
 def _kernel_log() -> list[str]:
     return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
 
@@ -258,8 +247,6 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     assert _origin_loop_dio(pseudo), "the origin loop reads with direct I/O by default"
     log_before = len(_kernel_log())
     last = sorted(box.checksums)[-1]
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "gone", str(box.repo)], check=True)
-    t0 = time.monotonic()
     answers: list[dict] = []
     failures: list[BaseException] = []
     dev = f"/dev/mapper/{pseudo}"
@@ -284,21 +271,13 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
             failures.append(err)
 
     reader = threading.Thread(target=read_unrestored)
-    try:
+    with repository_outage(box) as since:
         time.sleep(1.0)
         reader.start()
         for t in direct:
             t.start()
-        saw_wait = False
-        while time.monotonic() - t0 < 30:
-            st = box.status("out")
-            saw_wait = saw_wait or bool(st.get("waiting_for_repository_since"))
-            assert st["state"] == "restoring", st
-            time.sleep(2)
-        assert saw_wait, "status shows the wait for the repository"
+        ride_out_outage(box, "out", since)
         assert not dm.snapshot_status(dm.dm_name("out", "pseudo")).invalid
-    finally:
-        subprocess.run(["umount", str(box.repo)], check=True)
     reader.join(180)
     for t in direct:
         t.join(180)
@@ -313,10 +292,7 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     session_log = (box.state_root / "out" / "session.log").read_text()
     assert "is missing" not in session_log, session_log[-2000:]
     box.wait_app(timeout=120)
-    box.stop_app()
-    umount(str(box.mnt))
-    rows, acks = box.verify_dest(fs_tools)
-    assert acks > 10
+    verify_dest_alone(box, fs_tools)
     app_log = (box.state_root / "out" / "app.log").read_text()
     assert "I/O error" not in app_log and "disk I/O" not in app_log, app_log[-2000:]
 
@@ -336,8 +312,4 @@ def test_dm_manual_then_cutover_online_command(box: Sandbox, fs_tools, request) 
     assert box.query({"op": "ping"})["pid"] == pid
     name = dm.dm_name("dmm", "pseudo")
     assert dm.table(name).split()[2] == "linear"
-    box.stop_app()
-    umount(str(box.mnt))
-    dm.remove(name)
-    rows, acks = box.verify_dest(fs_tools)
-    assert acks > 10 and rows >= acks
+    verify_dest_alone(box, fs_tools, name)
