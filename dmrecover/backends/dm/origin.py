@@ -15,11 +15,11 @@ While DEST is marked (its first MARK_SIZE bytes are zeros on DEST until the rest
 complete, see the fetcher's module doc) those bytes always stay on the FUSE origin.
 
 The `OriginReloader` thread follows the persisted map: when it changed (each sync of the
-restored map) and at most once per `interval`, it builds the new table, loads it inactive
-(`dmsetup reload --readonly`), then resumes the device, which makes the kernel suspend it,
-swap the tables and resume it in one ioctl. Only that stops I/O: the pause it measures (an
-upper bound: it includes starting dmsetup). A failed load keeps the old table (nothing
-suspended); a failed swap is resumed again. dm-snapshot invalidates a snapshot for
+restored map) and at most once per `interval`, it builds the new table and swaps it in with
+`ioctl.swap` (in-process: loaded inactive and read-only, then one resume, in which the kernel
+suspends the device, swaps the tables and resumes it). Only that resume stops I/O: the pause
+it measures. A failed load keeps the old table (nothing suspended); a failed swap is resumed
+on the old table. dm-snapshot invalidates a snapshot for
 good on one origin read error, so no reload may ever leave the origin failing reads.
 
 Segment cap: at most `max_segments` table lines; past it the shortest DEST runs stay on the
@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.backends.dm import ioctl
 from dmrecover.engine.bitmap import Bitmap, SlotFile
 from dmrecover.errors import BitmapError, DmrecoverError, StackError
 
@@ -221,28 +222,25 @@ class OriginReloader:
                 self.stats.deferred += 1
                 self._pending = True
                 return False
+            # Loaded first (I/O goes on; a failed load keeps the old table), then one resume
+            # swaps it in: the kernel suspends the device (waiting for its in-flight I/O),
+            # swaps the tables and resumes, in one ioctl (dm-ioctl.c do_resume). In-process:
+            # a dmsetup start cost 100+ ms under the pause in the TCG guest.
             try:
-                dm.reload(self.name, table_lines(segs, self.dest, self.fuse), read_only=True)
+                done = ioctl.swap(self.name, table_lines(segs, self.dest, self.fuse),
+                                  suspend_first=False, read_only=True, settle=False)
             except DmrecoverError as err:
+                # ioctl.swap resumed the device on the old table (or says it could not).
                 self.stats.failed += 1
                 self._pending = True  # tried again after the interval
-                log.warning("origin table not reloaded (the old one stays): %s", err)
+                log.warning("origin table not swapped (the old one stays): %s", err)
+                st = ioctl.dev_status(self.name)
+                if st is not None and st.suspended:
+                    raise StackError(f"origin {self.name} stays suspended: every read of the "
+                                     "pseudo-volume waits",
+                                     hint=f"run `dmsetup resume {self.name}`") from err
                 return False
-            # One resume swaps it in: with an inactive table loaded, the kernel's resume
-            # suspends the device (waiting for its in-flight I/O), swaps the tables and
-            # resumes, all in one ioctl (dm-ioctl.c do_resume). A `dmsetup suspend` first
-            # added a second process start under the pause (240-302 ms in the TCG guest).
-            t0 = time.monotonic()
-            try:
-                dm.resume(self.name, udev_wait=False)
-            except DmrecoverError as err:
-                # A swap that fails leaves the device suspended: resume it (no table now).
-                self.stats.failed += 1
-                self._pending = True
-                log.warning("origin %s: new table not swapped in: %s", self.name, err)
-                self._resume()
-                return False
-            pause = time.monotonic() - t0
+            pause = done.pause
             self.segments = segs
             self._account(segs)
             s = self.stats
@@ -253,18 +251,6 @@ class OriginReloader:
             log.info("origin table: %d segments, %d on DEST (%d MiB); I/O paused %.1f ms",
                      s.segments, s.dest_segments, s.dest_bytes >> 20, pause * 1000)
             return True
-
-    def _resume(self) -> None:
-        for attempt in range(50):
-            try:
-                dm.resume(self.name, udev_wait=False)
-                return
-            except DmrecoverError as err:
-                log.error("resuming origin %s failed (attempt %d): %s", self.name,
-                          attempt + 1, err)
-                time.sleep(0.2)
-        raise StackError(f"origin {self.name} stays suspended: every read of the "
-                         "pseudo-volume waits", hint=f"run `dmsetup resume {self.name}`")
 
     # ------------------------------------------------------------------ the thread
 

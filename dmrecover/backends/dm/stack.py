@@ -21,9 +21,10 @@ Cutover:
 - restart mode: the session stops the application and calls `teardown()` (unmount, remove the
   snapshot, detach, stop FUSE), then `merge.merge_into_dest()` merges the COW into DEST with a
   `snapshot-merge` device, waits until it is merged, removes it; the session mounts DEST.
-- online mode: `online_cutover()` reloads the mounted pseudo-volume's table in place as
-  `snapshot-merge <DEST> <cow>` (suspend, reload, resume: the application keeps running), tears
-  the origin (loop, FUSE) down, waits for the merge, then reloads it as `linear` on DEST.
+- online mode: `online_cutover()` swaps the mounted pseudo-volume's table in place to
+  `snapshot-merge <DEST> <cow>` (suspend, load, resume, in-process ioctls: the application
+  keeps running), tears the origin (loop, FUSE) down, waits for the merge, then swaps it to
+  `linear` on DEST (loaded first, one resume). Both through ioctl.swap().
 
 Each step pushes its undo on an `UndoStack`; a failure at step N unwinds N-1..1 so that no dm
 device, loop, mount or FUSE mount is left behind. `DMRECOVER_FAIL_AT=<step>` (a test hook, see
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.backends.dm import ioctl
 from dmrecover.backends.dm.merge import (
     CHUNK_SECTORS,
     COW_FILE,
@@ -55,7 +57,7 @@ from dmrecover.backends.dm.origin import OriginReloader
 from dmrecover.backends.fuse.stack import start_server
 from dmrecover.engine.fetcher import MARK_SIZE
 from dmrecover.errors import StackError
-from dmrecover.system import command, loops, lvm
+from dmrecover.system import loops, lvm
 from dmrecover.system.files import fsync_dir
 from dmrecover.system.mounts import mount, umount
 from dmrecover.testhooks import fault_point
@@ -103,6 +105,8 @@ class DmStack(Presentation):
     reloader: OriginReloader | None = None
     _origin_dest_fd: int = -1  # holds the DEST loop open (see _create_origin)
     mounted: bool = False
+    #: The online cutover's table swaps (pause and its parts, when), for status and the bench.
+    swaps: list[ioctl.Swap] = field(default_factory=list)
     #: The origin loop reads its FUSE file with O_DIRECT: one FUSE request per block request,
     #: many in flight (buffered, Linux 6.1's loop reads its file page by page, each 4 KiB a
     #: round trip into Python, one at a time: 0.22 vs 8.52 MB/s cold, bench/bench_dm.py
@@ -149,6 +153,7 @@ class DmStack(Presentation):
                 "cow": self.cow_path, "dm": self.pseudo, "dest_loop": self.dest_loop,
                 "origin_dm": self.origin_dm, "origin_dest": self.origin_dest,
                 "origin_reloads": self.reloader.stats.as_dict() if self.reloader else None,
+                "swaps": [s.as_dict() for s in self.swaps],
                 "mounted": self.mountpoint if self.mounted else None}
 
     def _changed(self) -> None:
@@ -419,35 +424,16 @@ class DmStack(Presentation):
         return pause
 
     def _swap(self, table: str, *, suspend_first: bool) -> float:
-        """Replace the live table; returns how long I/O was suspended.
+        """Replace the live table in-process (ioctl.swap); returns how long I/O was paused.
 
         suspend_first: a table whose constructor reads the COW (snapshot-merge on another
         origin gets no exception handover) must be loaded while the old snapshot is quiesced;
-        a linear table can be loaded before, which keeps the pause shorter.
+        a linear table is loaded before, and one resume swaps it in (shorter pause).
         """
         assert self.pseudo is not None
-        if suspend_first:
-            t0 = time.monotonic()
-            dm.suspend(self.pseudo)
-            try:
-                dm.reload(self.pseudo, table)
-            finally:
-                dm.resume(self.pseudo, udev_wait=False)
-        else:
-            dm.reload(self.pseudo, table)
-            # One resume swaps a loaded table in: the kernel suspends, swaps and resumes in
-            # one ioctl (see origin.OriginReloader.reload), one dmsetup start under the pause.
-            t0 = time.monotonic()
-            try:
-                dm.resume(self.pseudo, udev_wait=False)
-            except BaseException:
-                dm.resume(self.pseudo, udev_wait=False)  # a failed swap leaves it suspended
-                raise
-        pause = time.monotonic() - t0
-        # Let udev finish the change event before anything looks at the device again.
-        if dm.use_udevsync():
-            command.run(["udevadm", "settle", "--timeout=30"], check=False, timeout=60)
-        return pause
+        done = ioctl.swap(self.pseudo, table, suspend_first=suspend_first)
+        self.swaps.append(done)
+        return done.pause
 
     def _dest_device(self, dest: str) -> str:
         if stat.S_ISBLK(os.stat(dest).st_mode):

@@ -20,10 +20,11 @@ with the backup's data). The kernel's hydration is ordered with the application'
 region, so it is the only safe writer of DEST.
 
 Cutover: online (`online_cutover`): wait until every region is hydrated, then swap the table to
-`linear` on DEST (one short suspend; no merge, no application stop). Restart mode: after
-teardown, `finish_hydration()` re-creates the clone from its metadata over the complete
-staging file and waits for the rest. After a crash the clone is re-created from the same
-metadata: hydrated regions stay hydrated, application writes stay in DEST.
+`linear` on DEST (loaded, then one resume: one short pause; no merge, no application stop,
+ioctl.swap). Restart mode: after teardown, `finish_hydration()` re-creates the clone from
+its metadata over the complete staging file and waits for the rest. After a crash the clone
+is re-created from the same metadata: hydrated regions stay hydrated, application writes stay
+in DEST.
 
 `DMRECOVER_FAIL_AT=<step>` (a test hook) injects a failure at: dm-probe, fuse, origin-loop,
 clone-meta, meta-loop, dest-loop, dm-clone, mount. `DMRECOVER_TEST_MERGE_PAUSE=<s>` holds the
@@ -42,10 +43,11 @@ from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.backends.dm import ioctl
 from dmrecover.backends.dm_clone import target
 from dmrecover.backends.fuse.stack import start_server
 from dmrecover.errors import StackError
-from dmrecover.system import command, loops, lvm
+from dmrecover.system import loops, lvm
 from dmrecover.system.files import fsync_dir
 from dmrecover.system.mounts import mount, umount
 from dmrecover.testhooks import fault_point, merge_pause
@@ -122,6 +124,7 @@ class CloneStack(Presentation):
     mounted: bool = False
     hydrate: bool = True  # enable hydration once the device is up
     origin_direct_io: bool = True  # see DmStack.origin_direct_io
+    swaps: list[ioctl.Swap] = field(default_factory=list)  # the online cutover's swap
 
     @property
     def state_dir(self) -> str:
@@ -151,6 +154,7 @@ class CloneStack(Presentation):
         return {"backend": "dm-clone", "fuse_dir": self.origin_dir if self.server else None,
                 "origin_loop": self.origin_loop, "meta_loop": self.meta_loop,
                 "metadata": self.meta_path, "dest_loop": self.dest_loop, "dm": self.clone,
+                "swaps": [s.as_dict() for s in self.swaps],
                 "mounted": self.ctx.mountpoint if self.mounted else None}
 
     def stats(self) -> dict:
@@ -353,16 +357,17 @@ class CloneStack(Presentation):
         wait_hydrated(self.clone, timeout=timeout)
         phase("reload-linear")
         dest_dev = self._dest_device()
-        dm.reload(self.clone, dm.linear_table(dest_dev, self.volume.size))
-        pause_for_test = merge_pause()  # a test cuts the power with the new table loaded
-        if pause_for_test:
-            time.sleep(pause_for_test)
-        t0 = time.monotonic()
-        dm.suspend(self.clone)
-        dm.resume(self.clone, udev_wait=False)
-        pause = time.monotonic() - t0
-        if dm.use_udevsync():
-            command.run(["udevadm", "settle", "--timeout=30"], check=False, timeout=60)
+
+        def loaded() -> None:
+            pause_for_test = merge_pause()  # a test cuts the power with the new table loaded
+            if pause_for_test:
+                time.sleep(pause_for_test)
+
+        # Loaded first, then one resume swaps it in (the kernel suspends, swaps, resumes).
+        done = ioctl.swap(self.clone, dm.linear_table(dest_dev, self.volume.size),
+                          suspend_first=False, loaded=loaded)
+        self.swaps.append(done)
+        pause = done.pause
         for step in ("origin-loop", "fuse", "meta-loop"):
             try:
                 self.undo.pop(step)()

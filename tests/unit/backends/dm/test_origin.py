@@ -1,5 +1,6 @@
 """The dm origin's segment table (restored runs on DEST, the rest on FUSE) and its reloads,
-with dmsetup faked (no root); the kernel side is tests/kernel/test_dm_origin.py."""
+with the kernel's dm ioctls modelled (fake_kernel.py, no root); the kernel side is
+tests/kernel/test_dm_origin.py."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from dmrecover import DM_UUID_PREFIX
-from dmrecover.backends.dm import DmBackend, origin
+from dmrecover.backends.dm import DmBackend, ioctl, origin
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.backends.dm.origin import OriginReloader, Segment, build_segments, table_lines
 from dmrecover.engine.bitmap import Bitmap, SlotFile
 from dmrecover.errors import StackError
 from tests.unit.backends.conftest import FakeSessions
+from tests.unit.backends.dm.fake_kernel import Dev, FakeKernel
 
 CS = 64 << 10  # chunk size in bytes
 CSS = CS // 512  # in sectors
@@ -107,37 +109,15 @@ def test_sizes_not_in_sectors_are_refused() -> None:
 # ----------------------------------------------------------------------------- the reloader
 
 
-class FakeDm:
-    """dmsetup's reload/suspend/resume as calls; optionally failing."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[tuple] = []
-        self.fail: set[str] = set()
-        self.fail_once: set[str] = set()
-        for op in ("reload", "suspend", "resume"):
-            monkeypatch.setattr(dm, op, self._op(op))
-
-    def _op(self, op: str):
-        def call(name: str, *args, **kw) -> None:
-            self.calls.append((op, name, *args))
-            if op in self.fail:
-                raise StackError(f"dmsetup {op} failed")
-            if op in self.fail_once:
-                self.fail_once.discard(op)
-                raise StackError(f"dmsetup {op} failed")
-        return call
-
-    def ops(self) -> list[str]:
-        return [c[0] for c in self.calls]
-
-
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mapfile = SlotFile(tmp_path / "restored.map", 8)
     mapfile.create()
     mapfile.save(Bitmap(8))
     state = {"marked": False, "synced": 0, "busy": False}
-    fake = FakeDm(monkeypatch)
+    monkeypatch.setattr(ioctl.time, "sleep", lambda s: None)
+    fake = FakeKernel(devs={"dmrecover-s-origin": Dev(live=[f"0 {8 * CSS} linear /dev/F 0"],
+                                                      read_only=True)}).install(monkeypatch)
     r = OriginReloader("dmrecover-s-origin", map_path=str(tmp_path / "restored.map"), nbits=8,
                        chunk_size=CS, size=8 * CS, dest="/dev/D", fuse="/dev/F",
                        marked=lambda: state["marked"], head=4096,
@@ -154,10 +134,13 @@ def test_reload_follows_the_persisted_map_only(world) -> None:
     assert not r.reload() and fake.calls == []  # nothing changed: no pause at all
     mapfile.save(bitmap(8, (0, 4)))
     assert r.reload()
-    # Loaded first; one resume swaps it in (the kernel suspends, swaps, resumes): no suspend.
-    assert fake.ops() == ["reload", "resume"]
-    assert fake.calls[0][2] == [f"0 {4 * CSS} linear /dev/D 0",
-                                f"{4 * CSS} {4 * CSS} linear /dev/F {4 * CSS}"]
+    # Loaded first (read-only); one resume swaps it in (the kernel suspends, swaps,
+    # resumes): no suspend of its own, no udev settle.
+    assert fake.ops() == ["load", "resume"]
+    assert fake.calls[0][2] & ioctl.DM_READONLY_FLAG
+    assert fake.devs[r.name] == Dev(live=[f"0 {4 * CSS} linear /dev/D 0",
+                                          f"{4 * CSS} {4 * CSS} linear /dev/F {4 * CSS}"],
+                                    read_only=True)
     st = r.stats.as_dict()
     assert st["reloads"] == 1 and st["pause_max"] >= st["pause_mean"] >= 0
     assert st["dest_bytes"] == 4 * CS and st["segments"] == 2
@@ -167,9 +150,10 @@ def test_a_failed_load_keeps_the_old_table_and_never_suspends(world) -> None:
     r, mapfile, state, fake = world
     r.table()
     mapfile.save(bitmap(8, (0, 8)))
-    fake.fail.add("reload")
+    fake.fail.add("load")
     assert not r.reload()
-    assert fake.ops() == ["reload"] and r.stats.failed == 1
+    assert fake.ops() == ["load", "status"] and r.stats.failed == 1
+    assert not fake.devs[r.name].suspended
     assert r.segments == [Segment(0, 8 * CSS, False)]
     fake.fail.clear()
     assert r.reload() and r.all_dest
@@ -177,14 +161,16 @@ def test_a_failed_load_keeps_the_old_table_and_never_suspends(world) -> None:
 
 def test_a_failed_swap_is_resumed_again(world) -> None:
     """A resume whose table swap fails leaves the device suspended in the kernel: the
-    reloader resumes it again (retried), never leaves it suspended, keeps the old table."""
+    swap resumes it again (on the old table), the reloader keeps the old table."""
     r, mapfile, state, fake = world
     r.table()
     mapfile.save(bitmap(8, (0, 8)))
-    fake.fail_once.add("resume")
+    fake.fail_once.add("swap")
     assert not r.reload()
-    assert fake.ops() == ["reload", "resume", "resume"] and r.stats.failed == 1
+    assert fake.ops() == ["load", "resume", "status", "resume", "status"]
+    assert r.stats.failed == 1 and not fake.devs[r.name].suspended
     assert r.segments == [Segment(0, 8 * CSS, False)]
+    assert fake.devs[r.name].live == [f"0 {8 * CSS} linear /dev/F 0"]
     assert r.reload() and r.all_dest  # tried again: the next load and swap work
 
 
@@ -251,3 +237,15 @@ def test_the_thread_does_not_run_for_an_origin_already_on_dest(world) -> None:
     r.start()
     r._thread.join(30)
     assert not r._thread.is_alive() and fake.calls == []
+
+
+def test_an_origin_that_stays_suspended_is_an_error(world, monkeypatch) -> None:
+    """Never a silent failure: a suspended origin holds every read of the pseudo-volume."""
+    r, mapfile, state, fake = world
+    monkeypatch.setattr(ioctl, "RESUME_ATTEMPTS", 2)
+    r.table()
+    mapfile.save(bitmap(8, (0, 8)))
+    fake.fail.add("resume")
+    with pytest.raises(StackError, match="stays suspended"):
+        r.reload()
+    assert r.stats.failed == 1
