@@ -24,7 +24,10 @@ pseudo/BASE is the figure. Goals: reads >= 0.9x and random writes >= 0.8x on bot
 Online cutover pause (dm backends): an application loop (4 KiB write + fdatasync, timestamps
 of every completion) runs on the pseudo-volume while `online_cutover()` swaps the table; the
 longest gap between two completions from the swap's start to 0.5 s after it (goal: 200 ms of
-guest time), beside the longest gap in the 3 s before it. dm-clone: the time from the restore's
+guest time), beside the longest gap in the 3 s before it; then, for each table swap
+(dm-snapshot: to snapshot-merge, suspended first, then to linear; dm-clone: to linear), the
+gap spanning it, the swap's own pause (ioctl.swap) and its parts, and the longest gap between
+the swaps (during the merge). dm-clone: the time from the restore's
 end to the application on plain DEST = the hydration still running when the engine finished
 (the clone built before the restore started, hydrating alongside) + the whole online cutover.
 
@@ -265,9 +268,17 @@ def fio_pair(base_mnt: Path, mnt: Path, file_size: int, runtime: float) -> dict:
     return out
 
 
-def cutover_pause(mnt: Path, cutover) -> dict:
+def gap_spanning(times: list[float], start: float, end: float) -> float:
+    """The longest gap between two consecutive completions that spans part of [start, end]."""
+    return max((b - a for a, b in zip(times, times[1:], strict=False)
+                if b >= start and a <= end), default=end - start)
+
+
+def cutover_pause(mnt: Path, cutover, stack) -> dict:
     """The longest gap of an fdatasync loop on the mounted pseudo-volume while `cutover()`
-    (an online cutover) runs, against the longest gap in the 3 s before it."""
+    (an online cutover) runs, against the longest gap in the 3 s before it; and for each
+    table swap (stack.swaps: ioctl.Swap) the gap spanning it beside the swap's own pause and
+    its parts, and the longest gap between the swaps (dm-snapshot: during the merge)."""
     w = Writer(mnt / "pause.bin")
     w.start()
     time.sleep(3.0)
@@ -280,10 +291,18 @@ def cutover_pause(mnt: Path, cutover) -> dict:
     if w.error:
         raise w.error
     os.unlink(mnt / "pause.bin")
-    return {"gap_before_ms": 1000 * w.longest_gap(t_swap - 3.0, t_swap),
-            "gap_during_cutover_ms": 1000 * w.longest_gap(t_swap, t_end + 0.5),
-            "dm_suspended_ms": 1000 * suspended, "cutover_total_s": t_end - t_swap,
-            "writes": len(w.times)}
+    swaps = [dict(s.as_dict(), gap_ms=1000 * gap_spanning(w.times, s.start, s.end))
+             for s in stack.swaps]
+    out = {"gap_before_ms": 1000 * w.longest_gap(t_swap - 3.0, t_swap),
+           "gap_during_cutover_ms": 1000 * w.longest_gap(t_swap, t_end + 0.5),
+           "dm_suspended_ms": 1000 * suspended, "cutover_total_s": t_end - t_swap,
+           "writes": len(w.times), "swaps": swaps}
+    if len(stack.swaps) > 1:
+        a, b = stack.swaps[0].end, stack.swaps[-1].start
+        between = [t for t in w.times if a <= t <= b]
+        out["gap_between_swaps_ms"] = 1000 * max(
+            (y - x for x, y in zip(between, between[1:], strict=False)), default=0.0)
+    return out
 
 
 def run_snapshot(tmp: Path, src: MemorySource, size: int, file_size: int, base_mnt: Path,
@@ -306,7 +325,7 @@ def run_snapshot(tmp: Path, src: MemorySource, size: int, file_size: int, base_m
     stack.build()
     try:
         out = {"fio": fio_pair(base_mnt, mnt, file_size, runtime)}
-        out["online"] = cutover_pause(mnt, lambda: stack.online_cutover(str(dest)))
+        out["online"] = cutover_pause(mnt, lambda: stack.online_cutover(str(dest)), stack)
     finally:
         stack.undo.unwind()
         if dm.info(stack.pseudo_name) is not None:
@@ -345,7 +364,7 @@ def run_clone(tmp: Path, src: MemorySource, size: int, file_size: int, base_mnt:
         st = clone_target.status(stack.clone_name)
         assert st.complete, st
         out = {"fio": fio_pair(base_mnt, mnt, file_size, runtime)}
-        out["online"] = cutover_pause(mnt, lambda: stack.online_cutover(str(dest)))
+        out["online"] = cutover_pause(mnt, lambda: stack.online_cutover(str(dest)), stack)
         out["hydration_after_restore_s"] = hydrate_after
         out["restore_to_plain_dest_s"] = hydrate_after + out["online"]["cutover_total_s"]
         backend.finish_online_cutover(ctx)
@@ -443,6 +462,23 @@ def print_table(results: dict) -> None:
     cells = [f"{results[b]['online']['gap_before_ms']:.0f} ms"
              if "online" in results.get(b, {}) else "-" for b in BACKENDS]
     print(f"{'  (longest gap before it)':34} " + " ".join(f"{c:>15}" for c in cells))
+    online = [results.get(b, {}).get("online", {}) for b in BACKENDS]
+    for i in range(max((len(o.get("swaps", ())) for o in online), default=0)):
+        rows = {"gap spanning it (app)": "gap_ms", "ioctl pause": "pause_ms",
+                "  suspend ioctl": "suspend_ms", "  load (in pause)": "load_ms",
+                "  resume ioctl": "resume_ms"}
+        for label, key in rows.items():
+            cells = []
+            for o in online:
+                sw = o.get("swaps", [])
+                if i >= len(sw) or (key == "load_ms" and not sw[i]["suspend_ms"]):
+                    cells.append("-")
+                else:
+                    cells.append(f"{sw[i][key]:.0f} ms")
+            print(f"{f'swap {i + 1}: {label}':34} " + " ".join(f"{c:>15}" for c in cells))
+    cells = [f"{o['gap_between_swaps_ms']:.0f} ms" if "gap_between_swaps_ms" in o else "-"
+             for o in online]
+    print(f"{'longest gap between swaps (merge)':34} " + " ".join(f"{c:>15}" for c in cells))
     c = results.get("dm-clone", {})
     if "restore_to_plain_dest_s" in c:
         print(f"{'restore complete -> app on DEST':34} {'-':>15} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from dmrecover import DM_UUID_PREFIX
 from dmrecover.backends import registry
 from dmrecover.backends.base import BackendContext
-from dmrecover.backends.dm import DmBackend
+from dmrecover.backends.dm import DmBackend, ioctl
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.errors import StackError
 from tests.kernel.kernelutil import foreign_uuid, sh
@@ -148,8 +149,9 @@ def test_snapshot_over_loops(loops, owned_cleanup):
     assert not dm.list_owned(session)
 
 
-def test_merge_reload_in_place(loops, owned_cleanup):
-    """snapshot -> snapshot-merge -> linear on the same device, as the online cutover does."""
+def test_swap_snapshot_to_merge_to_linear_in_place(loops, owned_cleanup):
+    """snapshot -> snapshot-merge -> linear on the same device through ioctl.swap, as the
+    online cutover does: the data stays, the device ends resumed, the pauses are measured."""
     session = owned_cleanup
     origin = loops(16 * MiB)
     cow = loops(16 * MiB)
@@ -159,23 +161,138 @@ def test_merge_reload_in_place(loops, owned_cleanup):
     sh("dd", "if=/dev/urandom", f"of={path}", "bs=64K", "count=16", "seek=3", "oflag=direct")
     want = sh("sha256sum", str(path)).split()[0]
 
-    dm.suspend(name)
-    assert dm.info(name).suspended
-    dm.reload(name, dm.snapshot_merge_table(origin, cow, 16 * MiB))
-    dm.resume(name)
-    assert "snapshot-merge" in dm.table(name)
+    merge = ioctl.swap(name, dm.snapshot_merge_table(origin, cow, 16 * MiB), suspend_first=True)
+    st = ioctl.dev_status(name)
+    assert st is not None and not st.suspended and not st.inactive_table
+    assert [t.type for t in ioctl.table_status(name, table=True)] == ["snapshot-merge"]
+    assert merge.pause >= merge.suspend + merge.load and merge.suspend > 0
     deadline = time.monotonic() + 60
     while not dm.snapshot_status(name).merged:
         assert time.monotonic() < deadline, dm.status(name)
         time.sleep(0.2)
-    dm.suspend(name)
-    dm.reload(name, dm.linear_table(origin, 16 * MiB))
-    dm.resume(name)
+    linear = ioctl.swap(name, dm.linear_table(origin, 16 * MiB), suspend_first=False)
+    assert linear.suspend == 0 and linear.pause == linear.resume
     assert " linear " in f" {dm.table(name)} "
+    assert not ioctl.dev_status(name).suspended
     assert sh("sha256sum", str(path)).split()[0] == want
+    print(f"swap pauses: snapshot-merge {merge.pause * 1000:.1f} ms (suspend "
+          f"{merge.suspend * 1000:.1f}, load {merge.load * 1000:.1f}, resume "
+          f"{merge.resume * 1000:.1f}); linear {linear.pause * 1000:.1f} ms")
     dm.remove(name)
     # The origin alone now holds the merged data.
     assert sh("sha256sum", origin).split()[0] == want
+
+
+def test_swap_pause_under_a_writer_with_and_without_lockfs(loops, owned_cleanup, tmp_path):
+    """What a swap's pause is made of under an fdatasync loop on the mounted snapshot (the
+    online cutover's case): the same snapshot table swapped in, loaded first or suspended
+    first, with and without the filesystem freeze. Prints the figures; asserts only that I/O
+    went on and the device ends resumed."""
+    session = owned_cleanup
+    origin, cow = loops(64 * MiB), loops(64 * MiB)
+    name = dm.dm_name(session, "pseudo")
+    table = dm.snapshot_table(origin, cow, 64 * MiB)
+    path = dm.create(name, table, dm.dm_uuid(session, "pseudo"))
+    sh("mkfs.ext4", "-q", str(path))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sh("mount", str(path), str(mnt))
+    stop = threading.Event()
+    times: list[float] = []
+
+    def writer() -> None:
+        fd = os.open(mnt / "w.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            i = 0
+            while not stop.is_set():
+                os.pwrite(fd, os.urandom(4096), (i % 256) * 4096)
+                os.fdatasync(fd)
+                times.append(time.monotonic())
+                i += 1
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.0)
+        for first in (False, True):
+            for lockfs in (False, True):
+                pauses = []
+                for _ in range(3):
+                    n = len(times)
+                    done = ioctl.swap(name, table, suspend_first=first, lockfs=lockfs)
+                    gap = max((b - a for a, b in zip(times, times[1:], strict=False)
+                               if b >= done.start and a <= done.end), default=0.0)
+                    pauses.append((done, gap))
+                    deadline = time.monotonic() + 30
+                    while len(times) < n + 5 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                print(f"swap suspend_first={first} lockfs={lockfs}: " + "; ".join(
+                    f"pause {d.pause * 1000:.0f} ms (suspend {d.suspend * 1000:.0f}, load "
+                    f"{d.load * 1000:.0f}, resume {d.resume * 1000:.0f}), app gap "
+                    f"{g * 1000:.0f} ms" for d, g in pauses))
+                assert not ioctl.dev_status(name).suspended
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        print(f"writer: {len(times)} fdatasyncs, median gap "
+              f"{sorted(gaps)[len(gaps) // 2] * 1000:.1f} ms")
+    finally:
+        stop.set()
+        t.join(30)
+        sh("umount", str(mnt))
+    assert len(times) > 20
+
+
+def test_swap_ioctls_agree_with_dmsetup(loops, owned_cleanup):
+    """Status and table read by ioctl equal dmsetup's; a table too big for the first buffer
+    is read whole (the retry on DM_BUFFER_FULL_FLAG); a read-only load stays read-only."""
+    session = owned_cleanup
+    a, b = loops(8 * MiB), loops(8 * MiB)
+    name = dm.dm_name(session, "origin")
+    dm.create(name, dm.linear_table(a, 8 * MiB), dm.dm_uuid(session, "origin"), read_only=True)
+    # 1024 alternating segments: ~40 KiB of table, more than the first 16 KiB buffer.
+    seg = 8 * MiB // 512 // 1024
+    lines = [f"{i * seg} {seg} linear {a if i % 2 else b} {i * seg}" for i in range(1024)]
+    ioctl.swap(name, lines, suspend_first=False, read_only=True)
+    got = ioctl.table_status(name, table=True)
+    assert [t.line() for t in got] == dm.table(name).splitlines()
+    assert len(got) == 1024
+    st = ioctl.dev_status(name)
+    inf = dm.info(name)
+    assert st.read_only and inf.read_only and (st.major, st.minor) == (inf.major, inf.minor)
+    assert st.open_count == inf.open_count and st.uuid == dm.dm_uuid(session, "origin")
+    assert [t.line() for t in ioctl.table_status(name)] == dm.status(name).splitlines()
+
+
+def test_swap_failures_leave_the_old_table_running(loops, owned_cleanup):
+    """A table the kernel refuses, or a swap given up with the table loaded: the old table
+    stays live, the device is resumed, no table stays loaded; one clear line."""
+    session = owned_cleanup
+    a = loops(8 * MiB)
+    name = dm.dm_name(session, "pseudo")
+    dm.create(name, dm.linear_table(a, 8 * MiB), dm.dm_uuid(session, "pseudo"))
+    before = dm.table(name)
+    for first in (True, False):
+        with pytest.raises(StackError, match="DM_TABLE_LOAD") as err:
+            ioctl.swap(name, "0 16384 linear /dev/no-such-device 0", suspend_first=first)
+        assert "\n" not in str(err.value) and err.value.hint
+        st = ioctl.dev_status(name)
+        assert not st.suspended and not st.inactive_table and dm.table(name) == before
+
+    def give_up() -> None:
+        raise StackError("given up with the new table loaded")
+
+    with pytest.raises(StackError, match="given up"):
+        ioctl.swap(name, dm.linear_table(loops(8 * MiB), 8 * MiB), suspend_first=False,
+                   loaded=give_up)
+    st = ioctl.dev_status(name)
+    assert not st.suspended and not st.inactive_table and dm.table(name) == before
+    # I/O goes on after all of it.
+    sh("dd", f"if={dm.mapper_path(name)}", "of=/dev/null", "bs=4096", "count=4",
+       "iflag=direct")
+    assert ioctl.dev_status("dmrecover-no-such-device") is None
+    with pytest.raises(StackError, match="ENXIO"):
+        ioctl.suspend("dmrecover-no-such-device")
 
 
 def test_without_udev_sync_nodes_are_polled(loops, owned_cleanup, monkeypatch):
