@@ -10,6 +10,11 @@ nothing here removes an LV that lacks the first two: an LV that dmrecover did no
 never removed, whatever its name. The LV's name is `dmrecover-<session>-<role>` (`cow`, `meta`),
 or the session's own name for DEST (it stays: the application runs on it after the cutover).
 
+A start names the LVs it is about to create in its state dir's intent file (INTENT_FILE,
+written durably before the first `lvcreate`, removed once the session record lists them):
+what `cleanup` reads to tell an LV a start made and never handed over (a crash in between)
+from one a session uses.
+
 blivet is imported on first use only (it is optional, setup.cfg extra `lvm`, and its import
 is slow and prints libblockdev's DBus complaint where no system bus runs: that goes to the
 debug log instead of the user's terminal). blivet 3.6 / libblockdev 2.28 (Debian 12) report no
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmrecover.errors import DeviceError, StackError, UsageError
-from dmrecover.system import command
+from dmrecover.system import command, files
 from dmrecover.system.blockdev import size_of
 from dmrecover.system.files import write_all
 from dmrecover.units import format_size
@@ -45,6 +50,8 @@ SESSION_TAG = "dmrecover_session_"
 ROLE_TAG = "dmrecover_role_"
 STATE_TAG = "dmrecover_state_"  # the session's state dir (cleanup's question: still wanted?)
 ROLES = ("cow", "meta", "dest")
+#: In the session's state dir: the LVs a start is creating, until its record lists them.
+INTENT_FILE = "lvs-intent.json"
 #: Wiped at the start of a new COW or metadata LV: the kernel formats an all-zero header, and
 #: refuses one holding what an earlier LV on the same extents left.
 HEADER_WIPE = 1 << 20
@@ -350,6 +357,13 @@ def _check_name_free(lv: LogicalVolume, session: str, lvm: Lvm) -> None:
                           "it) or another volume group")
 
 
+def check_free(session: str, lvs: list[LogicalVolume], *, lvm: Lvm | None = None) -> None:
+    """Every planned name is still free (checked again under the state dir's lock, before
+    the intent file names them: an LV the intent names is then one this start created)."""
+    for lv in lvs:
+        _check_name_free(lv, session, lvm or _default)
+
+
 def is_ours(info: LvInfo, session: str | None = None) -> bool:
     """Tagged by dmrecover (for `session`, when given)."""
     if TAG not in info.tags:
@@ -467,3 +481,61 @@ def ours(*, lvm: Lvm | None = None) -> list[LvInfo]:
 
 def as_volume(info: LvInfo) -> LogicalVolume:
     return LogicalVolume(info.vg, info.name, role_of(info) or "", info.size)
+
+
+def orphaned(info: LvInfo, recorded: list[LogicalVolume], intended: list[LogicalVolume]
+             ) -> bool:
+    """Whether cleanup removes this LV of ours, asked once no process holds its session's
+    state lock (so no start is creating it and no session uses it): never one its session's
+    record lists; an overlay LV (cow, meta) the record does not list (a start that died
+    before its record, a state dir deleted by hand); DEST's LV only when the start's intent
+    names it and the record does not (created, never handed over: it holds no data anyone
+    acknowledged)."""
+    key = (info.vg, info.name)
+    if not is_ours(info) or state_dir_of(info) is None:
+        return False
+    if key in {(lv.vg, lv.name) for lv in recorded}:
+        return False
+    if role_of(info) in ("cow", "meta"):
+        return True
+    return role_of(info) == "dest" and key in {(lv.vg, lv.name) for lv in intended}
+
+
+# ---------------------------------------------------------------- the start's intent
+
+def write_intent(state_dir: str, lvs: list[LogicalVolume]) -> None:
+    """Name the LVs a start is about to create, durably, before the first of them exists
+    (the start holds the state dir's lock meanwhile)."""
+    files.write_json_atomic(os.path.join(state_dir, INTENT_FILE),
+                            {"lvs": [lv.to_dict() for lv in lvs]}, mode=0o600)
+
+
+def read_intent(state_dir: str) -> list[LogicalVolume]:
+    """The LVs the intent file names (none without it); DeviceError when it is unreadable or
+    another user than root could have written it."""
+    data = files.read_trusted_json(os.path.join(state_dir, INTENT_FILE),
+                                   error=DeviceError) or {}
+    lvs = data.get("lvs")
+    try:
+        return [LogicalVolume.from_dict(d) for d in lvs or [] if isinstance(d, dict)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise DeviceError(f"{state_dir}/{INTENT_FILE} is unreadable: {err}") from None
+
+
+def intended_left(state_dir: str, *, lvm: Lvm | None = None) -> list[LogicalVolume]:
+    """The LVs the intent file names that are there, ours, of this state dir: what an earlier
+    start that never wrote its record left (cleanup removes them)."""
+    lvm = lvm or _default
+    named = read_intent(state_dir)
+    there = {(i.vg, i.name): i for vg in {lv.vg for lv in named} for i in lvm.lvs(vg)}
+    return [lv for lv in named if (info := there.get((lv.vg, lv.name))) is not None
+            and is_ours(info) and state_dir_of(info) == state_dir]
+
+
+def clear_intent(state_dir: str) -> None:
+    """Drop the intent file (the record names the LVs now, or none of them exists), durably."""
+    try:
+        os.unlink(os.path.join(state_dir, INTENT_FILE))
+    except FileNotFoundError:
+        return
+    files.fsync_dir(state_dir)

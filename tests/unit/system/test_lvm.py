@@ -262,3 +262,77 @@ def test_the_cli_does_not_import_blivet():
                           "assert 'blivet' not in sys.modules"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+# ------------------------------------------------------------------ what cleanup removes
+
+def _info(name: str, role: str, state_dir: str | None = "/s", session: str = "db",
+          tags: tuple[str, ...] | None = None) -> lvm.LvInfo:
+    return lvm.LvInfo("vg0", name, tuple(tags if tags is not None
+                                         else lvm.tags_for(session, role, state_dir)), MiB)
+
+
+def _lv(name: str, role: str = "") -> lvm.LogicalVolume:
+    return lvm.LogicalVolume("vg0", name, role, MiB)
+
+
+@pytest.mark.parametrize("info, recorded, intended, orphan", [
+    # an overlay LV the record does not list: a start that died before it, a lost state dir
+    (_info("dmrecover-db-cow", "cow"), [], [], True),
+    (_info("dmrecover-db-meta", "meta"), [], [_lv("dmrecover-db-meta")], True),
+    # listed by its session's record: never
+    (_info("dmrecover-db-cow", "cow"), [_lv("dmrecover-db-cow")], [], False),
+    (_info("db", "dest"), [_lv("db")], [_lv("db")], False),
+    # DEST: only when the start's intent names it and no record does
+    (_info("db", "dest"), [], [_lv("db")], True),
+    (_info("db", "dest"), [], [], False),
+    (_info("db", "dest"), [], [_lv("other")], False),
+    # not ours, or ours without the state dir's tag (cleanup cannot ask its session)
+    (_info("db", "dest", tags=("backup",)), [], [_lv("db")], False),
+    (_info("dmrecover-db-cow", "cow", state_dir=None), [], [], False),
+    (_info("x", "", tags=("dmrecover", "dmrecover_session_db", "dmrecover_state_/s")), [],
+     [_lv("x")], False),  # no role: not an LV this dmrecover made
+])
+def test_orphaned_decides_on_tags_record_and_intent(info, recorded, intended, orphan):
+    assert lvm.orphaned(info, recorded, intended) is orphan
+
+
+def test_intent_is_written_private_read_back_and_cleared(tmp_path):
+    d = str(tmp_path)
+    assert lvm.read_intent(d) == []
+    lvs = [lvm.LogicalVolume("vg0", "db", "dest", 8 * MiB),
+           lvm.LogicalVolume("vg0", "dmrecover-db-cow", "cow", 4 * MiB)]
+    lvm.write_intent(d, lvs)
+    path = tmp_path / lvm.INTENT_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert lvm.read_intent(d) == lvs
+    lvm.clear_intent(d)
+    assert not path.exists()
+    lvm.clear_intent(d)  # gone: nothing to do
+    path.write_text('{"lvs": [{"name": "x"}]}')
+    path.chmod(0o600)
+    with pytest.raises(DeviceError, match="unreadable"):
+        lvm.read_intent(d)
+    path.chmod(0o666)
+    with pytest.raises(DeviceError, match="not trusted"):
+        lvm.read_intent(d)
+
+
+def test_intended_left_names_only_what_is_there_ours_and_this_dirs(tmp_path):
+    fake = FakeLvm({"vg0": (100 * MiB, 4 * MiB)})
+    d = str(tmp_path)
+    a, b, c = (lvm.LogicalVolume("vg0", n, "dest", 4 * MiB) for n in ("a", "b", "c"))
+    lvm.create("a", a, state_dir=d, lvm=fake, wipe_header=False)
+    lvm.create("b", b, state_dir="/elsewhere", lvm=fake, wipe_header=False)
+    untagged(fake, "vg0", "c")
+    lvm.write_intent(d, [a, b, c, lvm.LogicalVolume("vg0", "never", "cow", MiB)])
+    assert lvm.intended_left(d, lvm=fake) == [a]
+
+
+def test_check_free_refuses_a_name_taken_since_the_plan():
+    fake = FakeLvm({"vg0": (100 * MiB, 4 * MiB)})
+    planned = lvm.plan("db", [("vg0", "dest", MiB)], lvm=fake)
+    lvm.check_free("db", planned, lvm=fake)
+    untagged(fake, "vg0", "db")
+    with pytest.raises(DeviceError, match="not created by dmrecover"):
+        lvm.check_free("db", planned, lvm=fake)
