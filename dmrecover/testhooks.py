@@ -14,15 +14,19 @@ can never slow down or break a real recovery. The session's boot unit never sets
 | DMRECOVER_TEST_MERGE_PAUSE=<s>    | the dm merge waits s seconds before it starts; dm-clone  |
 |                                   | holds its swap with the linear table loaded              |
 | DMRECOVER_TEST_CHECKPOINT_LOG_BYTES=<n> | the overlay checkpoints once its log holds n bytes |
+| DMRECOVER_TEST_PAUSE_AT=<step>    | `pause_point(step)` writes its pid to the file that     |
+| DMRECOVER_TEST_PAUSE_FILE=<path>  | PAUSE_FILE names, then waits until that file is removed |
 
 Steps named by `fault_point`: fuse, loop, mount, app, cutover-unmount, cutover-merge (both
-backends), dm-probe, origin, cow, snapshot (dm backend).
+backends), dm-probe, origin, cow, snapshot (dm backend). Steps named by `pause_point`:
+lvs-created (live-restore: its LVs exist, its record is not written yet).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 from dmrecover.errors import StackError
 
@@ -33,9 +37,14 @@ FAIL_AT_ENV = "DMRECOVER_FAIL_AT"
 RESTORE_DELAY_ENV = "DMRECOVER_TEST_RESTORE_DELAY"
 MERGE_PAUSE_ENV = "DMRECOVER_TEST_MERGE_PAUSE"
 CHECKPOINT_LOG_ENV = "DMRECOVER_TEST_CHECKPOINT_LOG_BYTES"
+PAUSE_AT_ENV = "DMRECOVER_TEST_PAUSE_AT"
+PAUSE_FILE_ENV = "DMRECOVER_TEST_PAUSE_FILE"
+#: The longest a pause_point waits for the test to release it (a test that died).
+PAUSE_LIMIT = 600.0
 
 #: Every variable a test may set; test harnesses pass exactly these to the session process.
-HOOK_ENVS = (ENABLE_ENV, FAIL_AT_ENV, RESTORE_DELAY_ENV, MERGE_PAUSE_ENV, CHECKPOINT_LOG_ENV)
+HOOK_ENVS = (ENABLE_ENV, FAIL_AT_ENV, RESTORE_DELAY_ENV, MERGE_PAUSE_ENV, CHECKPOINT_LOG_ENV,
+             PAUSE_AT_ENV, PAUSE_FILE_ENV)
 
 
 def enabled() -> bool:
@@ -82,3 +91,20 @@ def checkpoint_log_bytes() -> int | None:
                     os.environ.get(CHECKPOINT_LOG_ENV))
         return None
     return value if value > 0 else None
+
+
+def pause_point(step: str) -> None:
+    """When the test hooks are on and DMRECOVER_TEST_PAUSE_AT names this step: write this
+    process's pid to DMRECOVER_TEST_PAUSE_FILE, then wait until the test removes that file
+    (or kills this process: the window a crash test needs), PAUSE_LIMIT at most."""
+    path = os.environ.get(PAUSE_FILE_ENV)
+    if not (enabled() and path and os.environ.get(PAUSE_AT_ENV) == step):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:  # test-only: the test polls for the whole file
+        f.write(f"{os.getpid()}\n")
+    os.rename(tmp, path)
+    log.info("paused at step %s until %s is removed (%s)", step, path, PAUSE_AT_ENV)
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
