@@ -14,10 +14,11 @@ tools' and the tests' own cgroups under dmrecover/ are left alone).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from dmrecover.backends import registry
@@ -27,10 +28,12 @@ from dmrecover.session.app import cgroup_name
 from dmrecover.session.record import (
     LOCK_FILE,
     SESSION_FILE,
+    check_state_dir,
     lock_held,
     read_json,
     session_dir,
     state_root,
+    take_state_lock,
 )
 from dmrecover.system import cgroups, lvm
 
@@ -118,32 +121,72 @@ def all_backends() -> list[Backend]:
 # ---------------------------------------------------------------- LVs
 
 def find_orphan_lvs() -> list[lvm.LvInfo]:
-    """LVs dmrecover created (--overlay VG) whose session is gone: tagged with a state dir
-    that holds no record listing them. Never DEST's LV (--dest-vg: it holds the data), never
-    one without the state dir's tag, never one a session record still lists."""
-    out = []
-    for info in lvm.ours():
-        state_dir = lvm.state_dir_of(info)
-        if state_dir is None or lvm.role_of(info) == "dest":
-            continue
-        if lock_held(state_dir) if os.path.isdir(state_dir) else False:
-            continue
-        try:
-            data = read_json(os.path.join(state_dir, SESSION_FILE)) or {}
-        except DmrecoverError:
-            continue  # unreadable: not ours to judge
-        listed = {(d.get("vg"), d.get("name")) for d in data.get("lvs") or []
-                  if isinstance(d, dict)}
-        if (info.vg, info.name) not in listed:
-            out.append(info)
-    return out
+    """LVs dmrecover created whose session is gone (lvm.orphaned): judged only while no
+    process holds the session's state lock (a start holds it from before its first lvcreate
+    until its session process, which holds it while it runs). Never an LV without the state
+    dir's tag, never one a session record lists; DEST's only when the start's intent names it
+    and no record does."""
+    return [info for info in lvm.ours() if _orphaned(info)]
+
+
+def _orphaned(info: lvm.LvInfo) -> bool:
+    state_dir = lvm.state_dir_of(info)
+    if state_dir is None:
+        return False
+    if os.path.isdir(state_dir) and lock_held(state_dir):
+        return False  # a live process owns the session: a start, or the session itself
+    try:
+        return lvm.orphaned(info, *_listed(state_dir))
+    except DmrecoverError as err:
+        log.info("cleanup: LV %s/%s: %s: left alone", info.vg, info.name, err)
+        return False  # unreadable: not ours to judge
+
+
+def _listed(state_dir: str) -> tuple[list[lvm.LogicalVolume], list[lvm.LogicalVolume]]:
+    """The LVs the state dir's record lists, and those its start's intent names."""
+    if not os.path.isdir(state_dir):
+        return [], []
+    check_state_dir(state_dir)
+    data = read_json(os.path.join(state_dir, SESSION_FILE)) or {}
+    recorded = [lvm.LogicalVolume(str(d.get("vg")), str(d.get("name")), "", 0)
+                for d in data.get("lvs") or [] if isinstance(d, dict)]
+    return recorded, lvm.read_intent(state_dir)
+
+
+@contextlib.contextmanager
+def _session_locked(state_dir: str) -> Iterator[bool]:
+    """Hold the state dir's lock (no start or session can take it meanwhile): True, or False
+    when a process holds it; nothing to hold when the state dir is gone (no session can own
+    its LVs: a new start there cannot create an LV under a name that is taken)."""
+    if not os.path.isdir(state_dir):
+        yield True
+        return
+    check_state_dir(state_dir)
+    fd = take_state_lock(state_dir)
+    if fd is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _remove_orphan_lv(name: str) -> None:
+    """Remove the LV if it is still an orphan, judged again under its session's lock."""
     vg, lv = name.split("/", 1)
     info = next((i for i in lvm.ours() if (i.vg, i.name) == (vg, lv)), None)
-    if info is not None:  # gone meanwhile: nothing to do
+    state_dir = lvm.state_dir_of(info) if info is not None else None
+    if info is None or state_dir is None:  # gone meanwhile: nothing to do
+        return
+    with _session_locked(state_dir) as locked:
+        recorded, intended = _listed(state_dir) if locked else ([], [])
+        if not locked or not lvm.orphaned(info, recorded, intended):
+            log.info("cleanup: LV %s is in use again: left alone", name)
+            return
         lvm.remove(lvm.session_of(info) or "", lvm.as_volume(info))
+        if intended and os.path.isdir(state_dir) and not lvm.intended_left(state_dir):
+            lvm.clear_intent(state_dir)  # every LV that start made is gone
 
 
 # ---------------------------------------------------------------- application cgroups

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dmrecover import testhooks
 from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
 from dmrecover.engine.fetcher import ON_LOST
@@ -33,6 +34,7 @@ from dmrecover.session.record import (
     lock_held,
     read_json,
     session_dir,
+    take_state_lock,
 )
 from dmrecover.session.runner import OnStarted, launch
 from dmrecover.session.services import ServicesFactory, default_services
@@ -88,18 +90,19 @@ def start_live_restore(req: LiveRestoreRequest, *, foreground: bool = False,
     """Validate the request, create the session and run its process (detached: returns once
     the application runs; foreground: runs it here, `on_started` once the application runs).
     Nothing is changed on the system until every check has passed."""
-    record, held = prepare(req, choose_backend=choose_backend)
+    record, held, lock_fd = prepare(req, choose_backend=choose_backend)
     return launch(record, foreground=foreground, resume=False, on_started=on_started,
-                  services=services, held=held)
+                  services=services, held=held, lock_fd=lock_fd)
 
 
 def prepare(req: LiveRestoreRequest, *,
             choose_backend: Callable[[str], Backend] = registry.choose
-            ) -> tuple[SessionRecord, list[Claim]]:
+            ) -> tuple[SessionRecord, list[Claim], int]:
     """Every check of start_live_restore, then the state dir, DEST and the record (state
-    starting); the boot unit where the backend resumes at boot. Returns the record and the
-    claims on DEST and the mount point, taken before the checks: the caller hands them to
-    the session process (or releases them)."""
+    starting); the boot unit where the backend resumes at boot. Returns the record, the
+    claims on DEST and the mount point, taken before the checks, and the state dir's lock,
+    taken before anything is created in it: the caller hands them to the session process
+    (or releases them)."""
     req.app.validate()
     cutover = _cutover_mode(req.cutover)
     backend = choose_backend(req.backend)
@@ -133,14 +136,15 @@ def prepare(req: LiveRestoreRequest, *,
             [claims.claim_mountpoint(req.mountpoint, f"session {name}")]
             if os.path.isdir(req.mountpoint) else [])
     try:
-        return _prepare_claimed(req, name, backend, cutover, held), held
+        record, lock_fd = _prepare_claimed(req, name, backend, cutover, held)
+        return record, held, lock_fd
     except BaseException:
         release_claims(held)
         raise
 
 
 def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
-                     cutover: CutoverMode, held: list[Claim]) -> SessionRecord:
+                     cutover: CutoverMode, held: list[Claim]) -> tuple[SessionRecord, int]:
     # The backend's slow imports (pyfuse3, trio) beside the repository's opening, whose key
     # derivation (scrypt) releases the GIL: off the RTO's path. Joined before returning:
     # the session process is forked from this one, and no thread may run at a fork.
@@ -153,7 +157,7 @@ def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
 
 
 def _prepare_checked(req: LiveRestoreRequest, name: str, backend: Backend,
-                     cutover: CutoverMode, held: list[Claim]) -> SessionRecord:
+                     cutover: CutoverMode, held: list[Claim]) -> tuple[SessionRecord, int]:
     repo = Repository.open(req.repo)
     manifest = repo.manifest(req.backup)
     opened = time.time()
@@ -195,13 +199,27 @@ def _prepare_checked(req: LiveRestoreRequest, name: str, backend: Backend,
 
     # Validated: from here on things change.
     files.private_dir(d, error=SessionError, kind="state dir")
-    created = _create_lvs(name, lv_plan, backend, d, engine_dir, manifest.size, held)
+    # The state dir's lock from here until the session process takes it over: `cleanup`
+    # judges an LV of this dir only while no process holds it, so the LVs created below are
+    # never taken for a dead start's before the record lists them.
+    lock_fd = take_state_lock(d)
+    if lock_fd is None:
+        raise SessionError(f"state dir {d} is in use by a running session",
+                           hint="pick another --session or --state-dir")
     try:
-        return _write_session(req, name, backend, cutover, manifest, repo, opened, d,
-                              engine_dir, dest, mp, held, created)
+        created = _create_lvs(name, lv_plan, backend, d, engine_dir, manifest.size, held)
+        testhooks.pause_point("lvs-created")
+        try:
+            record = _write_session(req, name, backend, cutover, manifest, repo, opened, d,
+                                    engine_dir, dest, mp, held, created)
+        except BaseException:
+            _undo_lvs(name, created, d)
+            raise
+        lvm.clear_intent(d)  # the record lists the LVs now
     except BaseException:
-        lvm.remove_all(name, created)
+        os.close(lock_fd)
         raise
+    return record, lock_fd
 
 
 def _write_session(req: LiveRestoreRequest, name: str, backend: Backend,
@@ -262,7 +280,18 @@ def _plan_lvs(req: LiveRestoreRequest, name: str, backend: Backend, size: int,
 def _create_lvs(name: str, plan: list[lvm.LogicalVolume], backend: Backend, state_dir: str,
                 engine_dir: str, size: int, held: list[Claim]) -> list[lvm.LogicalVolume]:
     """Create the planned LVs (tagged for the session); DEST's is claimed, the overlay's
-    linked from the engine dir (where the backend looks for its file). Undone on failure."""
+    linked from the engine dir (where the backend looks for its file). Named first in the
+    state dir's intent file (the caller holds its lock): what cleanup removes of a start
+    that dies before its record. Undone on failure."""
+    left = lvm.intended_left(state_dir)
+    if left:
+        raise DeviceError(f"state dir {state_dir} holds the LVs {', '.join(map(str, left))} "
+                          "of an earlier start that did not finish",
+                          hint="`dmrecover cleanup` removes them")
+    if not plan:
+        return []
+    lvm.check_free(name, plan)  # again, under the lock: the intent names only LVs made here
+    lvm.write_intent(state_dir, plan)
     created: list[lvm.LogicalVolume] = []
     try:
         for lv in plan:
@@ -279,9 +308,22 @@ def _create_lvs(name: str, plan: list[lvm.LogicalVolume], backend: Backend, stat
                 os.symlink(lv.path, link)
                 files.fsync_dir(engine_dir)
     except BaseException:
-        lvm.remove_all(name, created)
+        _undo_lvs(name, created, state_dir)
         raise
     return created
+
+
+def _undo_lvs(name: str, created: list[lvm.LogicalVolume], state_dir: str) -> None:
+    """A failed start removes the LVs it created (and one its intent names that is there:
+    created, then its header wipe failed); the intent file goes once they are all gone
+    (else it stays, and `cleanup` removes the rest)."""
+    try:
+        made = [lv for lv in lvm.intended_left(state_dir) if lv not in created]
+    except DmrecoverError as err:
+        log.error("%s", err)
+        made = []
+    if not lvm.remove_all(name, [*created, *made]):
+        lvm.clear_intent(state_dir)
 
 
 def _existing(path: str) -> str:

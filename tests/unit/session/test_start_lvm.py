@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from dmrecover.backends.base import Backend
-from dmrecover.errors import DeviceError, UsageError
+from dmrecover.errors import DeviceError, StackError, UsageError
 from dmrecover.repository.backup import backup
 from dmrecover.repository.repo import Repository
 from dmrecover.session.app import AppSpec
+from dmrecover.session.record import lock_held
 from dmrecover.session.start import LiveRestoreRequest, overlay_vg, prepare
 from dmrecover.session.volume import release_claims
-from dmrecover.system import lvm
+from dmrecover.system import claims, lvm
 from tests.unit.system.test_lvm import FakeLvm
 
 MiB = 1 << 20
@@ -55,11 +56,20 @@ class KernelOverlay(Backend):
 
 
 @pytest.fixture
-def fake_lvm(monkeypatch):
+def fake_lvm(monkeypatch, tmp_path):
     fake = FakeLvm({"vg0": (64 * MiB, 4 * MiB), "tiny": (8 * MiB, 4 * MiB)})
     monkeypatch.setattr(lvm, "_default", fake)
-    # No real block device behind the fake LV: the header wipe is the kernel test's.
+    # No real block device behind the fake LV: the header wipe is the kernel test's, and
+    # DEST's claim (--dest-vg) is taken on a file standing in for the LV.
     monkeypatch.setattr(lvm, "zero_start", lambda path, length: None)
+    real_claim = claims.claim_destination
+
+    def claim_destination(path, owner, **kw):
+        if str(path).startswith("/dev/vg0/"):
+            return real_claim(tmp_path / ("lv-" + os.path.basename(path)), owner)
+        return real_claim(path, owner, **kw)
+
+    monkeypatch.setattr(claims, "claim_destination", claim_destination)
     return fake
 
 
@@ -92,8 +102,8 @@ def test_overlay_names_a_directory_or_a_volume_group(tmp_path: Path, monkeypatch
 
 
 def test_the_cow_on_a_new_tagged_lv_linked_and_recorded(tmp_path, repo, fake_lvm) -> None:
-    record, held = prepare(request(tmp_path, repo, overlay="vg0"),
-                           choose_backend=lambda n: KernelOverlay())
+    record, held, lock_fd = prepare(request(tmp_path, repo, overlay="vg0"),
+                                    choose_backend=lambda n: KernelOverlay())
     try:
         [(call, vg, name, size, tags)] = fake_lvm.calls
         assert (call, vg, name) == ("create", "vg0", "dmrecover-db-cow")
@@ -104,8 +114,11 @@ def test_the_cow_on_a_new_tagged_lv_linked_and_recorded(tmp_path, repo, fake_lvm
         assert record.lvs == [{"vg": "vg0", "name": "dmrecover-db-cow", "role": "cow",
                                "size": 20 * MiB}]
         assert record.engine_dir == str(tmp_path / "state")
+        # the record lists the LV: the start's intent file is gone
+        assert not (tmp_path / "state" / lvm.INTENT_FILE).exists()
     finally:
         release_claims(held)
+        os.close(lock_fd)
 
 
 @pytest.mark.parametrize("kw, backend, error, text", [
@@ -133,3 +146,98 @@ def test_an_lv_not_ours_with_our_name_is_refused_and_kept(tmp_path, repo, fake_l
         prepare(request(tmp_path, repo, overlay="vg0"),
                 choose_backend=lambda n: KernelOverlay())
     assert fake_lvm.calls == [] and ("vg0", "dmrecover-db-cow") in fake_lvm.lv
+
+
+def test_the_lvs_are_created_under_the_state_lock_and_named_first(tmp_path, repo,
+                                                                   fake_lvm) -> None:
+    """Each lvcreate happens while this process holds the state dir's lock (cleanup judges no
+    LV of a locked state dir) and after the intent file names it (cleanup's record of what a
+    start that dies before its record made); the lock is handed to the caller."""
+    state = tmp_path / "state"
+    seen = []
+    create = fake_lvm.create
+
+    def checked_create(vg, name, size, tags):
+        seen.append((name, lock_held(str(state)),
+                     [lv.name for lv in lvm.read_intent(str(state))]))
+        create(vg, name, size, tags)
+
+    fake_lvm.create = checked_create
+    record, held, lock_fd = prepare(request(tmp_path, repo, dest="", dest_vg="vg0",
+                                            overlay="vg0"),
+                                    choose_backend=lambda n: KernelOverlay())
+    try:
+        assert seen == [("db", True, ["db", "dmrecover-db-cow"]),
+                        ("dmrecover-db-cow", True, ["db", "dmrecover-db-cow"])]
+        assert lock_held(str(state))  # held on, for the session process
+        assert [d["name"] for d in record.lvs] == ["db", "dmrecover-db-cow"]
+        assert not (state / lvm.INTENT_FILE).exists()
+    finally:
+        release_claims(held)
+        os.close(lock_fd)
+    assert not lock_held(str(state))
+
+
+def test_a_failed_start_removes_its_lvs_and_its_intent(tmp_path, repo, fake_lvm,
+                                                        monkeypatch) -> None:
+    def fail(*a, **kw):
+        raise StackError("the record could not be written")
+
+    monkeypatch.setattr("dmrecover.session.start._write_session", fail)
+    with pytest.raises(StackError):
+        prepare(request(tmp_path, repo, dest="", dest_vg="vg0", overlay="vg0"),
+                choose_backend=lambda n: KernelOverlay())
+    assert fake_lvm.lv == {}
+    assert [c[0] for c in fake_lvm.calls] == ["create", "create", "remove", "remove"]
+    assert not (tmp_path / "state" / lvm.INTENT_FILE).exists()
+    assert not lock_held(str(tmp_path / "state"))
+
+
+def test_an_lv_the_undo_cannot_remove_stays_named_for_cleanup(tmp_path, repo, fake_lvm,
+                                                               monkeypatch) -> None:
+    def fail(*a, **kw):
+        raise StackError("the record could not be written")
+
+    def stuck(vg, name):
+        raise StackError(f"removing LV {vg}/{name}: in use")
+
+    monkeypatch.setattr("dmrecover.session.start._write_session", fail)
+    fake_lvm.remove = stuck
+    with pytest.raises(StackError):
+        prepare(request(tmp_path, repo, dest="", dest_vg="vg0", overlay="vg0"),
+                choose_backend=lambda n: KernelOverlay())
+    assert set(fake_lvm.lv) == {("vg0", "db"), ("vg0", "dmrecover-db-cow")}
+    assert [lv.name for lv in lvm.read_intent(str(tmp_path / "state"))] == [
+        "db", "dmrecover-db-cow"]
+
+
+def test_a_header_wipe_that_fails_leaves_no_lv(tmp_path, repo, fake_lvm,
+                                               monkeypatch) -> None:
+    """The LV exists once lvcreate returned, even when its header wipe then fails: the undo
+    finds it through the intent file."""
+    def wipe_fails(path, length):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(lvm, "zero_start", wipe_fails)
+    with pytest.raises(OSError):
+        prepare(request(tmp_path, repo, overlay="vg0"),
+                choose_backend=lambda n: KernelOverlay())
+    assert fake_lvm.lv == {}
+    assert not (tmp_path / "state" / lvm.INTENT_FILE).exists()
+
+
+def test_an_earlier_starts_leftovers_refuse_a_new_start(tmp_path, repo, fake_lvm) -> None:
+    """An LV that an earlier start in this state dir made and never handed over (still named
+    by its intent) refuses the next start in one line: cleanup removes it (a new intent
+    would forget it)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    lv = lvm.LogicalVolume("vg0", "old", "dest", 8 * MiB)
+    lvm.create("old", lv, state_dir=str(state), lvm=fake_lvm, wipe_header=False)
+    lvm.write_intent(str(state), [lv])
+    fake_lvm.calls.clear()
+    with pytest.raises(DeviceError) as exc:
+        prepare(request(tmp_path, repo, overlay="vg0"),
+                choose_backend=lambda n: KernelOverlay())
+    assert "vg0/old of an earlier start" in str(exc.value) and "\n" not in str(exc.value)
+    assert fake_lvm.calls == [] and ("vg0", "old") in fake_lvm.lv
