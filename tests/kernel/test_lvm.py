@@ -4,24 +4,31 @@
 `dmrecover` + `dmrecover_session_<name>`, removed after the cutover; `--dest-vg VG` creates DEST
 as an LV of the backup's size, which stays. An LV that dmrecover did not create is never
 removed, and a name it would use is refused; a VG without room is refused in one line.
+`cleanup` removes the LVs of a start killed between its lvcreate and its record (DEST's too),
+and leaves those of a start paused there alone (it holds the state dir's lock).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dmrecover import testhooks
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.backends.dm.stack import cow_size
 from dmrecover.backends.dm_clone import target
+from dmrecover.system import lvm
 from dmrecover.system.mounts import mount_at, umount
-from tests.apps.livekit import Sandbox
+from tests.apps.livekit import ENV_KEYS, Sandbox
 from tests.kernel.kernelutil import sh
 from tests.kernel.test_dm_live_restore import SLOW, _read_unrestored_files, box  # noqa: F401
 
@@ -231,3 +238,119 @@ def test_vg_without_room_refused(small_vg: str, box: Sandbox,  # noqa: F811
     assert r.returncode != 0 and "needs the dm or dm-clone backend" in r.stderr, r.stderr
     assert lvs(small_vg) == {}
     assert not (box.state_root / "ln" / "session.json").exists()
+
+
+# ---------------------------------------------------------------- a start between lvcreate
+# and its record (the test hook pauses it there: testhooks.pause_point("lvs-created"))
+
+def start_paused(sb: Sandbox, session: str, mnt: Path, pause: Path,
+                 *extra: str) -> subprocess.Popen[str]:
+    """`live-restore` (dm backend, DEST and COW as new LVs: `extra`) as a process that pauses
+    once its LVs exist, before its record is written, until `pause` is removed."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    env.update(sb.env)
+    env.update({testhooks.PAUSE_AT_ENV: "lvs-created", testhooks.PAUSE_FILE_ENV: str(pause)})
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmrecover", "live-restore", "--repo", str(sb.repo),
+         sb.backup_id, "--mount", str(mnt), "--session", session, *sb.app_args(),
+         "--backend", "dm", *extra], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd="/")
+
+
+def wait_paused(proc: subprocess.Popen[str], pause: Path, timeout: float = 300) -> int:
+    """The paused start's pid, once it is in the window."""
+    deadline = time.monotonic() + timeout
+    while not pause.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the start ended ({proc.returncode}) before the pause: "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
+        assert time.monotonic() < deadline, "the start never reached the pause"
+        time.sleep(0.05)
+    return int(pause.read_text())
+
+
+def test_cleanup_removes_the_lvs_of_a_start_killed_before_its_record(
+        vg: str, box: Sandbox, fs_tools, request) -> None:  # noqa: F811
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    sh("lvcreate", "-q", "-y", "-n", "notours", "-L", "8M", vg)  # dmrecover's never to touch
+    try:
+        # Another session, running, with a DEST LV and a COW LV of its own.
+        r = box.cli("live-restore", "--repo", str(box.repo), box.backup_id, "--dest-vg", vg,
+                    "--mount", str(box.mnt), "--session", "lr", *box.app_args(),
+                    "--backend", "dm", "--overlay", vg, "--cutover", "manual")
+        assert r.returncode == 0, r.stderr
+        box.wait_app(timeout=120)
+        mnt2 = box.tmp / "mnt2"
+        mnt2.mkdir()
+        pause = box.tmp / "pause-lk"
+        proc = start_paused(box, "lk", mnt2, pause, "--dest-vg", vg, "--overlay", vg)
+        try:
+            pid = wait_paused(proc, pause)
+            assert pid == proc.pid
+            have = lvs(vg)
+            assert_ours(have["lk"], "lk", "dest")
+            assert_ours(have["dmrecover-lk-cow"], "lk", "cow")
+            os.kill(pid, signal.SIGKILL)  # a crash between lvcreate and the record
+        finally:
+            proc.kill()
+            proc.communicate(timeout=60)
+        sdir = box.state_root / "lk"
+        assert not (sdir / "session.json").exists()
+        assert (sdir / lvm.INTENT_FILE).exists()
+
+        dry = box.cli("cleanup", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert f"{vg}/lk" in dry.stdout and f"{vg}/dmrecover-lk-cow" in dry.stdout, dry.stdout
+        assert f"{vg}/lr" not in dry.stdout and "dmrecover-lr-cow" not in dry.stdout
+        assert "notours" not in dry.stdout
+        r = box.cli("cleanup")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert set(lvs(vg)) == {"lr", "dmrecover-lr-cow", "notours"}, "only lk's LVs go"
+        assert not (sdir / lvm.INTENT_FILE).exists()
+        assert box.session("lr")["state"] in ("restoring", "ready")
+        box.query({"op": "ping"})  # the other session's application runs on
+
+        r = box.cli("abort", "lr")
+        assert r.returncode == 0, r.stderr
+        r = box.cli("forget", "lr", "--discard-overlay")
+        assert r.returncode == 0, r.stderr
+        assert set(lvs(vg)) == {"notours"}
+    finally:  # the test's own LV (the box compares dm devices before and after)
+        subprocess.run(["lvremove", "-q", "-f", f"{vg}/notours"], capture_output=True)
+
+
+def test_cleanup_during_a_start_leaves_its_lvs_and_the_start_completes(
+        vg: str, box: Sandbox, fs_tools, request) -> None:  # noqa: F811
+    box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
+    pause = box.tmp / "pause-lp"
+    proc = start_paused(box, "lp", box.mnt, pause, "--dest-vg", vg, "--overlay", vg)
+    try:
+        wait_paused(proc, pause)
+        assert {"lp", "dmrecover-lp-cow"} <= set(lvs(vg))
+        assert not (box.state_root / "lp" / "session.json").exists()
+        dry = box.cli("cleanup", "--dry-run")
+        assert dry.returncode == 0 and vg not in dry.stdout, dry.stdout + dry.stderr
+        r = box.cli("cleanup")
+        assert r.returncode == 0, r.stdout + r.stderr
+        have = lvs(vg)
+        assert_ours(have["lp"], "lp", "dest")
+        assert_ours(have["dmrecover-lp-cow"], "lp", "cow")
+        pause.unlink()  # the start goes on
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    box.wait_app(timeout=120)
+    rec = box.session("lp")
+    assert [d["name"] for d in rec["lvs"]] == ["lp", "dmrecover-lp-cow"]
+    assert rec["state"] in ("restoring", "ready", "cutting-over", "done")
+    assert not (box.state_root / "lp" / lvm.INTENT_FILE).exists()
+    dry = box.cli("cleanup", "--dry-run")
+    assert vg not in dry.stdout, dry.stdout
+    r = box.cli("abort", "lp")
+    assert r.returncode == 0, r.stderr
+    r = box.cli("forget", "lp", "--discard-overlay")
+    assert r.returncode == 0, r.stderr
+    assert lvs(vg) == {}
