@@ -23,32 +23,28 @@ again / put back again: both idempotent) or a complete DEST.
 Priority: on-demand fetches run directly in the calling thread (no queue to wait in). The
 background restorer calls `ensure(..., background=True)` one chunk at a time and, before each
 chunk, `yield_to_demand()` waits while on-demand fetches are in flight, so it never holds one
-up (beyond the one background chunk already in flight). Concurrent ensure() calls of one chunk
+up (beyond the background chunks already in flight). Concurrent ensure() calls of one chunk
 share the one fetch in flight.
 
-CPU: a thread fetching on demand runs at nice DEMAND_NICE for the fetch (root; unchanged
-when not permitted), then gets its own back. Measured under bench_scale's load on a busy
-2-core host, an on-demand chunk read spent most of its p99 waiting for a CPU (run queue 253
-of 265 ms) behind the pool's four threads and everything else; the background restore
-keeps nice 0: lowering it instead would slow it against the offline restore and stall the
-demand thread behind a descheduled GIL holder.
+CPU and storage (engine/priority.py): a thread fetching on demand runs at a raised CPU
+priority, and so does a background fetch an on-demand read waits for; while on-demand reads
+are busy, at most `busy_reads` background chunk reads are in flight (ReadGate), and one that an
+on-demand read waits for goes first.
 
 No DEST write on a read's path (`read`): an on-demand read returns as soon as its chunk's
-bytes are read and verified, served from them; their DEST write is handed to one writer
-thread (`WRITER_THREAD_NAME`; at most _WRITE_QUEUE chunks wait, past that the reader writes
-its own). A read of a chunk whose fetch is in flight (on demand or background) takes its
-bytes as soon as they are read, without waiting for that fetch's DEST write either
-(measured before: a 4 MiB DEST write in the reader took 89 ms at p99 under the background
-restore's writeback). Safety is unchanged: a chunk stays in flight (never fetched again)
+bytes are read and verified, served from them; their DEST write goes to the DEST writer
+(engine/destwriter.py). A read of a chunk whose fetch is in flight (on demand or
+background) takes its bytes as soon as they are read, without waiting for that fetch's DEST
+write either (measured before: a 4 MiB DEST write in the reader took 89 ms at p99 under the
+background restore's writeback). Safety is unchanged: a chunk stays in flight (never fetched again)
 until its write is done, and only then is it marked restored, so the map on disk still never
 names a chunk not on DEST; a failed write leaves it unrestored (the reader's bytes were
 right: verified) and a kill drops the pending writes (fetched again later).
 
-Writeback: each chunk written to DEST starts its writeback at once (sync_file_range WRITE,
-as the offline restore does every 64 MiB), so DEST's dirty data goes to the disk as a steady
-stream, not in bursts of up to `sync_chunks` chunks at each sync that on-demand repository
-reads then queue behind (measured: their blocked time at p99 123 -> 43 ms). Durability is
-still the sync's fsync alone.
+Writeback: each chunk written to DEST starts its writeback at once (sync_file_range WRITE),
+so DEST's dirty data goes to the disk as a steady stream, not in bursts at each sync that
+on-demand repository reads queue behind (their blocked time at p99 123 -> 43 ms). Durability
+is still the sync's fsync alone.
 """
 
 from __future__ import annotations
@@ -65,7 +61,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dmrecover.engine.bitmap import Bitmap, SlotFile
+from dmrecover.engine.destwriter import WRITER_THREAD_NAME, DestWriter
 from dmrecover.engine.fastio import pread_nowait, reads_as_zeros, zero_range
+from dmrecover.engine.priority import DEFAULT_HOLD, DEMAND_NICE, ReadGate, boost, unboost
 from dmrecover.engine.source import ChunkSource, MemorySource, chunk_length
 from dmrecover.engine.timing import Stages, breakdown, percentile
 from dmrecover.errors import (
@@ -78,7 +76,8 @@ from dmrecover.errors import (
 from dmrecover.system.files import atomic_write, fsync_dir, start_writeback
 
 # ChunkSource, chunk_length and MemorySource live in engine/source.py; importable from here.
-__all__ = ["ON_LOST", "ChunkSource", "Fetcher", "MemorySource", "chunk_length"]
+__all__ = ["DEMAND_NICE", "ON_LOST", "WRITER_THREAD_NAME", "ChunkSource", "Fetcher",
+           "MemorySource", "chunk_length"]
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +88,24 @@ MARK_SIZE = 4096
 # On-demand chunks waiting for their DEST write at most (memory: this many chunks); past it
 # the reading thread writes its chunk itself.
 _WRITE_QUEUE = 4
-WRITER_THREAD_NAME = "dmrecover-dest-writer"
 # A zero chunk's bytes in flight (never allocated: 4 MiB of zeros per chunk cost the restore
 # of a mostly empty volume seconds); a chunk's real bytes are never empty.
 ZERO_CHUNK = b""
-# The CPU priority (nice) of a thread while it fetches on demand (module doc, Priority).
-DEMAND_NICE = -10
 
 
 class _Inflight:
     """One fetch in flight: `ready` is set once its bytes are read (`data`) or it failed,
-    `done` once they are on DEST and restored or it failed (`error`)."""
+    `done` once they are on DEST and restored or it failed (`error`). `tid`: the fetching
+    thread; `urgent`: an on-demand read waits for it; `boosted`: that thread's nice before
+    an on-demand read raised it (engine/priority.py)."""
 
-    __slots__ = ("background", "data", "done", "error", "ready")
+    __slots__ = ("background", "boosted", "data", "done", "error", "ready", "tid", "urgent")
 
     def __init__(self, background: bool = False) -> None:
         self.background = background
+        self.tid = threading.get_native_id()
+        self.urgent = False
+        self.boosted: int | None = None
         self.data: bytes | None = None
         self.ready = threading.Event()
         self.done = threading.Event()
@@ -121,12 +122,16 @@ class Fetcher:
         repository counts as lost.
     on_lost: "block" (reads wait for the repository) or "error" (on-demand reads fail while
         it is lost); see the module doc.
+    busy_reads: background chunk reads in flight at most while on-demand reads are busy
+        (None: no limit, as before issue 12's gate; benchmarks compare); busy_hold: seconds
+        the demand stays busy after a fetch (engine/priority.py, ReadGate).
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
                  map_path: str | os.PathLike[str], *, deadline: float = 600.0,
                  backoff_max: float = 5.0, on_lost: str = "block",
-                 mark_head: str | os.PathLike[str] | None = None) -> None:
+                 mark_head: str | os.PathLike[str] | None = None,
+                 busy_reads: int | None = 1, busy_hold: float = DEFAULT_HOLD) -> None:
         if on_lost not in ON_LOST:
             raise ValueError(f"on_lost must be one of {ON_LOST}, not {on_lost!r}")
         self.on_lost = on_lost
@@ -142,6 +147,7 @@ class Fetcher:
         self._demand_active = 0
         self._demand_hint: int | None = None
         self._demand_idle = threading.Condition(self._lock)
+        self.gate = ReadGate(busy_reads, busy_hold)
         self._waiting: dict[int, float] = {}  # thread id -> wall time it started waiting
         self.failure: BaseException | None = None  # a fault nothing can retry (none today)
         self.lost_since: float | None = None  # wall time the repository counted as lost
@@ -152,10 +158,9 @@ class Fetcher:
         self.retries = 0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._stages: deque[Stages] = deque(maxlen=_LATENCY_SAMPLES)
-        self._writes: deque[tuple[int, bytes, _Inflight]] = deque()  # the writer's queue
-        self._writes_changed = threading.Condition(self._lock)
-        self._writer: threading.Thread | None = None
-        self._writer_closed = False
+        self._writer = DestWriter(
+            lambda index, data: self._store(index, data, False, self.write_dest, None),
+            self._land, self._write_failed, _WRITE_QUEUE)
         self._latency_max = 0.0
         self._latency_sum = 0.0
         self.synced_at: float | None = None
@@ -308,6 +313,7 @@ class Fetcher:
                 return False, None
             if not background:
                 self._demand_active += 1
+                self.gate.demand_begin()
             try:
                 flight = self._inflight.get(index)
                 owner = flight is None
@@ -318,6 +324,8 @@ class Fetcher:
                     self._inflight[index] = flight
                 elif stages is not None:
                     stages.shared = "background" if flight.background else "demand"
+                    if flight.background and not flight.ready.is_set():
+                        self._raise_flight(flight)
             except BaseException:
                 self._demand_done(background)
                 raise
@@ -336,11 +344,12 @@ class Fetcher:
                 with self._lock:
                     self._demand_hint = index + 1
             handed_off = False
-            nice = None if background else _boost()
+            nice = None if background else boost()
             try:
-                data = self._obtain(index, background, stages)
+                data = self._obtain(index, background, stages, flight)
                 flight.data = data
                 flight.ready.set()  # readers of this chunk need not wait for DEST
+                self._lower_flight(flight)
                 if defer and self._hand_off(index, data, flight):
                     handed_off = True
                     return True, data
@@ -350,7 +359,9 @@ class Fetcher:
                 raise
             finally:
                 if nice is not None:
-                    _unboost(nice)
+                    unboost(nice)
+                if flight.boosted is not None:
+                    self._lower_flight(flight)
                 if not handed_off:
                     self._land(index, flight)
             return True, data if defer else None
@@ -369,6 +380,7 @@ class Fetcher:
     def _demand_done(self, background: bool) -> None:
         # caller holds self._lock
         if not background:
+            self.gate.demand_end()
             self._demand_active -= 1
             if self._demand_active == 0:
                 self._demand_idle.notify_all()
@@ -378,14 +390,34 @@ class Fetcher:
         with self._demand_idle:
             self._demand_idle.wait_for(lambda: self._demand_active == 0, timeout)
 
-    def _obtain(self, index: int, background: bool, stages: Stages | None) -> bytes:
-        """The chunk's verified bytes; ZERO_CHUNK for a zero chunk (not read)."""
+    def _raise_flight(self, flight: _Inflight) -> None:
+        """An on-demand read waits for the background fetch `flight` (bytes not read yet):
+        let its read through the gate and give its thread the demand's CPU priority until
+        its bytes are read (_lower_flight). Caller holds self._lock."""
+        flight.urgent = True
+        self.gate.wake()
+        if flight.boosted is None:
+            flight.boosted = boost(flight.tid)
+
+    def _lower_flight(self, flight: _Inflight) -> None:
+        """The fetching thread of `flight` gets back the nice an on-demand read raised
+        (called by that thread once its bytes are read, or it failed)."""
+        with self._lock:
+            nice, flight.boosted = flight.boosted, None
+        if nice is not None:
+            unboost(nice, flight.tid)
+
+    def _obtain(self, index: int, background: bool, stages: Stages | None,
+                flight: _Inflight | None = None) -> bytes:
+        """The chunk's verified bytes; ZERO_CHUNK for a zero chunk (not read). A background
+        read goes through the gate (`flight`: lets it through once an on-demand read waits
+        for it)."""
         length = chunk_length(self.source, index)
         if self.source.is_zero(index):
             return ZERO_CHUNK
         t = time.monotonic()
         cpu = time.thread_time()
-        data = self._read_with_retry(index, background)
+        data = self._read_with_retry(index, background, flight)
         if stages is not None:
             stages.read_cpu = time.thread_time() - cpu
             stages.read = time.monotonic() - t
@@ -426,74 +458,41 @@ class Fetcher:
     # ------------------------------------------------------------------ the DEST writer
 
     def _hand_off(self, index: int, data: bytes, flight: _Inflight) -> bool:
-        """Queue an on-demand chunk's DEST write for the writer thread (started on first
-        use); False when the queue is full or closed (the caller writes it itself)."""
-        with self._lock:
-            if self._writer_closed or len(self._writes) >= _WRITE_QUEUE:
-                return False
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                                name=WRITER_THREAD_NAME)
-                self._writer.start()
-            self._writes.append((index, data, flight))
-            self._writes_changed.notify_all()
-        return True
+        """Queue an on-demand chunk's DEST write for the writer thread; False when the queue
+        is full or closed (the caller writes it itself)."""
+        return self._writer.submit(index, data, flight)
 
-    def _write_loop(self) -> None:
-        """The writer thread: on-demand chunks to DEST in the order they were fetched."""
-        while True:
-            with self._lock:
-                while not self._writes and not self._writer_closed:
-                    self._writes_changed.wait()
-                if not self._writes:
-                    return
-                index, data, flight = self._writes[0]
-            try:
-                self._store(index, data, False, self.write_dest, None)
-            except BaseException as err:  # noqa: BLE001 - the chunk stays unrestored
-                flight.error = err
-                log.error("writing on-demand chunk %d to DEST failed: %s", index, err)
-                with self._lock:
-                    self.errors.append(f"writing chunk {index} to DEST failed: {err}")
-            finally:
-                with self._lock:
-                    self._writes.popleft()
-                    self._writes_changed.notify_all()
-                self._land(index, flight)
+    def _write_failed(self, index: int, flight: _Inflight, err: BaseException) -> None:
+        flight.error = err
+        log.error("writing on-demand chunk %d to DEST failed: %s", index, err)
+        with self._lock:
+            self.errors.append(f"writing chunk {index} to DEST failed: {err}")
 
     def wait_writes(self, timeout: float | None = None) -> bool:
         """Wait until every on-demand chunk handed to the writer is on DEST (or failed);
         False on timeout."""
-        with self._lock:
-            return self._writes_changed.wait_for(lambda: not self._writes, timeout)
+        return self._writer.wait(timeout)
 
     def _stop_writer(self, drain: bool) -> None:
         """Stop the writer thread: after the queued writes (drain) or after the one in
         progress, the others dropped (their chunks stay unrestored: fetched again later)."""
-        with self._lock:
-            self._writer_closed = True
-            if not drain:
-                dropped = list(self._writes)[1:] if self._writes else []
-                for item in dropped:
-                    self._writes.remove(item)
-            else:
-                dropped = []
-            self._writes_changed.notify_all()
-            writer = self._writer
-        for index, _, flight in dropped:
+        for index, flight in self._writer.stop(drain):
             flight.error = EngineError(f"chunk {index} was not written: DEST was closed")
             self._land(index, flight)
-        if writer is not None and writer is not threading.current_thread():
-            writer.join()
 
-    def _read_with_retry(self, index: int, background: bool = False) -> bytes:
+    def _read_with_retry(self, index: int, background: bool = False,
+                         flight: _Inflight | None = None) -> bytes:
         tid = threading.get_ident()
         first_fault: float | None = None
         delay = 0.05
         try:
             while True:
                 try:
-                    data = self.source.read_chunk(index)
+                    if background:
+                        with self.gate.background(lambda: flight is not None and flight.urgent):
+                            data = self.source.read_chunk(index)
+                    else:
+                        data = self.source.read_chunk(index)
                 except RepositoryUnavailable as err:
                     now = time.monotonic()
                     fail_now = not background and self.on_lost == "error"
@@ -794,28 +793,6 @@ class Fetcher:
             os.close(self._fd)
             self._fd = -1
             self._mapfile.close()
-
-
-def _boost() -> int | None:
-    """Raise the calling thread's CPU priority to DEMAND_NICE for an on-demand fetch;
-    returns its nice to restore (None: unchanged: already higher, or not permitted)."""
-    tid = threading.get_native_id()
-    try:
-        old = os.getpriority(os.PRIO_PROCESS, tid)
-        if old <= DEMAND_NICE:
-            return None
-        os.setpriority(os.PRIO_PROCESS, tid, DEMAND_NICE)
-    except OSError:  # not root (EACCES): the fetch runs at the thread's own priority
-        return None
-    return old
-
-
-def _unboost(nice: int) -> None:
-    """Give the calling thread its nice back (lowering a priority is always permitted)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except OSError as err:  # pragma: no cover - only a vanished thread could
-        log.debug("restoring a thread's priority failed: %s", err)
 
 
 def _part(data: bytes, start: int, end: int) -> bytes:

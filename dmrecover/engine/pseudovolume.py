@@ -47,6 +47,8 @@ class PseudoVolume:
     on_repository_lost: "block" (reads wait for it) or "error" (on-demand reads fail while
         it is lost); the background restore waits either way (see fetcher).
     read_only: refuse writes (the dm backend's origin); no overlay files are created then.
+    busy_reads: background chunk reads in flight at most while on-demand reads are busy
+        (Fetcher; None: no limit, for benchmarks to compare).
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
@@ -55,7 +57,8 @@ class PseudoVolume:
                  on_restored: Callable[[], None] | None = None,
                  map_dir: str | os.PathLike[str] | None = None,
                  mark_dest: str | os.PathLike[str] | None = None,
-                 checkpoint_log_bytes: int | None = None) -> None:
+                 checkpoint_log_bytes: int | None = None,
+                 busy_reads: int | None = 1) -> None:
         # Before the engine's threads start: their 4 MiB chunk buffers would otherwise
         # spread over per-thread arenas and double the peak RSS (see limit_malloc_arenas).
         limit_malloc_arenas()
@@ -71,7 +74,7 @@ class PseudoVolume:
         _move_map(self.state_dir / RESTORED_MAP, map_path)
         self.fetcher = Fetcher(source, dest_path, map_path,
                                deadline=fetch_deadline, on_lost=on_repository_lost,
-                               mark_head=mark_dest)
+                               mark_head=mark_dest, busy_reads=busy_reads)
         self.overlay: Overlay | None = None
         try:
             if not read_only:

@@ -20,7 +20,7 @@ def breakdown(samples: list[Stages]) -> dict:
     per stage (total; lock: waiting for the fetcher's lock; wait: for the other fetch;
     read: the source's read_chunk, wall time; read_cpu: the thread's CPU time in it; write:
     to DEST, when the reader wrote), mean, p50 and p99 in seconds; "slowest": the stages of
-    the ten slowest."""
+    the ten slowest; "totals": every total, ascending (to pool the samples of several runs)."""
     out: dict = {}
     kinds = {"own": [s for s in samples if s.shared is None],
              "shared_background": [s for s in samples if s.shared == "background"],
@@ -36,6 +36,7 @@ def breakdown(samples: list[Stages]) -> dict:
         out[kind] = entry
     slow = sorted(samples, key=lambda s: s.total, reverse=True)[:10]
     out["slowest"] = [{k: getattr(s, k) for k in Stages.__slots__} for s in slow]
+    out["totals"] = sorted(s.total for s in samples)
     return out
 
 
