@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 from dmrecover import DM_UUID_PREFIX
@@ -101,6 +102,36 @@ def repository_outage(box: Sandbox) -> Iterator[float]:
         yield time.monotonic()
     finally:
         sh("umount", str(box.repo))
+
+
+class Waiters:
+    """Calls that block (reads waiting for a lost repository), each in its own thread: its
+    answer, or its failure, kept for the main thread to check."""
+
+    def __init__(self) -> None:
+        self.answers: dict[Hashable, object] = {}
+        self.failures: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self, key: Hashable, call: Callable[..., object], *args: object) -> None:
+        def run() -> None:
+            try:
+                self.answers[key] = call(*args)
+            except BaseException as err:  # reported by the main thread
+                self.failures.append(err)
+
+        t = threading.Thread(target=run, name=f"waiter {key}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def join(self, timeout: float) -> None:
+        """Wait (timeout seconds in all) until every call has returned; none failed."""
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        assert not stuck, f"still waiting after {timeout:g} s: {stuck}"
+        assert not self.failures, self.failures
 
 
 def ride_out_outage(box: Sandbox, session: str, since: float, *, seconds: float = 30.0,

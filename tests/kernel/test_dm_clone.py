@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from dmrecover.system.mounts import mount_at, umount
 from tests.apps.livekit import Sandbox
 from tests.helpers import images
 from tests.kernel.kernelutil import (
+    Waiters,
     dm_state,
     repository_outage,
     ride_out_outage,
@@ -311,23 +311,8 @@ def test_clone_repository_unreachable_30s_no_io_error(box: Sandbox, clone_image:
     dev = str(dm.mapper_path(name))
     log_before = len(_kernel_log())
     size = box.size
-    got: dict[int, bytes] = {}
-    failures: list[BaseException] = []
-    answers: list[dict] = []
     last = sorted(box.checksums)[-1]
-
-    def read_direct(offset: int) -> None:
-        try:
-            got[offset] = _read_dev(dev, offset, 256 << 10)
-        except BaseException as err:  # reported by the main thread
-            failures.append(err)
-
-    def read_unrestored() -> None:
-        try:
-            answers.append(box.query({"op": "sha256", "path": last}, timeout=180))
-        except BaseException as err:  # reported by the main thread
-            failures.append(err)
-
+    waiting = Waiters()
     with repository_outage(box) as since:
         st = target.status(name)
         frontier = (st.hydrated + st.hydrating) * st.region_sectors * dm.SECTOR
@@ -335,23 +320,21 @@ def test_clone_repository_unreachable_30s_no_io_error(box: Sandbox, clone_image:
         # hydrated nor (at 0.25 s a chunk) restored yet: reading them needs the repository.
         offsets = _data_blocks(clone_image, frontier + (16 << 20), size, 8)
         assert offsets, f"no data left above the hydration frontier ({frontier} of {size} bytes)"
-        readers = [threading.Thread(target=read_direct, args=(o,)) for o in offsets]
-        readers.append(threading.Thread(target=read_unrestored))
         time.sleep(1.0)
-        for t in readers:
-            t.start()
+        for offset in offsets:
+            waiting.start(offset, _read_dev, dev, offset, 256 << 10)
+        waiting.start("file", box.query, {"op": "sha256", "path": last}, 180)
         ride_out_outage(box, "out", since, check=lambda: _clone_healthy(name))
-        assert len(got) < len(offsets), "reads of unrestored data wait for the repository"
+        read = set(waiting.answers) - {"file"}
+        assert len(read) < len(offsets), "reads of unrestored data wait for the repository"
         stalled = target.status(name)
         assert not stalled.complete, "hydration still had regions to copy in the outage"
-    for t in readers:
-        t.join(180)
-    assert not failures, failures
-    assert answers == [{"ok": True, "sha256": box.checksums[last]}]
+    waiting.join(180)
+    assert waiting.answers.pop("file") == {"ok": True, "sha256": box.checksums[last]}
     with open(clone_image, "rb") as f:
         for offset in offsets:
             f.seek(offset)
-            assert got[offset] == f.read(256 << 10), f"bytes at {offset}"
+            assert waiting.answers[offset] == f.read(256 << 10), f"bytes at {offset}"
     _hydrate_at_full_speed(name)
     t1 = time.monotonic()
     done = box.wait_state("out", ("done", "failed"), timeout=900)

@@ -19,6 +19,7 @@ from dmrecover.system.mounts import mount_at
 from tests.apps.livekit import Sandbox
 from tests.kernel import conftest
 from tests.kernel.kernelutil import (
+    Waiters,
     dm_state,
     repository_outage,
     ride_out_outage,
@@ -237,7 +238,6 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     more direct reads of the pseudo-volume wait too, so that many fetches retry when the
     repository comes back: one of them, told "chunk missing" by a repository that came back
     between its failed open and its check, once invalidated the snapshot here."""
-    import threading
 
     box.prepare(fs_tools, request.getfixturevalue("ext4_image"))
     r = box.live_restore("out", "--backend", "dm", env=SLOW)
@@ -247,43 +247,22 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     assert _origin_loop_dio(pseudo), "the origin loop reads with direct I/O by default"
     log_before = len(_kernel_log())
     last = sorted(box.checksums)[-1]
-    answers: list[dict] = []
-    failures: list[BaseException] = []
     dev = f"/dev/mapper/{pseudo}"
     size = int(subprocess.run(["blockdev", "--getsize64", dev], capture_output=True,
                               text=True, check=True).stdout)
     # The last quarter of the volume: not restored yet at a 0.25 s per chunk pace.
     direct_offsets = [size * 3 // 4 + i * (size // 64) // 4096 * 4096 for i in range(12)]
-    direct_done: list[int] = []
-
-    def read_direct(offset: int) -> None:
-        try:
-            direct_done.append(_read_direct(dev, offset, 256 << 10))
-        except BaseException as err:  # reported by the main thread
-            failures.append(err)
-
-    direct = [threading.Thread(target=read_direct, args=(o,)) for o in direct_offsets]
-
-    def read_unrestored() -> None:
-        try:
-            answers.append(box.query({"op": "sha256", "path": last}, timeout=180))
-        except BaseException as err:  # reported by the main thread
-            failures.append(err)
-
-    reader = threading.Thread(target=read_unrestored)
+    waiting = Waiters()
     with repository_outage(box) as since:
         time.sleep(1.0)
-        reader.start()
-        for t in direct:
-            t.start()
+        waiting.start("file", box.query, {"op": "sha256", "path": last}, 180)
+        for offset in direct_offsets:
+            waiting.start(offset, _read_direct, dev, offset, 256 << 10)
         ride_out_outage(box, "out", since)
         assert not dm.snapshot_status(dm.dm_name("out", "pseudo")).invalid
-    reader.join(180)
-    for t in direct:
-        t.join(180)
-    assert not failures, failures
-    assert answers == [{"ok": True, "sha256": box.checksums[last]}]
-    assert direct_done == [256 << 10] * len(direct_offsets)
+    waiting.join(180)
+    assert waiting.answers.pop("file") == {"ok": True, "sha256": box.checksums[last]}
+    assert waiting.answers == {o: 256 << 10 for o in direct_offsets}
     done = box.wait_state("out", ("done", "failed"), timeout=600)
     assert done["state"] == "done", done.get("error")
     bad = [line for line in _kernel_log()[log_before:]
