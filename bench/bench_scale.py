@@ -35,9 +35,10 @@ or a lock, the GIL included). BENCH_RESTORE_WORKERS sets the restorer's pool (ex
 before each, the offline restore timed once): one run has only a few dozen on-demand fetches,
 so its p99 is its worst sample or next to it; the summary also gives the p99 of every run's
 samples pooled. --busy-reads: the engine's background reads in flight at most while on-demand
-reads are busy (PseudoVolume busy_reads; "none": no limit, the engine before that gate), a
-comma list cycled through the repeats, so that settings compared run interleaved, minutes
-apart, over one backup.
+reads are busy (PseudoVolume busy_reads; "none": no limit, the engine before that gate; a
+"+rt" suffix: on-demand fetches at a real-time priority, PseudoVolume demand_rt), a comma
+list cycled through the repeats, so that settings compared run interleaved, minutes apart,
+over one backup.
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ def child(args: argparse.Namespace) -> int:
     dest = tmp / "dest.img"
     with open(dest, "wb") as f:
         f.truncate(source.size)
-    busy = None if args.busy_reads == "none" else int(args.busy_reads)
-    pv = PseudoVolume(source, dest, tmp / "state", busy_reads=busy)
+    spec = args.busy_reads.removesuffix("+rt")
+    pv = PseudoVolume(source, dest, tmp / "state",
+                      busy_reads=None if spec == "none" else int(spec),
+                      demand_rt=args.busy_reads.endswith("+rt"))
     srv = FuseServer(pv, tmp / "fuse")
     srv.start()
     loop = attach(str(srv.path), direct_io=True)

@@ -20,16 +20,12 @@ every chunk is restored and synced, the head is written back to DEST and synced 
 saved copy is deleted. A crash at any point leaves either the saved copy (the mark is made
 again / put back again: both idempotent) or a complete DEST.
 
-Priority: on-demand fetches run directly in the calling thread (no queue to wait in). The
-background restorer calls `ensure(..., background=True)` one chunk at a time and, before each
-chunk, `yield_to_demand()` waits while on-demand fetches are in flight, so it never holds one
-up (beyond the background chunks already in flight). Concurrent ensure() calls of one chunk
-share the one fetch in flight.
-
-CPU and storage (engine/priority.py): a thread fetching on demand runs at a raised CPU
-priority, and so does a background fetch an on-demand read waits for; while on-demand reads
-are busy, at most `busy_reads` background chunk reads are in flight (ReadGate), and one that an
-on-demand read waits for goes first.
+Priority: on-demand fetches run in the calling thread (no queue to wait in); concurrent
+ensure() calls of one chunk share the one fetch in flight. Before each background chunk the
+restorer's `yield_to_demand()` waits while on-demand fetches are in flight. engine/priority.py:
+a thread fetching on demand runs at a raised CPU priority, and so does a background fetch an
+on-demand read waits for; while on-demand reads are busy, at most `busy_reads` background
+chunk reads are in flight (ReadGate), and one that an on-demand read waits for goes first.
 
 No DEST write on a read's path (`read`): an on-demand read returns as soon as its chunk's
 bytes are read and verified, served from them; their DEST write goes to the DEST writer
@@ -124,14 +120,16 @@ class Fetcher:
         it is lost); see the module doc.
     busy_reads: background chunk reads in flight at most while on-demand reads are busy
         (None: no limit, as before issue 12's gate; benchmarks compare); busy_hold: seconds
-        the demand stays busy after a fetch (engine/priority.py, ReadGate).
+        the demand stays busy after a fetch (engine/priority.py, ReadGate); demand_rt: fetch
+        on demand at a real-time priority (SCHED_RR), not nice DEMAND_NICE.
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
                  map_path: str | os.PathLike[str], *, deadline: float = 600.0,
                  backoff_max: float = 5.0, on_lost: str = "block",
                  mark_head: str | os.PathLike[str] | None = None,
-                 busy_reads: int | None = 1, busy_hold: float = DEFAULT_HOLD) -> None:
+                 busy_reads: int | None = 1, busy_hold: float = DEFAULT_HOLD,
+                 demand_rt: bool = False) -> None:
         if on_lost not in ON_LOST:
             raise ValueError(f"on_lost must be one of {ON_LOST}, not {on_lost!r}")
         self.on_lost = on_lost
@@ -148,6 +146,7 @@ class Fetcher:
         self._demand_hint: int | None = None
         self._demand_idle = threading.Condition(self._lock)
         self.gate = ReadGate(busy_reads, busy_hold)
+        self.demand_rt = demand_rt
         self._waiting: dict[int, float] = {}  # thread id -> wall time it started waiting
         self.failure: BaseException | None = None  # a fault nothing can retry (none today)
         self.lost_since: float | None = None  # wall time the repository counted as lost
@@ -344,7 +343,7 @@ class Fetcher:
                 with self._lock:
                     self._demand_hint = index + 1
             handed_off = False
-            nice = None if background else boost()
+            nice = None if background else boost(realtime=self.demand_rt)
             try:
                 data = self._obtain(index, background, stages, flight)
                 flight.data = data
@@ -397,7 +396,7 @@ class Fetcher:
         flight.urgent = True
         self.gate.wake()
         if flight.boosted is None:
-            flight.boosted = boost(flight.tid)
+            flight.boosted = boost(flight.tid, self.demand_rt)
 
     def _lower_flight(self, flight: _Inflight) -> None:
         """The fetching thread of `flight` gets back the nice an on-demand read raised

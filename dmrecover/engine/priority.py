@@ -35,29 +35,40 @@ log = logging.getLogger(__name__)
 
 # The CPU priority (nice) of a thread while it fetches on demand.
 DEMAND_NICE = -10
+# With realtime (Fetcher demand_rt): the lowest real-time priority, above every normal thread.
+DEMAND_RT_PRIORITY = 1
 # Seconds the demand stays busy after its last on-demand fetch ended (ReadGate).
 DEFAULT_HOLD = 0.05
 
 
-def boost(tid: int | None = None) -> int | None:
-    """Raise thread `tid`'s (default: the caller's) CPU priority to DEMAND_NICE; returns its
-    nice to restore (None: unchanged: already higher, gone, or not permitted)."""
+def boost(tid: int | None = None, realtime: bool = False) -> int | None:
+    """Raise thread `tid`'s (default: the caller's) CPU priority to DEMAND_NICE, or with
+    `realtime` to SCHED_RR DEMAND_RT_PRIORITY; returns its nice to restore (None: unchanged:
+    already higher or real-time, gone, or not permitted)."""
     tid = threading.get_native_id() if tid is None else tid
     try:
         old = os.getpriority(os.PRIO_PROCESS, tid)
+        if os.sched_getscheduler(tid) != os.SCHED_OTHER:
+            return None
+        if realtime:
+            os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(DEMAND_RT_PRIORITY))
+            return old
         if old <= DEMAND_NICE:
             return None
         os.setpriority(os.PRIO_PROCESS, tid, DEMAND_NICE)
-    except OSError:  # not root (EACCES), or the thread is gone (ESRCH)
+    except OSError:  # not root (EACCES, EPERM), or the thread is gone (ESRCH)
         return None
     return old
 
 
 def unboost(nice: int, tid: int | None = None) -> None:
-    """Give thread `tid` (default: the caller) its nice back (lowering a priority is always
-    permitted)."""
+    """Give thread `tid` (default: the caller) its scheduling back: SCHED_OTHER at `nice`
+    (lowering a priority is always permitted)."""
+    tid = threading.get_native_id() if tid is None else tid
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id() if tid is None else tid, nice)
+        if os.sched_getscheduler(tid) != os.SCHED_OTHER:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
     except OSError as err:  # pragma: no cover - only a vanished thread could
         log.debug("restoring a thread's priority failed: %s", err)
 

@@ -48,7 +48,7 @@ class PseudoVolume:
         it is lost); the background restore waits either way (see fetcher).
     read_only: refuse writes (the dm backend's origin); no overlay files are created then.
     busy_reads: background chunk reads in flight at most while on-demand reads are busy
-        (Fetcher; None: no limit, for benchmarks to compare).
+        (Fetcher; None: no limit, for benchmarks to compare); demand_rt: see Fetcher.
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
@@ -58,7 +58,7 @@ class PseudoVolume:
                  map_dir: str | os.PathLike[str] | None = None,
                  mark_dest: str | os.PathLike[str] | None = None,
                  checkpoint_log_bytes: int | None = None,
-                 busy_reads: int | None = 1) -> None:
+                 busy_reads: int | None = 1, demand_rt: bool = False) -> None:
         # Before the engine's threads start: their 4 MiB chunk buffers would otherwise
         # spread over per-thread arenas and double the peak RSS (see limit_malloc_arenas).
         limit_malloc_arenas()
@@ -74,7 +74,8 @@ class PseudoVolume:
         _move_map(self.state_dir / RESTORED_MAP, map_path)
         self.fetcher = Fetcher(source, dest_path, map_path,
                                deadline=fetch_deadline, on_lost=on_repository_lost,
-                               mark_head=mark_dest, busy_reads=busy_reads)
+                               mark_head=mark_dest, busy_reads=busy_reads,
+                               demand_rt=demand_rt)
         self.overlay: Overlay | None = None
         try:
             if not read_only:

@@ -233,3 +233,44 @@ def test_a_background_fetch_an_on_demand_read_waits_for_runs_at_its_priority(
 def test_busy_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
         ReadGate(0)
+
+
+class PolicySource(MemorySource):
+    """Records the scheduling policy of the thread reading each chunk."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data, CS, zero_chunks=set())
+        self.policy: dict[int, int] = {}
+
+    def read_chunk(self, index: int) -> bytes:
+        self.policy[index] = os.sched_getscheduler(threading.get_native_id())
+        return super().read_chunk(index)
+
+
+def test_with_demand_rt_an_on_demand_fetch_runs_real_time_then_gets_its_policy_back(
+        tmp_path) -> None:
+    data = os.urandom(4 * CS)
+    src = PolicySource(data)
+    dest = tmp_path / "dest.img"
+    dest.write_bytes(bytes(len(data)))
+    f = Fetcher(src, dest, tmp_path / "map", demand_rt=True)
+    try:
+        out: dict[str, object] = {}
+
+        def demand() -> None:
+            tid = threading.get_native_id()
+            nice = os.getpriority(os.PRIO_PROCESS, tid)
+            out["data"] = f.read(CS, 10)
+            out["after"] = (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            out["before"] = (os.SCHED_OTHER, nice)
+
+        t = start(demand)
+        t.join(WAIT)
+        assert out["data"] == data[CS:CS + 10]
+        expected = os.SCHED_RR if os.geteuid() == 0 else os.SCHED_OTHER
+        assert src.policy[1] == expected
+        assert out["after"] == out["before"], "the thread's own scheduling is given back"
+        f.ensure(2, background=True)
+        assert src.policy[2] == os.SCHED_OTHER, "the background restore stays normal"
+    finally:
+        f.close()
