@@ -80,6 +80,7 @@ class Restorer:
         self.follow_reads = follow_reads
         self.restored_bytes = 0   # by this restorer (background)
         self.started: float | None = None
+        self.completed_at: float | None = None  # monotonic, once completed
         self._start_restored = 0
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()        # cursor, claimed, counters
@@ -222,6 +223,7 @@ class Restorer:
                 self.error = (f"{len(self.corrupt)} corrupt chunk(s) in the backup (first: "
                               f"{self.corrupt[0]}); the restore cannot complete")
             elif f.restored_all():
+                self.completed_at = time.monotonic()
                 self.completed.set()
                 if self.progress is not None:
                     self.progress.finish("restored")
