@@ -185,8 +185,9 @@ def child(args: argparse.Namespace) -> int:
     with open(dest, "wb") as f:
         f.truncate(source.size)
     spec, _, hold = args.busy_reads.partition(":")
+    busy = spec.removesuffix("+rt")
     pv = PseudoVolume(source, dest, tmp / "state",
-                      busy_reads=None if spec == "none" else int(spec.removesuffix("+rt")),
+                      busy_reads=None if busy == "none" else int(busy),
                       demand_rt=spec.endswith("+rt"))
     if hold:
         pv.fetcher.gate.hold = float(hold) / 1000

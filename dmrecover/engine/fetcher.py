@@ -121,7 +121,7 @@ class Fetcher:
     busy_reads: background chunk reads in flight at most while on-demand reads are busy
         (None: no limit, as before issue 12's gate; benchmarks compare); busy_hold: seconds
         the demand stays busy after a fetch (engine/priority.py, ReadGate); demand_rt: fetch
-        on demand at a real-time priority (SCHED_RR), not nice DEMAND_NICE.
+        on demand at a real-time priority (SCHED_RR; False: at nice DEMAND_NICE).
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
@@ -129,7 +129,7 @@ class Fetcher:
                  backoff_max: float = 5.0, on_lost: str = "block",
                  mark_head: str | os.PathLike[str] | None = None,
                  busy_reads: int | None = 1, busy_hold: float = DEFAULT_HOLD,
-                 demand_rt: bool = False) -> None:
+                 demand_rt: bool = True) -> None:
         if on_lost not in ON_LOST:
             raise ValueError(f"on_lost must be one of {ON_LOST}, not {on_lost!r}")
         self.on_lost = on_lost

@@ -2,13 +2,19 @@
 demand (`boost`), and the gate that keeps background chunk reads few while on-demand reads
 are busy (`ReadGate`).
 
-CPU: a thread fetching on demand runs at nice DEMAND_NICE for the fetch (root; unchanged when
-not permitted), then gets its own back. Measured under bench_scale's load on a busy 2-core
-host, an on-demand chunk read spent most of its p99 waiting for a CPU (run queue 253 of 265 ms)
-behind the pool's four threads and everything else; the background restore keeps nice 0:
-lowering it instead would slow it against the offline restore and stall the demand thread
-behind a descheduled GIL holder. A background fetch that an on-demand read waits for (the
-same chunk) gets the demand's nice until its bytes are read (`boost(tid)`).
+CPU: a thread fetching on demand runs at the real-time priority SCHED_RR DEMAND_RT_PRIORITY
+for the fetch (root; unchanged when not permitted; `realtime=False`: at nice DEMAND_NICE),
+then gets its own scheduling back. Measured under bench_scale's load on a busy 2-core host,
+an on-demand chunk read spent most of its p99 waiting for a CPU (run queue 253 of 265 ms)
+behind the pool's four threads and everything else. Nice -10 took that to 45-65 ms but no
+lower: a nice ranks a thread only within its own group (autogroup, cpu cgroups), and a VM in
+its own cgroup got its share whatever the nice; SCHED_RR runs before every normal thread
+(run queue at p99 0-3 ms). It is bounded: one chunk's read and check per fetching thread,
+sleeping (not spinning) in any wait, and the kernel's real-time throttling keeps 5% of the CPU
+for the rest. The background restore keeps its normal priority: lowering it instead would slow
+it against the offline restore and stall the demand thread behind a descheduled GIL holder. A
+background fetch that an on-demand read waits for (the same chunk) gets the demand's priority
+until its bytes are read (`boost(tid)`).
 
 Storage: the repository's disk takes many requests at once (virtio: 128), so the I/O
 scheduler never holds a background read back for a later on-demand one, and I/O priorities
@@ -35,7 +41,8 @@ log = logging.getLogger(__name__)
 
 # The CPU priority (nice) of a thread while it fetches on demand.
 DEMAND_NICE = -10
-# With realtime (Fetcher demand_rt): the lowest real-time priority, above every normal thread.
+# The real-time priority of an on-demand fetch (Fetcher demand_rt): the lowest one, above
+# every normal thread.
 DEMAND_RT_PRIORITY = 1
 # Seconds the demand stays busy after its last on-demand fetch ended (ReadGate).
 DEFAULT_HOLD = 0.05

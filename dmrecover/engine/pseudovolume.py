@@ -58,7 +58,7 @@ class PseudoVolume:
                  map_dir: str | os.PathLike[str] | None = None,
                  mark_dest: str | os.PathLike[str] | None = None,
                  checkpoint_log_bytes: int | None = None,
-                 busy_reads: int | None = 1, demand_rt: bool = False) -> None:
+                 busy_reads: int | None = 1, demand_rt: bool = True) -> None:
         # Before the engine's threads start: their 4 MiB chunk buffers would otherwise
         # spread over per-thread arenas and double the peak RSS (see limit_malloc_arenas).
         limit_malloc_arenas()

@@ -199,32 +199,42 @@ def test_a_background_read_an_on_demand_read_waits_for_goes_first(tmp_path) -> N
         f.close()
 
 
+def sched(tid: int) -> tuple[int, int]:
+    return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@pytest.mark.parametrize("rt", [True, False])
 def test_a_background_fetch_an_on_demand_read_waits_for_runs_at_its_priority(
-        tmp_path) -> None:
-    f, src, data = make_fetcher(tmp_path, 4)
+        tmp_path, rt: bool) -> None:
+    f, src, data = make_fetcher(tmp_path, 4, demand_rt=rt)
     try:
         src.hold(3)
-        nice: dict[str, int] = {}
+        seen: dict[str, tuple[int, int]] = {}
 
         def background() -> None:
-            nice["before"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            seen["before"] = sched(threading.get_native_id())
             f.ensure(3, background=True)
-            nice["after"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            seen["after"] = sched(threading.get_native_id())
 
         bg = start(background)
         assert src.wait_active(lambda s: 3 in s)
         tid = src.tids[3]
-        assert os.getpriority(os.PRIO_PROCESS, tid) == nice["before"]
+        assert sched(tid) == seen["before"]
         out: list[bytes] = []
         reader = start(lambda: out.append(f.read(3 * CS, 10)))
-        expected = min(nice["before"], DEMAND_NICE) if os.geteuid() == 0 else nice["before"]
-        assert wait_until(lambda: os.getpriority(os.PRIO_PROCESS, tid) == expected), \
-            os.getpriority(os.PRIO_PROCESS, tid)
+        policy, nice = seen["before"]
+        if os.geteuid() != 0:
+            expected = seen["before"]  # not permitted: unchanged
+        elif rt:
+            expected = (os.SCHED_RR, nice)
+        else:
+            expected = (policy, min(nice, DEMAND_NICE))
+        assert wait_until(lambda: sched(tid) == expected), sched(tid)
         src.held[3].set()
         reader.join(WAIT)
         bg.join(WAIT)
         assert out == [data[3 * CS:3 * CS + 10]]
-        assert nice["after"] == nice["before"], "the background thread's priority is back"
+        assert seen["after"] == seen["before"], "the background thread's priority is back"
         assert src.reads == [3]
     finally:
         f.close()

@@ -166,7 +166,7 @@ def test_an_on_demand_fetch_runs_at_a_raised_cpu_priority(tmp_path) -> None:
     # Under load, an on-demand read's p99 went to waiting for a CPU behind the pool.
     data = os.urandom(4 * CS)
     src = PrioritySource(data)
-    f = Fetcher(src, make_dest(tmp_path, len(data)), tmp_path / "map")
+    f = Fetcher(src, make_dest(tmp_path, len(data)), tmp_path / "map", demand_rt=False)
     try:
         def mine() -> int:
             return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
