@@ -35,9 +35,9 @@ or a lock, the GIL included). BENCH_RESTORE_WORKERS sets the restorer's pool (ex
 before each, the offline restore timed once): one run has only a few dozen on-demand fetches,
 so its p99 is its worst sample or next to it; the summary also gives the p99 of every run's
 samples pooled. --busy-reads: the engine's background reads in flight at most while on-demand
-reads are busy (PseudoVolume busy_reads; "none": no limit, the engine before that gate; a
-"+rt" suffix: on-demand fetches at a real-time priority, PseudoVolume demand_rt; ":N": the
-gate's hold, N ms), a comma
+reads are busy (PseudoVolume busy_reads; "none": no limit; a "-rt" suffix: on-demand fetches
+at nice -10, not SCHED_RR, PseudoVolume demand_rt=False; ":N": the gate's hold, N ms;
+"before": "none-rt", the engine before both), a comma
 list cycled through the repeats, so that settings compared run interleaved, minutes apart,
 over one backup.
 """
@@ -185,10 +185,12 @@ def child(args: argparse.Namespace) -> int:
     with open(dest, "wb") as f:
         f.truncate(source.size)
     spec, _, hold = args.busy_reads.partition(":")
-    busy = spec.removesuffix("+rt")
+    if spec == "before":
+        spec = "none-rt"
+    busy = spec.removesuffix("+rt").removesuffix("-rt")
     pv = PseudoVolume(source, dest, tmp / "state",
                       busy_reads=None if busy == "none" else int(busy),
-                      demand_rt=spec.endswith("+rt"))
+                      demand_rt=not spec.endswith("-rt"))
     if hold:
         pv.fetcher.gate.hold = float(hold) / 1000
     srv = FuseServer(pv, tmp / "fuse")
