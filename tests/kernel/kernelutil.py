@@ -140,14 +140,18 @@ def ride_out_outage(box: Sandbox, session: str, since: float, *, seconds: float 
     (the stack's own state) passes each round, and its status shows the wait for the
     repository at least once."""
     saw_wait = False
+    seen: list[str] = []  # what each round saw, for the failure message
     while time.monotonic() - since < seconds:
         st = box.status(session)
         saw_wait = saw_wait or bool(st.get("waiting_for_repository_since"))
+        age = time.time() - (st.get("updated") or 0)
+        seen.append(f"{time.monotonic() - since:.0f}s: status {age:.1f}s old, retries "
+                    f"{st.get('retries')}, restored {st.get('restored_bytes')}")
         assert st["state"] == "restoring", st
         if check is not None:
             check()
         time.sleep(2)
-    assert saw_wait, "status shows the wait for the repository"
+    assert saw_wait, f"status shows the wait for the repository ({'; '.join(seen)})"
 
 
 def verify_dest_alone(box: Sandbox, fs_tools, device: str | None = None) -> tuple[int, int]:
