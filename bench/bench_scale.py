@@ -231,7 +231,7 @@ def child(args: argparse.Namespace) -> int:
             command.run(["umount", str(mnt)], timeout=600)
     finally:
         detach(loop)
-        srv.stop()
+        stop_server(srv)
         pv.close()
     with open("/proc/self/status") as f:
         for line in f:
@@ -240,6 +240,22 @@ def child(args: argparse.Namespace) -> int:
     out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(out))
     return 0
+
+
+def stop_server(srv: Any, timeout: float = 30.0) -> None:
+    """srv.stop(), retried while the detached loop still shows in sysfs (its release is
+    asynchronous while something, udev's probe say, holds it open)."""
+    from dmrecover.errors import StackError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            srv.stop()
+            return
+        except StackError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def app_load(pv: Any, mnt: Path, t0: float, limit: float) -> dict[str, Any]:
