@@ -308,7 +308,7 @@ def _fio_log(path: Path, scale: float) -> list[tuple[float, float]]:
 
 
 def run_child(tmp: Path, repo: Path, backup_id: str, limit: float, load: bool,
-              busy_reads: str = "1") -> dict:
+              busy_reads: str = "none") -> dict:
     work = tmp / "child"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live-size", default="8G,32G")
     ap.add_argument("--live-data", default="2G")
     ap.add_argument("--live-repeat", type=int, default=1)
-    ap.add_argument("--busy-reads", default="1")
+    ap.add_argument("--busy-reads", default="none")
     ap.add_argument("--restore-limit", type=float, default=600.0)
     ap.add_argument("--json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -119,7 +119,8 @@ class Fetcher:
     on_lost: "block" (reads wait for the repository) or "error" (on-demand reads fail while
         it is lost); see the module doc.
     busy_reads: background chunk reads in flight at most while on-demand reads are busy
-        (None: no limit, as before issue 12's gate; benchmarks compare); busy_hold: seconds
+        (None, the default: no limit; 1 cut the p99 further but cost the background restore
+        ~8%, docs/architecture.md, Performance); busy_hold: seconds
         the demand stays busy after a fetch (engine/priority.py, ReadGate); demand_rt: fetch
         on demand at a real-time priority (SCHED_RR; False: at nice DEMAND_NICE).
     """
@@ -128,7 +129,7 @@ class Fetcher:
                  map_path: str | os.PathLike[str], *, deadline: float = 600.0,
                  backoff_max: float = 5.0, on_lost: str = "block",
                  mark_head: str | os.PathLike[str] | None = None,
-                 busy_reads: int | None = 1, busy_hold: float = DEFAULT_HOLD,
+                 busy_reads: int | None = None, busy_hold: float = DEFAULT_HOLD,
                  demand_rt: bool = True) -> None:
         if on_lost not in ON_LOST:
             raise ValueError(f"on_lost must be one of {ON_LOST}, not {on_lost!r}")

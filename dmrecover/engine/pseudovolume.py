@@ -48,7 +48,7 @@ class PseudoVolume:
         it is lost); the background restore waits either way (see fetcher).
     read_only: refuse writes (the dm backend's origin); no overlay files are created then.
     busy_reads: background chunk reads in flight at most while on-demand reads are busy
-        (Fetcher; None: no limit, for benchmarks to compare); demand_rt: see Fetcher.
+        (Fetcher; None: no limit); demand_rt: see Fetcher.
     """
 
     def __init__(self, source: ChunkSource, dest_path: str | os.PathLike[str],
@@ -58,7 +58,7 @@ class PseudoVolume:
                  map_dir: str | os.PathLike[str] | None = None,
                  mark_dest: str | os.PathLike[str] | None = None,
                  checkpoint_log_bytes: int | None = None,
-                 busy_reads: int | None = 1, demand_rt: bool = True) -> None:
+                 busy_reads: int | None = None, demand_rt: bool = True) -> None:
         # Before the engine's threads start: their 4 MiB chunk buffers would otherwise
         # spread over per-thread arenas and double the peak RSS (see limit_malloc_arenas).
         limit_malloc_arenas()

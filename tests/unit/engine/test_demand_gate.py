@@ -175,7 +175,7 @@ def test_waiting_background_reads_go_first_come_first_served() -> None:
 def test_a_background_read_an_on_demand_read_waits_for_goes_first(tmp_path) -> None:
     # Chunk 2's background fetch waits at the gate (another on-demand read pending, one
     # background read in flight); an application read of chunk 2 must not wait for both.
-    f, src, data = make_fetcher(tmp_path, 4, busy_hold=60.0)
+    f, src, data = make_fetcher(tmp_path, 4, busy_reads=1, busy_hold=60.0)
     try:
         src.hold(0, 1)
         a = start(f.read, 0, 10)
