@@ -53,16 +53,20 @@ DEFAULT_HOLD = 0.05
 
 def boost(tid: int | None = None, realtime: bool = False) -> int | None:
     """Raise thread `tid`'s (default: the caller's) CPU priority to DEMAND_NICE, or with
-    `realtime` to SCHED_RR DEMAND_RT_PRIORITY; returns its nice to restore (None: unchanged:
-    already higher or real-time, gone, or not permitted)."""
+    `realtime` to SCHED_RR DEMAND_RT_PRIORITY (DEMAND_NICE where that is not permitted);
+    returns its nice to restore (None: unchanged: already higher or real-time, gone, or not
+    permitted)."""
     tid = threading.get_native_id() if tid is None else tid
     try:
         old = os.getpriority(os.PRIO_PROCESS, tid)
         if os.sched_getscheduler(tid) != os.SCHED_OTHER:
             return None
         if realtime:
-            os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(DEMAND_RT_PRIORITY))
-            return old
+            try:
+                os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(DEMAND_RT_PRIORITY))
+                return old
+            except PermissionError:  # e.g. a cpu cgroup without real-time time: the nice
+                pass
         if old <= DEMAND_NICE:
             return None
         os.setpriority(os.PRIO_PROCESS, tid, DEMAND_NICE)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrecover.engine import priority
 from dmrecover.engine.fetcher import DEMAND_NICE, Fetcher, MemorySource
 from dmrecover.engine.priority import ReadGate
 
@@ -284,3 +285,29 @@ def test_with_demand_rt_an_on_demand_fetch_runs_real_time_then_gets_its_policy_b
         assert src.policy[2] == os.SCHED_OTHER, "the background restore stays normal"
     finally:
         f.close()
+
+
+def test_where_real_time_is_refused_an_on_demand_fetch_still_gets_the_nice(
+        monkeypatch) -> None:
+    # A cpu cgroup without real-time runtime refuses SCHED_RR (EPERM): the fetch must not
+    # lose its raised priority altogether.
+    def refuse(*_args) -> None:  # noqa: ANN002
+        raise PermissionError(1, "Operation not permitted (test)")
+
+    monkeypatch.setattr(priority.os, "sched_setscheduler", refuse)
+    out: dict[str, object] = {}
+
+    def fetch() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        old = priority.boost(realtime=True)
+        out["during"] = os.getpriority(os.PRIO_PROCESS, tid)
+        if old is not None:
+            priority.unboost(old)
+        out["before"], out["after"] = before, os.getpriority(os.PRIO_PROCESS, tid)
+
+    t = start(fetch)
+    t.join(WAIT)
+    expected = min(out["before"], DEMAND_NICE) if os.geteuid() == 0 else out["before"]
+    assert out["during"] == expected
+    assert out["after"] == out["before"]
