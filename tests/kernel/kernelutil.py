@@ -139,12 +139,12 @@ class Waiters:
 
 def ride_out_outage(box: Sandbox, session: str, since: float, *, seconds: float = 30.0,
                     check: Callable[[], None] | None = None) -> None:
-    """Poll the session until `seconds` after `since`: it keeps restoring all along, `check()`
-    (the stack's own state) passes each round, and its status shows the wait for the
-    repository at least once."""
+    """Poll the session until `seconds` after `since` (one round at least): it keeps restoring
+    all along, `check()` (the stack's own state) passes each round, and its status shows the
+    wait for the repository at least once."""
     saw_wait = False
     seen: list[str] = []  # what each round saw, for the failure message
-    while time.monotonic() - since < seconds:
+    while not seen or time.monotonic() - since < seconds:  # one round at least
         st = box.status(session)
         saw_wait = saw_wait or bool(st.get("waiting_for_repository_since"))
         age = time.time() - (st.get("updated") or 0)
