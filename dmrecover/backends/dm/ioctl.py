@@ -263,7 +263,8 @@ def _ioctl(cmd: int, buf: bytearray, *, what: str, name: str) -> bytearray:
         code = errno.errorcode.get(err.errno or 0, str(err.errno))
         log.info("failed (%s): ioctl %s %s", code, op, name)
         raise StackError(f"{what} failed: {op} on {name}: {err.strerror} ({code})",
-                         hint=_HINTS.get(err.errno or 0), returncode=err.errno) from err
+                         hint=_HINTS.get(err.errno or 0, "the kernel log (dmesg) says why"),
+                         returncode=err.errno) from err
     finally:
         os.close(fd)
     return buf
