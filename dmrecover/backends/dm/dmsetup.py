@@ -283,6 +283,18 @@ class _UdevWaiter:
             self.monitor = None
 
 
+def change_waiter(name: str):
+    """A waiter for the next udev change event of one of our devices, to start before the
+    call that causes it (a resume); None where udevd does not run or the device is not ours.
+    `.wait()` returns on that event (or after a second without it: the node exists)."""
+    if not use_udevsync():
+        return None
+    inf = info(name)
+    if inf is None or not inf.uuid.startswith(DM_UUID_PREFIX):
+        return None
+    return _UdevWaiter(inf.uuid, ("change",))
+
+
 def create(name: str, table: str | list[str], uuid: str, *, read_only: bool = False,
            wait: bool = True) -> Path:
     """Create (and resume) a device; return its /dev/mapper path once its node exists.

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.errors import StackError
-from dmrecover.system import command
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +379,7 @@ def swap(name: str, table: str | list[str], *, suspend_first: bool, read_only: b
     swap drops the new table and resumes the device on the old one, retried: the device is
     never left suspended unless the kernel refuses to resume it at all (then StackError says
     so). `loaded` runs with the new table loaded, before the swap (a test holds it there).
-    settle: wait for udev to finish the change event after (where udevd runs), so nothing
+    settle: wait for udev's change event of this resume (where udevd runs), so nothing
     looks at the device while udev's probes hold it.
     lockfs: freeze the filesystem on the device while suspending (dmsetup's default). Off:
     the new table shows the same data as the old, so the filesystem needs no consistent
@@ -388,6 +387,24 @@ def swap(name: str, table: str | list[str], *, suspend_first: bool, read_only: b
     I/O completes before the swap either way; I/O queued meanwhile goes to the new table.
     """
     targets = parse_table(table)
+    # The udev monitor starts before the pause (finding the device's UUID costs a dmsetup
+    # start): udev's change event of our resume is then waited for, not a blanket settle.
+    waiter = dm.change_waiter(name) if settle else None
+    try:
+        result = _swap(name, targets, suspend_first=suspend_first, read_only=read_only,
+                       loaded=loaded, lockfs=lockfs)
+    except BaseException:
+        if waiter is not None:
+            waiter.close()
+        raise
+    if waiter is not None:
+        waiter.wait(lambda: dm.mapper_path(name).exists())
+    return result
+
+
+def _swap(name: str, targets: list[Target], *, suspend_first: bool, read_only: bool,
+          loaded: Callable[[], None] | None, lockfs: bool) -> Swap:
+    """swap() without the udev wait."""
     t_suspend = t_load = 0.0
     if suspend_first:
         t0 = time.monotonic()
@@ -427,8 +444,6 @@ def swap(name: str, table: str | list[str], *, suspend_first: bool, read_only: b
              "load %.1f, resume %.1f)", name, targets[0].type, len(targets),
              result.pause * 1000, t_suspend * 1000,
              t_load * 1000 if suspend_first else 0.0, result.resume * 1000)
-    if settle and dm.use_udevsync():
-        command.run(["udevadm", "settle", "--timeout=30"], check=False, timeout=60)
     return result
 
 

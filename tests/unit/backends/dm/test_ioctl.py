@@ -226,3 +226,37 @@ def test_a_missing_device(kernel: FakeKernel) -> None:
     assert ioctl.dev_status("gone") is None
     with pytest.raises(StackError, match="ENXIO"):
         ioctl.swap("gone", NEW, suspend_first=False)
+
+
+class _Waiter:
+    def __init__(self, kernel: FakeKernel, log: list[str]) -> None:
+        self.kernel, self.log = kernel, log
+        log.append(f"watch after {len(kernel.calls)} ioctls")
+
+    def wait(self, check) -> None:
+        self.log.append(f"wait after {self.kernel.ops()}")
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_swap_waits_for_its_own_udev_event_watched_from_before_the_pause(
+        kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch, first: bool) -> None:
+    """No blanket `udevadm settle`: the device's change event, its monitor started before the
+    first ioctl (finding the UUID costs a dmsetup start: never inside the pause)."""
+    log: list[str] = []
+    monkeypatch.setattr(dm, "change_waiter", lambda name: _Waiter(kernel, log))
+    ioctl.swap("d", NEW, suspend_first=first)
+    ops = ["suspend", "load", "resume"] if first else ["load", "resume"]
+    assert log == ["watch after 0 ioctls", f"wait after {ops}"]
+
+
+def test_a_failed_swap_closes_its_udev_watch(kernel: FakeKernel,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    log: list[str] = []
+    monkeypatch.setattr(dm, "change_waiter", lambda name: _Waiter(kernel, log))
+    kernel.fail.add("load")
+    with pytest.raises(StackError):
+        ioctl.swap("d", NEW, suspend_first=True)
+    assert log == ["watch after 0 ioctls", "close"]
