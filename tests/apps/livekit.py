@@ -186,6 +186,18 @@ class Sandbox:
                 continue
         return out
 
+    def assert_app_gone(self, timeout: float = 10.0) -> None:
+        """No process of the application is left: one still exiting (a loaded host) gets
+        `timeout` seconds; one that stays fails, named with its state and command line."""
+        _, alive = psutil.wait_procs(self.app_procs(), timeout=timeout)
+        seen = []
+        for p in alive:
+            try:
+                seen.append(f"{p.pid} [{p.status()}] {' '.join(p.cmdline())}")
+            except psutil.Error:
+                continue
+        assert not seen, f"application processes left: {seen}"
+
     def stop_app(self) -> None:
         subprocess.run([sys.executable, "-m", "dmrecover.demo.sampleapp", "stop", "--state",
                         str(self.appstate)], capture_output=True, timeout=30)

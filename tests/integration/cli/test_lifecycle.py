@@ -161,4 +161,4 @@ def test_teardown_kills_a_resumed_session_and_its_application(box: Sandbox) -> N
     box.teardown()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     time.sleep(1.0)  # a surviving session would restart its application by now
-    assert not box.app_procs()
+    box.assert_app_gone()

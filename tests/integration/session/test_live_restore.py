@@ -188,7 +188,7 @@ def test_abort_keeps_overlay_then_resume(box: Sandbox, fs_tools, request) -> Non
     sdir = box.state_root / "ab"
     assert str(sdir) in r.stdout and "overlay" in r.stdout
     assert box.session("ab")["state"] == "aborted"
-    assert not box.app_procs(), "the application is stopped"
+    box.assert_app_gone()  # the application is stopped
     assert mount_at(str(box.mnt)) is None and mount_at(str(sdir / "fuse")) is None
     assert not box.loops_under()
     assert (sdir / "overlay.img").exists() and os.stat(sdir / "overlay.img").st_blocks > 0

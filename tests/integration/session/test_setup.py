@@ -68,7 +68,7 @@ def _refused(box: Sandbox, r: subprocess.CompletedProcess[str], before: dict, *w
     for w in words:
         assert w in lines[0], lines[0]
     assert _snapshot(box) == before
-    assert not box.app_procs()
+    box.assert_app_gone()
 
 
 def _resume_to_done(box: Sandbox, name: str) -> None:
@@ -164,7 +164,7 @@ def test_failure_at_each_setup_step_leaves_nothing(small: Sandbox, step: str) ->
     assert mount_at(str(box.mnt)) is None
     assert mount_at(str(box.state_root / "f" / "fuse")) is None
     assert not box.loops_under()
-    assert not box.app_procs()
+    box.assert_app_gone()
     assert not lock_held(str(box.state_root / "f"))  # no session process is left
     assert "undo" in (box.state_root / "f" / "session.log").read_text() or step == "fuse"
     # After the failure is gone, resume brings it up and finishes it.
@@ -179,7 +179,7 @@ def test_crash_during_merge_resume_reruns_it(small: Sandbox, fs_tools) -> None:
     s = box.wait_state("m", ("failed", "done"))
     assert s["state"] == "failed" and s["cutover_phase"] == "merge"
     assert mount_at(str(box.mnt)) is None and not box.loops_under()
-    assert not box.app_procs()
+    box.assert_app_gone()
     assert (box.state_root / "m" / "overlay.img").exists()
     _resume_to_done(box, "m")
     _stop_and_verify(box, fs_tools)
@@ -260,7 +260,7 @@ def test_sigterm_suspends_and_resume_continues(small: Sandbox, fs_tools) -> None
     assert s["state"] == "restoring" and s["pid"] is None
     assert mount_at(str(box.mnt)) is None and not box.loops_under()
     assert mount_at(str(box.state_root / "t" / "fuse")) is None
-    assert not box.app_procs()
+    box.assert_app_gone()
     _resume_to_done(box, "t")
     _stop_and_verify(box, fs_tools)
 
