@@ -7,7 +7,10 @@ DMRECOVER_STATE_ROOT, which the tests use):
                    every state change before it takes effect
     status.json    rewritten every ~0.5 s by the session process (engine stats, app state)
     control.json   a request (cutover, abort) from the CLI; the CLI then sends SIGUSR1
-    lock           flock()ed by the live session process: "in use" means this lock is held
+    lock           flock()ed by the live session process (and by its start, from before it
+                   creates anything): "in use" means this lock is held
+    lvs-intent.json  the LVs a start is about to create (system/lvm.py), until the record
+                   names them: what cleanup removes after a start killed in between
     session.log    the session process's log;  app.log: the application's output
     overlay.*, restored.map, merged    the engine's files (PseudoVolume), unless --overlay DIR
 
