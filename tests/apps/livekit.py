@@ -174,9 +174,11 @@ class Sandbox:
                     raise
                 time.sleep(0.05)
 
-    def app_procs(self) -> list[psutil.Process]:
-        """Processes whose command line names this sandbox (the app, its stop command)."""
-        key = str(self.appstate)
+    def app_procs(self, key: str | None = None) -> list[psutil.Process]:
+        """Processes whose command line names this sandbox (the app, its stop command), or
+        `key`, a narrower part of it (one session's app state). The command line is read once,
+        as the process list is walked: one read later may find a zombie, which has none."""
+        key = str(self.appstate) if key is None else key
         out = []
         for p in psutil.process_iter(["cmdline"]):
             try:

@@ -172,9 +172,12 @@ def _finish_and_verify(sb: Sandbox, session: str, dest: Path, mnt: Path) -> dict
     done = sb.wait_state(session, ("done", "failed"), timeout=240)
     assert done["state"] == "done", f"{session} ended {done['state']}: {done.get('error')}"
     assert mount_at(str(mnt)) is not None, "DEST is not mounted after the cutover"
-    procs = [p for p in sb.app_procs() if str(sb.appstate / session) in " ".join(p.cmdline())]
+    procs = sb.app_procs(str(sb.appstate / session))
     for p in procs:
-        p.terminate()
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass  # exited meanwhile: wait_procs below counts it gone
     _, alive = psutil.wait_procs(procs, timeout=60)
     assert not alive, f"the application did not stop: {alive}"
     command.run(["umount", str(mnt)])
