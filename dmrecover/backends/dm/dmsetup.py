@@ -284,15 +284,11 @@ class _UdevWaiter:
 
 
 def change_waiter(name: str):
-    """A waiter for the next udev change event of one of our devices, to start before the
-    call that causes it (a resume); None where udevd does not run or the device is not ours.
-    `.wait()` returns on that event (or after a second without it: the node exists)."""
-    if not use_udevsync():
-        return None
+    """A waiter for the next udev change event of a device, to start before the call that
+    causes it (a resume); None when the device has no UUID. `.wait(check)` returns on that
+    event (where udevd runs), else once check() holds."""
     inf = info(name)
-    if inf is None or not inf.uuid.startswith(DM_UUID_PREFIX):
-        return None
-    return _UdevWaiter(inf.uuid, ("change",))
+    return _UdevWaiter(inf.uuid, ("change",)) if inf and inf.uuid else None
 
 
 def create(name: str, table: str | list[str], uuid: str, *, read_only: bool = False,
@@ -324,40 +320,15 @@ def create(name: str, table: str | list[str], uuid: str, *, read_only: bool = Fa
     return path
 
 
-def reload(name: str, table: str | list[str], *, read_only: bool = False) -> None:
-    """Load a new (inactive) table; it takes effect at the next resume.
-
-    read_only: the table opens its devices read-only (a device created read-only needs it:
-    its table may sit on read-only loops)."""
-    args = ["reload", name] + (["--readonly"] if read_only else [])
-    _dmsetup(args, what=f"reloading the table of {name}", input=_table_text(table))
-
-
 def message(name: str, text: str, sector: int = 0) -> str:
     """Send a target message (`dmsetup message NAME SECTOR TEXT`); returns its answer."""
     return _dmsetup(["message", name, str(sector), *text.split()],
                     what=f"sending {text!r} to {name}").stdout
 
 
-def suspend(name: str, *, flush: bool = True) -> None:
-    """Suspend I/O on a device (flushing it first unless flush=False)."""
-    args = ["suspend", name]
-    if not flush:
-        args.insert(1, "--noflush")
-    _dmsetup(args, what=f"suspending {name}", sync=True)
-
-
-def resume(name: str, *, udev_wait: bool = True) -> None:
-    """Resume a device (activating a reloaded table); waits for its udev change event.
-
-    udev_wait=False returns as soon as the kernel resumed I/O (`--noudevsync`): for a table
-    swap under a running application, where only the pause matters and the node exists.
-    """
-    if not udev_wait:
-        _dmsetup(["--noudevsync", "resume", name], what=f"resuming {name}")
-        return
-    inf = info(name)
-    waiter = _UdevWaiter(inf.uuid, ("change",)) if inf and inf.uuid else None
+def resume(name: str) -> None:
+    """Resume a device (activating a reloaded table); waits for its udev change event."""
+    waiter = change_waiter(name)
     try:
         _dmsetup(["resume", name], what=f"resuming {name}", sync=True)
     except BaseException:

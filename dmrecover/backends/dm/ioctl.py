@@ -389,7 +389,7 @@ def swap(name: str, table: str | list[str], *, suspend_first: bool, read_only: b
     targets = parse_table(table)
     # The udev monitor starts before the pause (finding the device's UUID costs a dmsetup
     # start): udev's change event of our resume is then waited for, not a blanket settle.
-    waiter = dm.change_waiter(name) if settle else None
+    waiter = dm.change_waiter(name) if settle and dm.use_udevsync() else None
     try:
         result = _swap(name, targets, suspend_first=suspend_first, read_only=read_only,
                        loaded=loaded, lockfs=lockfs)

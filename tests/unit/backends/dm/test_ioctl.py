@@ -246,6 +246,7 @@ def test_swap_waits_for_its_own_udev_event_watched_from_before_the_pause(
     """No blanket `udevadm settle`: the device's change event, its monitor started before the
     first ioctl (finding the UUID costs a dmsetup start: never inside the pause)."""
     log: list[str] = []
+    monkeypatch.setattr(dm, "_udevsync", True)  # udevd runs: the event is waited for
     monkeypatch.setattr(dm, "change_waiter", lambda name: _Waiter(kernel, log))
     ioctl.swap("d", NEW, suspend_first=first)
     ops = ["suspend", "load", "resume"] if first else ["load", "resume"]
@@ -255,6 +256,7 @@ def test_swap_waits_for_its_own_udev_event_watched_from_before_the_pause(
 def test_a_failed_swap_closes_its_udev_watch(kernel: FakeKernel,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[str] = []
+    monkeypatch.setattr(dm, "_udevsync", True)  # udevd runs: the event is waited for
     monkeypatch.setattr(dm, "change_waiter", lambda name: _Waiter(kernel, log))
     kernel.fail.add("load")
     with pytest.raises(StackError):
