@@ -40,7 +40,6 @@ from typing import Any
 from dmrecover.errors import DeviceError, StackError, UsageError
 from dmrecover.system import command, files
 from dmrecover.system.blockdev import size_of
-from dmrecover.system.files import write_all
 from dmrecover.units import format_size
 
 log = logging.getLogger(__name__)
@@ -408,7 +407,7 @@ def zero_start(path: str, length: int) -> None:
     """Write `length` zero bytes at the start of the block device, durably."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        write_all(fd, bytes(length), 0)  # length is HEADER_WIPE at most: 1 MiB
+        files.write_all(fd, bytes(length), 0)  # length is HEADER_WIPE at most: 1 MiB
         os.fsync(fd)
     finally:
         os.close(fd)
