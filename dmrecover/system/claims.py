@@ -176,49 +176,79 @@ def claim_destination(path: StrPath, owner: str, *, create: bool = True,
     created (mode, never through a symlink) when `create`. ClaimRefused when another holds
     it; DeviceError when it cannot be opened (for a block device: mounted or held).
     exclusive=False: a block device is locked but not opened O_EXCL (it is mounted by its
-    user already, e.g. a session resumed past its cutover's merge)."""
+    user already, e.g. a session resumed past its cutover's merge).
+
+    DEST is opened only once its lock is ours: the winner of two claims at once checks that
+    no other process has DEST open, and a loser holding it open for a moment (while it reads
+    who holds the lock) would make the winner refuse too."""
     p = os.path.abspath(os.fspath(path))
     created = False
+    for _ in range(10):
+        st = _identity(p, create)
+        if st is None:  # missing: create it, closed at once (opened again under the lock)
+            try:
+                os.close(os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, mode))
+                created = True
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise DeviceError(f"cannot create destination {p}: {err.strerror}") from None
+            continue
+        is_block = stat.S_ISBLK(st.st_mode)
+        key = f"blk-{st.st_rdev:x}" if is_block else f"file-{st.st_dev:x}-{st.st_ino:x}"
+        # Refused: the file this call created (if any) is the holder's now; it stays.
+        lock = _lock(key, owner, f"destination {p}")
+        try:
+            if is_block:
+                fd = _open_dest(_dev_node(p), os.O_EXCL if exclusive else 0)
+            else:
+                fd = _open_dest(p, 0)
+                now = os.fstat(fd)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    # Replaced between the stat and the open: lock the new one.
+                    os.close(fd)
+                    _release_all([lock])
+                    continue
+        except BaseException:
+            _release_all([lock])
+            if created:
+                _unlink_quietly(p)
+            raise
+        return Claim("dest", p, owner, [lock], fd=fd, created=created)
+    raise DeviceError(f"destination {p} keeps being replaced while it is claimed",
+                      hint="stop what renames or recreates it")
+
+
+def _identity(p: str, create: bool) -> os.stat_result | None:
+    """DEST's stat (a block device through udev's symlinks under /dev; a regular file never
+    through a symlink), None when missing and `create`; DeviceError otherwise."""
     try:
         st = os.stat(p)
     except FileNotFoundError:
+        if os.path.islink(p):
+            raise DeviceError(f"destination {p} is a symbolic link",
+                              hint="name the file itself") from None
         if not create or p.startswith("/dev/"):
             raise DeviceError(f"destination {p} does not exist",
                               hint="check the name") from None
-        try:
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, mode)
-            created = True
-        except FileExistsError:
-            fd = _open_dest(p, 0)
-        except OSError as err:
-            raise DeviceError(f"cannot create destination {p}: {err.strerror}") from None
-        st = os.fstat(fd)
-    else:
-        if stat.S_ISBLK(st.st_mode):
-            fd = -1  # opened O_EXCL once the lock is ours (the lock names the owner)
-        elif stat.S_ISREG(st.st_mode):
-            fd = _open_dest(p, 0)
-            st = os.fstat(fd)
-        else:
-            raise DeviceError(f"destination {p} is neither a block device nor a regular file")
-    is_block = stat.S_ISBLK(st.st_mode)
-    key = f"blk-{st.st_rdev:x}" if is_block else f"file-{st.st_dev:x}-{st.st_ino:x}"
+        return None
+    except OSError as err:
+        raise DeviceError(f"cannot open destination {p}: {err.strerror}") from None
+    if stat.S_ISBLK(st.st_mode):
+        return st
+    if not stat.S_ISREG(st.st_mode):
+        raise DeviceError(f"destination {p} is neither a block device nor a regular file")
+    if os.path.islink(p):
+        raise DeviceError(f"destination {p} is a symbolic link", hint="name the file itself")
+    return st
+
+
+def _unlink_quietly(p: str) -> None:
     try:
-        lock = _lock(key, owner, f"destination {p}")
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        if created:
-            os.unlink(p)
-        raise
-    if is_block:
-        try:
-            fd = _open_dest(_dev_node(p), os.O_EXCL if exclusive else 0)
-        except BaseException:
-            _release_all([lock])
-            raise
-    return Claim("dest", p, owner, [lock], fd=fd, created=created)
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
 
 
 def _dev_node(p: str) -> str:

@@ -81,3 +81,53 @@ def test_a_claim_handed_to_a_child_is_held_with_no_gap(tmp_path) -> None:
     finally:
         child.communicate(b"")
     claims.claim_destination(dest, "other").release()  # released with the child's death
+
+
+def _fds_on(path) -> list[str]:
+    st = os.stat(path)
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            s = os.stat(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+            out.append(fd)
+    return out
+
+
+def test_a_refused_claim_never_has_the_destination_open(tmp_path) -> None:
+    """The winner of two claims at once refuses DEST when another process has it open: a
+    loser must not hold it open while it reads who holds the lock (CI: both refused)."""
+    import fcntl
+    import threading
+    import time
+
+    dest = tmp_path / "dest.img"
+    dest.write_bytes(b"")
+    st = os.stat(dest)
+    # A holder that has taken the lock but not yet written its name: the loser waits to
+    # read it (claims._holder), the window in which it must not have DEST open.
+    lock = os.open(os.path.join(claims.claims_dir(), f"file-{st.st_dev:x}-{st.st_ino:x}.lock"),
+                   os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    errors: list[BaseException] = []
+
+    def contend() -> None:
+        try:
+            claims.claim_destination(dest, "loser")
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            errors.append(err)
+
+    t = threading.Thread(target=contend)
+    t.start()
+    seen = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and t.is_alive():
+        seen += _fds_on(dest)
+        time.sleep(0.01)
+    t.join()
+    os.close(lock)
+    assert seen == []
+    assert len(errors) == 1 and isinstance(errors[0], claims.ClaimRefused)
+    assert "another dmrecover process" in str(errors[0])
