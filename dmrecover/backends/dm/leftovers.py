@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dmrecover.backends.base import Leftover, SessionLookup
 from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.backends.dm import waitpath
 from dmrecover.errors import StackError
 from dmrecover.system import loops
 from dmrecover.system.mounts import mounts, umount_or_detach
@@ -23,6 +24,7 @@ from dmrecover.system.mounts import mounts, umount_or_detach
 BACKEND = "dm"
 MOUNT = "mount"
 DEVICE = "dm"
+QUEUE = "queue"  # a waiting source (waitpath): told to stop queueing before the unmounts
 #: Removal order among layers equally open (lower first, others 0): the origin under them last.
 LAYER_ORDER = {"origin": 1}
 
@@ -99,8 +101,25 @@ def find(sessions: SessionLookup) -> list[Leftover]:
     names = leftover_devices(sessions)
     if not names:
         return []
-    return ([Leftover(BACKEND, MOUNT, mp) for mp in mounts_of_devices(names)]
+    return ([Leftover(BACKEND, QUEUE, n) for n in names if _is_source(n)]
+            + [Leftover(BACKEND, MOUNT, mp) for mp in mounts_of_devices(names)]
             + [Leftover(BACKEND, DEVICE, n) for n in names])
+
+
+def _is_source(name: str) -> bool:
+    inf = dm.info(name)
+    return inf is not None and (dm.split_uuid(inf.uuid) or ("", ""))[1] == waitpath.LAYER
+
+
+def release_sources(names: list[str]) -> list[str]:
+    """Tell the waiting sources among `names` to stop queueing: nobody serves them again,
+    and unmounting a filesystem whose writes wait on one would hang."""
+    done = []
+    for n in names:
+        if _is_source(n):
+            waitpath.release(n)
+            done.append(f"stopped queueing on {n}")
+    return done
 
 
 def remove_device(name: str) -> None:
@@ -115,7 +134,9 @@ def remove_device(name: str) -> None:
 
 def remove(item: Leftover) -> None:
     """Remove one leftover found by `find()` (a mount lazily where a normal unmount fails)."""
-    if item.kind == MOUNT:
+    if item.kind == QUEUE:
+        waitpath.release(item.name)
+    elif item.kind == MOUNT:
         umount_or_detach(item.name)
     elif item.kind == DEVICE:
         remove_device(item.name)
@@ -127,6 +148,7 @@ def teardown_session_devices(session: str) -> list[str]:
     """A dead session's dm part: unmount what is mounted from its devices, remove them."""
     done = []
     names = [i.name for i in dm.list_owned(session)] if dm.available() else []
+    done += release_sources(names)
     for mp in mounts_of_devices(names):
         lazily = umount_or_detach(mp)
         done.append(f"{'lazily ' if lazily else ''}unmounted {mp}")

@@ -1,7 +1,7 @@
 """The dm-clone backend's stack: build, teardown, hydration and the online cutover.
 
     PseudoVolume(read_only, DEST = STATE/staging.img) -> FUSE STATE/origin/volume -> loop -r
-                                                                           (source)
+        -> dm multipath, queue_if_no_path = dmrecover-<session>-source             (source)
     sparse STATE/clone-meta.img -> loop                                    (metadata)
     DEST (block device, or a regular file on a loop)                       (destination)
     dm "clone" <metadata> <DEST> <source> = dmrecover-<session>-clone -> mount at MP
@@ -24,11 +24,14 @@ Cutover: online (`online_cutover`): wait until every region is hydrated, then sw
 ioctl.swap). Restart mode: after teardown, `finish_hydration()` re-creates the clone from
 its metadata over the complete staging file and waits for the rest. After a crash the clone
 is re-created from the same metadata: hydrated regions stay hydrated, application writes stay
-in DEST.
+in DEST. Until then the source waits (backends/dm/waitpath.py): the kernel's reads of it queue
+while the session process is dead, so no write of the application fails for want of a source;
+`dmrecover resume` serves it again (`serve_dead_source`) before it stops anything.
 
 `DMRECOVER_FAIL_AT=<step>` (a test hook) injects a failure at: dm-probe, fuse, origin-loop,
-clone-meta, meta-loop, dest-loop, dm-clone, mount. `DMRECOVER_TEST_MERGE_PAUSE=<s>` holds the
-online cutover for s seconds with the linear table loaded, before the swap (a power cut there).
+source, clone-meta, meta-loop, dest-loop, dm-clone, mount. `DMRECOVER_TEST_MERGE_PAUSE=<s>`
+holds the online cutover for s seconds with the linear table loaded, before the swap (a power
+cut there).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.backends.dm import dmsetup as dm
-from dmrecover.backends.dm import ioctl
+from dmrecover.backends.dm import ioctl, waitpath
 from dmrecover.backends.dm_clone import target
 from dmrecover.backends.fuse.stack import start_server
 from dmrecover.errors import StackError
@@ -118,6 +121,7 @@ class CloneStack(Presentation):
     undo: UndoStack = field(default_factory=UndoStack)
     server: FuseServer | None = None
     origin_loop: str | None = None
+    source: str | None = None  # the waiting source over origin_loop (waitpath)
     meta_loop: str | None = None
     dest_loop: str | None = None  # DEST is a regular file
     clone: str | None = None  # dm name
@@ -152,7 +156,8 @@ class CloneStack(Presentation):
 
     def devices(self) -> dict:
         return {"backend": "dm-clone", "fuse_dir": self.origin_dir if self.server else None,
-                "origin_loop": self.origin_loop, "meta_loop": self.meta_loop,
+                "origin_loop": self.origin_loop, "source": self.source,
+                "meta_loop": self.meta_loop,
                 "metadata": self.meta_path, "dest_loop": self.dest_loop, "dm": self.clone,
                 "swaps": [s.as_dict() for s in self.swaps],
                 "mounted": self.ctx.mountpoint if self.mounted else None}
@@ -177,11 +182,12 @@ class CloneStack(Presentation):
         """source -> metadata -> DEST -> dm clone -> mount; undone on failure."""
         try:
             fault_point("dm-probe")
-            dm.probe((target.TARGET,))
+            dm.probe((target.TARGET, waitpath.TARGET))
             self._check_engine_dest()
             dm.install_udev_rules()
             self._start_origin()
             self._attach_origin()
+            self._make_source()
             self._make_metadata()
             self._attach_metadata()
             self._attach_dest()
@@ -227,6 +233,19 @@ class CloneStack(Presentation):
         self.origin_loop = loops.attach(os.path.join(self.origin_dir, ORIGIN_FILE),
                                         read_only=True, direct_io=self.origin_direct_io)
         self.undo.push("origin-loop", self._detach("origin_loop"))
+        self._changed()
+
+    def _make_source(self) -> None:
+        fault_point("source")
+        assert self.origin_loop
+        self.source = waitpath.create(self.session, self.origin_loop, self.volume.size)
+        self.undo.push("source", self._remove_source)
+        self._changed()
+
+    def _remove_source(self) -> None:
+        name, self.source = self.source, None
+        if name is not None:
+            dm.remove(name)
         self._changed()
 
     def _detach(self, attr: str) -> Callable[[], None]:
@@ -292,9 +311,9 @@ class CloneStack(Presentation):
         if dm.info(name) is not None:
             raise StackError(f"device-mapper device {name} exists already",
                              hint="a dead session left it: run `dmrecover cleanup`")
-        assert self.meta_loop and self.origin_loop
-        table = target.clone_table(self.meta_loop, self._dest_device(), self.origin_loop,
-                                   self.volume.size)
+        assert self.meta_loop and self.source
+        table = target.clone_table(self.meta_loop, self._dest_device(),
+                                   str(dm.mapper_path(self.source)), self.volume.size)
         dm.create(name, table, dm.dm_uuid(self.session, LAYER))
         self.clone = name
         self.undo.push("dm-clone", self._remove_clone)
@@ -368,7 +387,7 @@ class CloneStack(Presentation):
                           suspend_first=False, loaded=loaded)
         self.swaps.append(done)
         pause = done.pause
-        for step in ("origin-loop", "fuse", "meta-loop"):
+        for step in ("source", "origin-loop", "fuse", "meta-loop"):
             try:
                 self.undo.pop(step)()
             except KeyError:

@@ -1,0 +1,75 @@
+"""A source device that waits, rather than fails, while no session process serves it.
+
+The kernel's side of a session (a dm-clone hydrating DEST) reads its source from a loop over
+the FUSE file the session process serves. When that process dies (SIGKILL, OOM, a bug), the
+FUSE connection aborts and every read of the loop fails at once: a write smaller than a clone
+region (the kernel must copy the region from the source first) then fails with EIO, and a
+filesystem whose journal or checkpoint writes fail that way is damaged. Acknowledged writes
+must survive a crash of the tool, so the source is a one-path dm `multipath` device with
+`queue_if_no_path` over the loop:
+
+    loop over FUSE -> dm multipath (queue_if_no_path) = dmrecover-<session>-source
+
+When the loop fails, multipath fails the path and queues the I/O (the application waits, as
+on an NFS hard mount) until the path comes back: `revive()` loads a table naming a new loop
+(over a new FUSE server of the same volume), swapped in with a no-flush suspend so queued I/O
+is handed to the new path, never failed. `release()` (`fail_if_no_path`) is for tearing down
+a session nobody will serve again: then queued I/O fails rather than hanging the teardown.
+
+bio-based (`queue_mode bio`): the loop under it needs no request queue of dm's, and the
+no-flush suspend hands the queued bios back to dm, which maps them through the new table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dmrecover.backends.dm import dmsetup as dm
+from dmrecover.backends.dm import ioctl
+from dmrecover.errors import StackError
+
+log = logging.getLogger(__name__)
+
+TARGET = "multipath"
+LAYER = "source"
+
+
+def table(device: str, size_bytes: int) -> str:
+    """One path group of one path, queueing while it has failed."""
+    return (f"0 {dm.sectors(size_bytes)} {TARGET} 3 queue_if_no_path queue_mode bio 0 1 1 "
+            f"round-robin 0 1 1 {device} 1")
+
+
+def create(session: str, device: str, size_bytes: int) -> str:
+    """The session's waiting source over `device` (read-only); returns its dm name."""
+    name = dm.dm_name(session, LAYER)
+    if dm.info(name) is not None:
+        raise StackError(f"device-mapper device {name} exists already",
+                         hint="a dead session left it: run `dmrecover cleanup`")
+    dm.create(name, table(device, size_bytes), dm.dm_uuid(session, LAYER), read_only=True)
+    return name
+
+
+def exists(session: str) -> bool:
+    return dm.info(dm.dm_name(session, LAYER)) is not None
+
+
+def revive(name: str, device: str, size_bytes: int) -> None:
+    """Point the source at `device` (a new loop over a new server): I/O queued while no path
+    served it goes to the new one, none fails."""
+    # No flush: a flushing suspend turns queueing off and fails what is queued.
+    ioctl.suspend(name, flush=False)
+    try:
+        ioctl.load(name, table(device, size_bytes), read_only=True)
+    except BaseException:
+        ioctl.resume(name)
+        raise
+    ioctl.resume(name)
+    log.info("%s now reads from %s", name, device)
+
+
+def release(name: str) -> None:
+    """Stop queueing: what waits (and what comes) fails at once if no path serves it. For a
+    teardown that no server will ever answer (unmounting would hang on queued writes)."""
+    if dm.info(name) is not None:
+        dm.message(name, "fail_if_no_path")
