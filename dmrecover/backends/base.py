@@ -201,6 +201,18 @@ class Backend(ABC):
         """After `online_cutover`: drop what the merged overlay left (e.g. the COW file)."""
         return None
 
+    def dead_source_waits(self, ctx: BackendContext) -> bool:
+        """True when the kernel side a dead session process left waits for the volume to be
+        served again (I/O queued, not failed): the teardown must serve it first
+        (`serve_dead_source`), or what waits fails."""
+        return False
+
+    def serve_dead_source(self, volume: PseudoVolume, ctx: BackendContext
+                          ) -> Callable[[], None]:
+        """Serve a dead session's waiting source from `volume` (read-only) until the returned
+        call, made after `teardown_dead`."""
+        raise NotImplementedError(f"the {self.name} backend has no waiting source")
+
     @abstractmethod
     def teardown_dead(self, ctx: BackendContext) -> list[str]:
         """Remove what a dead session process of this backend left (mounts, devices, loops,

@@ -18,7 +18,7 @@ from dmrecover.backends import registry
 from dmrecover.backends.base import Backend
 from dmrecover.engine import overlay as overlay_files
 from dmrecover.engine.pseudovolume import MERGED_MARKER, RESTORED_MAP
-from dmrecover.errors import SessionError, UsageError
+from dmrecover.errors import DmrecoverError, SessionError, UsageError
 from dmrecover.session.app import AppSpec
 from dmrecover.session.cutover import RESUMABLE_PHASES
 from dmrecover.session.record import (
@@ -91,13 +91,50 @@ def teardown_dead(record: SessionRecord, services: Services, *, stop_app: bool =
     """Stop the application a dead session process left, and remove its stack (found by
     looking at the system, not by trusting the record). Returns what was done."""
     done: list[str] = []
-    if stop_app and services.app.processes():
-        done += services.app.stop()
-        done.append("stopped the application")
-    done += services.backend.teardown_dead(record.context())
+    stop_serving = _serve_dead_source(record, services)
+    try:
+        if stop_serving is not None:
+            done.append("served the dead session's source again (its queued I/O completes)")
+        if stop_app and services.app.processes():
+            done += services.app.stop()
+            done.append("stopped the application")
+        done += services.backend.teardown_dead(record.context())
+    finally:
+        if stop_serving is not None:
+            stop_serving()
     for item in done:
         log.info("teardown: %s", item)
     return done
+
+
+def _serve_dead_source(record: SessionRecord, services: Services
+                       ) -> Callable[[], None] | None:
+    """Where the dead process's kernel side waits for its source (dm-clone: the hydration an
+    application write needs queues, see backends/dm/waitpath.py), serve the volume again
+    before anything is stopped or unmounted: what waits completes, no acknowledged write is
+    failed. SessionError, nothing changed, when the backup cannot be opened."""
+    ctx = record.context()
+    if not services.backend.dead_source_waits(ctx):
+        return None
+    try:
+        volume = services.open_volume(record, services.backend, None)
+    except DmrecoverError as err:
+        raise SessionError(f"session {record.name}: I/O of its volume waits for the backup, "
+                           f"which cannot be opened: {err}",
+                           hint="make the repository reachable and run this again; "
+                                "`dmrecover cleanup` fails that I/O instead") from err
+    try:
+        stop = services.backend.serve_dead_source(volume, ctx)
+    except BaseException:
+        volume.close()
+        raise
+
+    def stop_serving() -> None:
+        try:
+            stop()
+        finally:
+            volume.close()
+    return stop_serving
 
 
 def corrected_app(current: AppSpec, given: AppSpec | None) -> AppSpec | None:

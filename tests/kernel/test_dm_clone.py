@@ -218,20 +218,54 @@ def test_clone_session_online_cutover(box: Sandbox, fs_tools, ext4_image: Path) 
 
 
 def test_clone_session_killed_then_resumed(box: Sandbox, fs_tools, ext4_image: Path) -> None:
-    """SIGKILL the session process and its application mid-restore; `dmrecover resume`
-    rebuilds the clone from its own metadata and the session completes (restart cutover)
-    with every acknowledged write on DEST."""
+    """SIGKILL the session process mid-restore: the clone's source waits (a write smaller
+    than a region needs its region from the source: it queues, it does not fail); `dmrecover
+    resume` serves the source again before it stops the application, rebuilds the clone from
+    its own metadata, and the session completes (restart cutover) with every acknowledged
+    write on DEST, those made while no session ran included. Once this failed 1 run in 3:
+    such writes failed with EIO, ext4 lost journaled metadata and the application could not
+    start again."""
+    import threading
+
     import psutil
 
     _pid, name = _start_clone(box, fs_tools, ext4_image, "ck")
     time.sleep(2.0)
     hydrated = target.status(name).hydrated
-    os.kill(box.session("ck")["pid"], signal.SIGKILL)
+    spid = box.session("ck")["pid"]
+    log_before = len(_kernel_log())
+    os.kill(spid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(spid)], timeout=20)
+    # Writes with no session: new files (blocks in regions not hydrated yet), then sync(2),
+    # which holds no descriptor on the mount (the resume's unmount must not find it busy).
+    after: dict[str, object] = {}
+
+    def write_after_kill() -> None:
+        try:
+            for i in range(8):
+                (box.mnt / f"after-kill-{i}").write_bytes(bytes([65 + i]) * 12288)
+            os.sync()
+            after["ok"] = True
+        except OSError as err:
+            after["error"] = err
+
+    writer = threading.Thread(target=write_after_kill, daemon=True)
+    writer.start()
+    writer.join(8)
+    assert "error" not in after, f"a write failed while no session served: {after['error']}"
+    paths = dm.status(dm.dm_name("ck", "source")).split()
+    assert "F" in paths, f"the source's path has not failed: {paths}"  # reads queue on it
     for p in box.app_procs():
-        p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(box.app_procs(), timeout=20)
+        p.send_signal(signal.SIGKILL)  # may wait in D state for its queued writes
     r = box.cli("resume", "ck")
     assert r.returncode == 0, r.stdout + r.stderr
+    writer.join(120)
+    assert after.get("ok"), f"the writes of the dead session's time: {after}"
+    # Nothing failed for want of a source (before: "clone: hydration failed", EXT4 errors).
+    bad = [line for line in _kernel_log()[log_before:]
+           if "hydration failed" in line or "EXT4-fs error" in line
+           or ("I/O error" in line and "dev loop" not in line)]  # the dead FUSE's loop fails
+    assert not bad, bad
     box.wait_app(timeout=180)
     name = _on_clone(box, "ck")
     assert target.status(name).hydrated >= hydrated, "hydrated regions survive the crash"
@@ -239,6 +273,8 @@ def test_clone_session_killed_then_resumed(box: Sandbox, fs_tools, ext4_image: P
     assert done["state"] == "done", done.get("error")
     box.wait_app(timeout=120)
     assert not dm.list_owned("ck")
+    for i in range(8):  # on DEST now, where the application runs
+        assert (box.mnt / f"after-kill-{i}").read_bytes() == bytes([65 + i]) * 12288
     verify_dest_alone(box, fs_tools)
 
 

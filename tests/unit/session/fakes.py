@@ -87,6 +87,14 @@ class FakeBackend(Backend):
         self.busy = False  # teardown refused: something holds the mount
         self.live: set[str] = set()  # what the presentation built and did not undo
         self.dead_torn_down = 0
+        self.source_waits = False  # a dead session's kernel side waits for its source
+
+    def dead_source_waits(self, ctx: BackendContext) -> bool:
+        return self.source_waits
+
+    def serve_dead_source(self, volume: Any, ctx: BackendContext) -> Callable[[], None]:
+        self.events.append("serve-source")
+        return lambda: self.events.append("stop-serving")
 
     def probe(self) -> None:
         return None

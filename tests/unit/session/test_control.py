@@ -119,3 +119,39 @@ def test_cutover_is_refused_at_once_when_the_restore_cannot_complete(tmp_path: P
         assert time.monotonic() - t0 < 5
     finally:
         os.close(lock)
+
+
+def test_resume_serves_a_waiting_source_before_it_stops_or_tears_down(tmp_path: Path) -> None:
+    """dm-clone: the dead process's source queues the kernel's reads (an application write
+    waits for its region's hydration). Stopping the application or unmounting first would
+    wait forever, or fail that write: the volume is served again first, until the teardown
+    is over."""
+    w = make_world()
+    w.backend.source_waits = True
+    survivor = [object()]  # the application the dead process left, until it is stopped
+    w.app.processes = lambda: survivor if "app:stop" not in w.events else []  # type: ignore
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.RESTORING)
+    resume_session("s", state_dir=rec.state_dir, foreground=True, services=w.services)
+    assert w.events[:5] == ["open-volume", "serve-source", "app:stop", "teardown-dead",
+                            "stop-serving"], w.events
+
+
+def test_resume_of_a_waiting_source_without_its_backup_changes_nothing(tmp_path: Path) -> None:
+    w = make_world()
+    w.backend.source_waits = True
+    rec = make_record(tmp_path / "s")
+    rec.set_state(State.RESTORING)
+
+    def unreachable(*_a: object) -> None:
+        raise SessionError("repository /repo is unreachable")
+
+    def services(r=None):
+        s = w.services(r)
+        s.open_volume = unreachable
+        return s
+
+    with pytest.raises(SessionError, match="waits for the backup.*unreachable"):
+        resume_session("s", state_dir=rec.state_dir, foreground=True, services=services)
+    assert "teardown-dead" not in w.events and "app:stop" not in w.events
+    assert rec.reload().state == State.RESTORING
