@@ -36,7 +36,7 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.runner import OnStarted, launch
 from dmrecover.session.services import Services, ServicesFactory, default_services
-from dmrecover.system import files, lvm, mounts
+from dmrecover.system import files, forked, lvm, mounts
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,26 @@ def teardown_dead(record: SessionRecord, services: Services, *, stop_app: bool =
                   ) -> list[str]:
     """Stop the application a dead session process left, and remove its stack (found by
     looking at the system, not by trusting the record). Returns what was done."""
+    if services.backend.dead_source_waits(record.context()):
+        # The source is served again first, by a FUSE server's threads: in a child process,
+        # as the session process this one may fork next must not inherit their remains.
+        done = _isolated(lambda: _teardown(record, services, stop_app, serve=True),
+                         what=f"the teardown of session {record.name}")
+    else:
+        done = _teardown(record, services, stop_app, serve=False)
+    for item in done:
+        log.info("teardown: %s", item)
+    return done
+
+
+# How the teardown that serves a source runs: in a forked child (unit tests: here).
+_isolated = forked.call
+
+
+def _teardown(record: SessionRecord, services: Services, stop_app: bool, *, serve: bool
+              ) -> list[str]:
     done: list[str] = []
-    stop_serving = _serve_dead_source(record, services)
+    stop_serving = _serve_dead_source(record, services) if serve else None
     try:
         if stop_serving is not None:
             done.append("served the dead session's source again (its queued I/O completes)")
@@ -102,20 +120,15 @@ def teardown_dead(record: SessionRecord, services: Services, *, stop_app: bool =
     finally:
         if stop_serving is not None:
             stop_serving()
-    for item in done:
-        log.info("teardown: %s", item)
     return done
 
 
-def _serve_dead_source(record: SessionRecord, services: Services
-                       ) -> Callable[[], None] | None:
+def _serve_dead_source(record: SessionRecord, services: Services) -> Callable[[], None]:
     """Where the dead process's kernel side waits for its source (dm-clone: the hydration an
     application write needs queues, see backends/dm/waitpath.py), serve the volume again
     before anything is stopped or unmounted: what waits completes, no acknowledged write is
     failed. SessionError, nothing changed, when the backup cannot be opened."""
     ctx = record.context()
-    if not services.backend.dead_source_waits(ctx):
-        return None
     try:
         volume = services.open_volume(record, services.backend, None)
     except DmrecoverError as err:

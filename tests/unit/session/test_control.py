@@ -121,11 +121,17 @@ def test_cutover_is_refused_at_once_when_the_restore_cannot_complete(tmp_path: P
         os.close(lock)
 
 
-def test_resume_serves_a_waiting_source_before_it_stops_or_tears_down(tmp_path: Path) -> None:
+def test_resume_serves_a_waiting_source_before_it_stops_or_tears_down(tmp_path: Path,
+                                                                      monkeypatch) -> None:
     """dm-clone: the dead process's source queues the kernel's reads (an application write
     waits for its region's hydration). Stopping the application or unmounting first would
     wait forever, or fail that write: the volume is served again first, until the teardown
     is over."""
+    from dmrecover.session import control
+
+    calls = []
+    # In a forked child in production (system/forked.py); the fakes record in this process.
+    monkeypatch.setattr(control, "_isolated", lambda fn, what: calls.append(what) or fn())
     w = make_world()
     w.backend.source_waits = True
     survivor = [object()]  # the application the dead process left, until it is stopped
@@ -135,9 +141,14 @@ def test_resume_serves_a_waiting_source_before_it_stops_or_tears_down(tmp_path: 
     resume_session("s", state_dir=rec.state_dir, foreground=True, services=w.services)
     assert w.events[:5] == ["open-volume", "serve-source", "app:stop", "teardown-dead",
                             "stop-serving"], w.events
+    assert calls == ["the teardown of session s"]
 
 
-def test_resume_of_a_waiting_source_without_its_backup_changes_nothing(tmp_path: Path) -> None:
+def test_resume_of_a_waiting_source_without_its_backup_changes_nothing(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    from dmrecover.session import control
+
+    monkeypatch.setattr(control, "_isolated", lambda fn, what: fn())
     w = make_world()
     w.backend.source_waits = True
     rec = make_record(tmp_path / "s")
