@@ -8,10 +8,11 @@ write path is the kernel's, and the cutover can happen online, under the running
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import Backend, BackendContext, Leftover, SessionLookup
-from dmrecover.backends.dm import dmsetup, leftovers, merge
+from dmrecover.backends.dm import dmsetup, leftovers, merge, waitpath
 from dmrecover.backends.dm.stack import ORIGIN_SUBDIR, DmStack, cow_size
 from dmrecover.backends.fuse.stack import preload_server, teardown_leftovers
 
@@ -34,9 +35,10 @@ class DmBackend(Backend):
         preload_server()  # the FUSE server serves the origin
 
     def probe(self) -> None:
-        """Root (else NotRootError), dmsetup, the device-mapper driver and its snapshot target
-        (else BackendUnavailable naming the missing piece)."""
-        dmsetup.probe(("snapshot",))
+        """Root (else NotRootError), dmsetup, the device-mapper driver, its snapshot target and
+        the multipath target the origin's source waits in (else BackendUnavailable naming the
+        missing piece)."""
+        dmsetup.probe(("snapshot", waitpath.TARGET))
 
     def present(self, volume: PseudoVolume, ctx: BackendContext) -> DmStack:
         return DmStack(volume, ctx)
@@ -51,6 +53,13 @@ class DmBackend(Backend):
         """The COW is merged into DEST: record it durably, then drop the COW file."""
         merge.mark_merged(ctx.engine_dir)
         merge.discard_cow(ctx.engine_dir)
+
+    def dead_source_waits(self, ctx: BackendContext) -> bool:
+        return waitpath.waits(ctx.session)
+
+    def serve_dead_source(self, volume: PseudoVolume, ctx: BackendContext
+                          ) -> Callable[[], None]:
+        return waitpath.serve_again(volume, ctx.session, ctx.engine_dir)
 
     def teardown_dead(self, ctx: BackendContext) -> list[str]:
         """The session's dm devices (and mounts of them), then its origin: FUSE and loops."""

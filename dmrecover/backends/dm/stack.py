@@ -1,8 +1,10 @@
 """The device-mapper backend's stack: build, teardown and online cutover, with an undo list.
 
     PseudoVolume(read_only) -> FUSE file STATE/origin/volume -> losetup -r  (origin loop)
+    dm multipath, queue_if_no_path, over the origin loop
+                                      = dmrecover-<session>-source            (source)
     DEST (a block device, or losetup -r on a file)                            (DEST)
-    dm "linear" segments: restored runs on DEST, the rest on the origin loop
+    dm "linear" segments: restored runs on DEST, the rest on the source
                                       = dmrecover-<session>-origin            (origin)
     sparse file STATE/cow.img -> losetup                                      (COW)
     dm "snapshot" <origin> <cow> P 8  = dmrecover-<session>-pseudo            (pseudo-volume)
@@ -15,7 +17,9 @@ the FUSE origin stays up, idle, until the cutover takes it down.
 The kernel keeps the application's writes (the COW, a persistent exception store with 4 KiB
 chunks); the Python engine only serves the origin: restored chunks from DEST, else fetched,
 written to DEST and served (copy-on-read). Why loop over FUSE rather than NBD: see
-docs/architecture.md ("dm backend: the origin").
+docs/architecture.md ("dm backend: the origin"). The source waits while no session process
+serves it (waitpath.py): a write smaller than a COW chunk copies its chunk from the origin,
+and one failed copy invalidates the snapshot, the application's writes with it.
 
 Cutover:
 - restart mode: the session stops the application and calls `teardown()` (unmount, remove the
@@ -28,8 +32,8 @@ Cutover:
 
 Each step pushes its undo on an `UndoStack`; a failure at step N unwinds N-1..1 so that no dm
 device, loop, mount or FUSE mount is left behind. `DMRECOVER_FAIL_AT=<step>` (a test hook, see
-dmrecover.testhooks) injects a failure (steps: dm-probe, fuse, origin-loop, cow, cow-loop,
-dm-origin, dm-pseudo, mount; dm-merge in merge.py).
+dmrecover.testhooks) injects a failure (steps: dm-probe, fuse, origin-loop, source, cow,
+cow-loop, dm-origin, dm-pseudo, mount; dm-merge in merge.py).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.backends.dm import dmsetup as dm
-from dmrecover.backends.dm import ioctl
+from dmrecover.backends.dm import ioctl, waitpath
 from dmrecover.backends.dm.merge import (
     CHUNK_SECTORS,
     COW_FILE,
@@ -97,6 +101,7 @@ class DmStack(Presentation):
     undo: UndoStack = field(default_factory=UndoStack)
     server: FuseServer | None = None
     origin_loop: str | None = None
+    source: str | None = None  # the waiting source over origin_loop (waitpath)
     cow_loop: str | None = None
     pseudo: str | None = None  # dm name
     dest_loop: str | None = None  # loop on DEST (a regular file) during an online merge
@@ -149,7 +154,8 @@ class DmStack(Presentation):
 
     def devices(self) -> dict:
         return {"backend": "dm", "fuse_dir": self.origin_dir if self.server else None,
-                "origin_loop": self.origin_loop, "cow_loop": self.cow_loop,
+                "origin_loop": self.origin_loop, "source": self.source,
+                "cow_loop": self.cow_loop,
                 "cow": self.cow_path, "dm": self.pseudo, "dest_loop": self.dest_loop,
                 "origin_dm": self.origin_dm, "origin_dest": self.origin_dest,
                 "origin_reloads": self.reloader.stats.as_dict() if self.reloader else None,
@@ -167,10 +173,11 @@ class DmStack(Presentation):
         """origin (FUSE, loop -r) -> COW (file, loop) -> dm snapshot -> mount; undone on failure."""
         try:
             fault_point("dm-probe")
-            dm.probe(("snapshot",))
+            dm.probe(("snapshot", waitpath.TARGET))
             dm.install_udev_rules()
             self._start_origin()
             self._attach_origin()
+            self._make_source()
             self._create_origin()
             self._make_cow()
             self._attach_cow()
@@ -204,6 +211,19 @@ class DmStack(Presentation):
         self.undo.push("origin-loop", self._detach_origin)
         self._changed()
 
+    def _make_source(self) -> None:
+        fault_point("source")
+        assert self.origin_loop
+        self.source = waitpath.create(self.session, self.origin_loop, self.volume.size)
+        self.undo.push("source", self._remove_source)
+        self._changed()
+
+    def _remove_source(self) -> None:
+        name, self.source = self.source, None
+        if name is not None:
+            dm.remove(name)
+        self._changed()
+
     def _detach_origin(self) -> None:
         dev, self.origin_loop = self.origin_loop, None
         if dev is not None:
@@ -218,7 +238,7 @@ class DmStack(Presentation):
         if dm.info(name) is not None:
             raise StackError(f"device-mapper device {name} exists already",
                              hint="a dead session left it: run `dmrecover cleanup`")
-        assert self.origin_loop
+        assert self.source
         fetcher = self.volume.fetcher
         dest = fetcher.dest_path
         if stat.S_ISBLK(os.stat(dest).st_mode):
@@ -242,7 +262,7 @@ class DmStack(Presentation):
         reloader = OriginReloader(
             name, map_path=str(fetcher.map_path), nbits=fetcher.source.chunk_count,
             chunk_size=fetcher.source.chunk_size, size=self.volume.size,
-            dest=self.origin_dest, fuse=self.origin_loop,
+            dest=self.origin_dest, fuse=str(dm.mapper_path(self.source)),
             marked=lambda: fetcher.marked, head=MARK_SIZE,
             synced=lambda: fetcher.synced_at, busy=busy)
         dm.create(name, reloader.table(), dm.dm_uuid(self.session, "origin"), read_only=True)
@@ -402,7 +422,7 @@ class DmStack(Presentation):
                                                    CHUNK_SECTORS), suspend_first=True)
         # The origin is no longer used by any table: take it down now, before the merge
         # writes DEST (the origin's read-only view of DEST must not outlive the swap).
-        for step in ("dm-origin", "origin-dest-loop", "origin-loop", "fuse"):
+        for step in ("dm-origin", "origin-dest-loop", "source", "origin-loop", "fuse"):
             try:
                 self.undo.pop(step)()
             except KeyError:

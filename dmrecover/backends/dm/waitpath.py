@@ -23,15 +23,26 @@ no-flush suspend hands the queued bios back to dm, which maps them through the n
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.backends.dm import ioctl
+from dmrecover.backends.fuse.stack import start_server
 from dmrecover.errors import StackError
+from dmrecover.system import loops
+
+if TYPE_CHECKING:  # annotations only: the engine is a lower layer
+    from dmrecover.engine.pseudovolume import PseudoVolume
 
 log = logging.getLogger(__name__)
 
 TARGET = "multipath"
 LAYER = "source"
+#: Where `serve_again` serves the volume (the dead server's mount is left to the teardown).
+RESCUE_SUBDIR = "origin-rescue"
+RESCUE_FILE = "volume"
 
 
 def table(device: str, size_bytes: int) -> str:
@@ -73,3 +84,37 @@ def release(name: str) -> None:
     teardown that no server will ever answer (unmounting would hang on queued writes)."""
     if dm.info(name) is not None:
         dm.message(name, "fail_if_no_path")
+
+
+def waits(session: str) -> bool:
+    """A (dead) session's source is there: the kernel's reads of it queue."""
+    return dm.available(TARGET) and exists(session)
+
+
+def serve_again(volume: PseudoVolume, session: str, engine_dir: str) -> Callable[[], None]:
+    """A new FUSE server of `volume` (read-only) and a new loop under a dead session's source:
+    the kernel's queued reads complete, so the teardown after it (the application stopped, the
+    filesystem unmounted, its dirty data written) fails no I/O. The returned call stops it."""
+    d = os.path.join(engine_dir, RESCUE_SUBDIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    server = start_server(volume, d, RESCUE_FILE, read_only=True)
+    try:
+        loop = loops.attach(os.path.join(d, RESCUE_FILE), read_only=True)
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        revive(dm.dm_name(session, LAYER), loop, volume.size)
+    except BaseException:
+        loops.detach(loop)
+        server.stop()
+        raise
+
+    def stop() -> None:
+        # The teardown removed the source and detached the loop (a file under the state dir)
+        # unless it failed first: then the source may still use it (detached: autoclear).
+        backing = loops.backing_file(loop)
+        if backing and os.path.dirname(backing) == d:
+            loops.detach(loop, wait=0)
+        server.stop()
+    return stop

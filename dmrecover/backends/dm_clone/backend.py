@@ -8,7 +8,6 @@ in the kernel on DEST, and the cutover is a table swap (no merge, no application
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from collections.abc import Callable
@@ -28,19 +27,13 @@ from dmrecover.backends.dm_clone.stack import (
     staging_path,
     wait_hydrated,
 )
-from dmrecover.backends.fuse.stack import preload_server, start_server, teardown_leftovers
+from dmrecover.backends.fuse.stack import preload_server, teardown_leftovers
 from dmrecover.engine.pseudovolume import MERGED_MARKER
 from dmrecover.errors import StackError
 from dmrecover.system import loops
 
 if TYPE_CHECKING:  # typing only: the engine is a lower layer, imported for annotations
     from dmrecover.engine.pseudovolume import PseudoVolume
-
-log = logging.getLogger(__name__)
-
-#: Where `serve_dead_source` serves the volume again (the dead server's mount at
-#: ORIGIN_SUBDIR is left to the teardown).
-RESCUE_SUBDIR = "origin-rescue"
 
 
 class DmCloneBackend(Backend):
@@ -134,38 +127,11 @@ class DmCloneBackend(Backend):
                 pass
 
     def dead_source_waits(self, ctx: BackendContext) -> bool:
-        """The dead session's source device is there: the kernel's reads of it queue."""
-        return dm.available(waitpath.TARGET) and waitpath.exists(ctx.session)
+        return waitpath.waits(ctx.session)
 
     def serve_dead_source(self, volume: PseudoVolume, ctx: BackendContext
                           ) -> Callable[[], None]:
-        """A new FUSE server of `volume` and a new loop under the dead session's source:
-        the kernel's queued reads complete (the clone's hydration of a region an application
-        write waits for), so the teardown after it (the application stopped, the filesystem
-        unmounted, its dirty data written) fails no I/O. The returned call stops serving."""
-        d = os.path.join(ctx.engine_dir, RESCUE_SUBDIR)
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        server = start_server(volume, d, ORIGIN_FILE, read_only=True)
-        try:
-            loop = loops.attach(os.path.join(d, ORIGIN_FILE), read_only=True)
-        except BaseException:
-            server.stop()
-            raise
-        try:
-            waitpath.revive(dm.dm_name(ctx.session, waitpath.LAYER), loop, volume.size)
-        except BaseException:
-            loops.detach(loop)
-            server.stop()
-            raise
-
-        def stop() -> None:
-            # teardown_dead removed the source; it detached the loop (a file under the state
-            # dir) unless it failed first: then the source may still use it (autoclear).
-            backing = loops.backing_file(loop)
-            if backing and os.path.dirname(backing) == d:
-                loops.detach(loop, wait=0)
-            server.stop()
-        return stop
+        return waitpath.serve_again(volume, ctx.session, ctx.engine_dir)
 
     def teardown_dead(self, ctx: BackendContext) -> list[str]:
         """The session's dm devices (and mounts of them), its source (FUSE, loops) and the
