@@ -37,9 +37,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dmrecover import DM_UUID_PREFIX
 from dmrecover.errors import DeviceError, StackError, UsageError
 from dmrecover.system import command, files
 from dmrecover.system.blockdev import size_of
+from dmrecover.system.sysfs import dm_nodes_with_uuid_prefix
 from dmrecover.units import format_size
 
 log = logging.getLogger(__name__)
@@ -218,7 +220,9 @@ class Lvm:
     that touches them: unit tests replace this class)."""
 
     def _blockdev(self) -> Any:
-        return _import_blivet().blockdev
+        bd = _import_blivet().blockdev
+        bd.lvm.set_global_config(config())  # its LVM commands skip our devices too
+        return bd
 
     def volume_group(self, name: str) -> VolumeGroup | None:
         """The volume group `name` as blivet sees it, or None when there is none."""
@@ -270,7 +274,8 @@ class Lvm:
 
     def lvs(self, vg: str | None = None) -> list[LvInfo]:
         """Every LV (of `vg`) with its tags: libblockdev 2.28 reports none, `lvs` does."""
-        argv = ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+        argv = ["lvs", "--config", config(), "--reportformat", "json", "--units", "b",
+                "--nosuffix",
                 "-o", "vg_name,lv_name,lv_tags,lv_size"]
         if vg is not None:
             argv.append(vg)
@@ -284,6 +289,37 @@ class Lvm:
                 out.append(LvInfo(row["vg_name"], row["lv_name"], tags,
                                   int(row.get("lv_size") or 0)))
         return out
+
+
+def config() -> str:
+    """The `--config` of every LVM command run here: dmrecover's own dm devices are never
+    scanned. None is a PV, and while a dead session's source waits for `resume`
+    (backends/dm/waitpath.py) a read of one waits too: an `lvs` scanning it never returned
+    (`cleanup --dry-run` hung). Every name of each device is rejected (LVM accepts a device
+    when any of its names matches an accept pattern first), ahead of the system's own
+    global_filter, which is kept."""
+    ours = [f"r|^{node}$|" for node in dm_nodes_with_uuid_prefix(DM_UUID_PREFIX)]
+    ours += ["r|^/dev/mapper/dmrecover-|", "r|^/dev/dmrecover/|", "r|/dm-name-dmrecover-|",
+             f"r|/dm-uuid-{DM_UUID_PREFIX}|"]
+    entries = ours + system_global_filter()
+    return "devices { global_filter = [ " + ", ".join(f'"{e}"' for e in entries) + " ] }"
+
+
+def system_global_filter() -> list[str]:
+    """The patterns of lvm.conf's devices/global_filter (empty when unset or no lvmconfig)."""
+    if not command.have("lvmconfig"):
+        return []
+    res = command.run(["lvmconfig", "devices/global_filter"], check=False,
+                      what="reading LVM's global_filter")
+    if res.returncode != 0:
+        return []
+    return parse_filter(res.stdout)
+
+
+def parse_filter(text: str) -> list[str]:
+    """`global_filter=["a|x|","r|.*|"]` (lvmconfig's output) -> its patterns."""
+    _, _, value = text.partition("=")
+    return [m.replace('\\"', '"') for m in re.findall(r'"((?:[^"\\]|\\.)*)"', value)]
 
 
 def _one_line(err: BaseException) -> str:

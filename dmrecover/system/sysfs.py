@@ -56,3 +56,22 @@ def holders_of(major: int, minor: int) -> list[str]:
         except OSError:
             pass
     return sorted(out)
+
+
+def dm_nodes_with_uuid_prefix(prefix: str) -> list[str]:
+    """/dev/dm-N of every device-mapper device whose UUID starts with `prefix` (sysfs)."""
+    out = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return []
+    for name in sorted(names):
+        if not name.startswith("dm-"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/dm/uuid") as f:
+                if f.read().strip().startswith(prefix):
+                    out.append(f"/dev/{name}")
+        except OSError:
+            continue
+    return out

@@ -217,12 +217,15 @@ def test_lvs_report_is_parsed(monkeypatch):
     seen = []
 
     def run(argv, **kw):
+        if argv[0] == "lvmconfig":  # no global_filter in lvm.conf
+            return subprocess.CompletedProcess(argv, 5, "", "not found")
         seen.append(argv)
         return subprocess.CompletedProcess(argv, 0, json.dumps(report), "")
 
     monkeypatch.setattr(lvm.command, "run", run)
     infos = lvm.Lvm().lvs("vg0")
     assert seen[0][0] == "lvs" and seen[0][-1] == "vg0"
+    assert seen[0][1] == "--config" and "dmrecover" in seen[0][2]  # never scans ours
     assert infos[0] == lvm.LvInfo("vg0", "db", ("dmrecover", "dmrecover_session_db",
                                                 "dmrecover_role_dest"), 8 * MiB)
     assert infos[1].tags == ()
@@ -336,3 +339,18 @@ def test_check_free_refuses_a_name_taken_since_the_plan():
     untagged(fake, "vg0", "db")
     with pytest.raises(DeviceError, match="not created by dmrecover"):
         lvm.check_free("db", planned, lvm=fake)
+
+
+def test_lvm_commands_never_scan_our_devices_and_keep_the_system_filter(monkeypatch) -> None:
+    """A dead session's waiting source blocks reads until `resume`: an `lvs` scanning it
+    never returned. Every name of our dm devices is rejected ahead of lvm.conf's filter."""
+    from dmrecover.system import lvm as lvm_mod
+
+    monkeypatch.setattr(lvm_mod, "dm_nodes_with_uuid_prefix", lambda prefix: ["/dev/dm-7"])
+    monkeypatch.setattr(lvm_mod, "system_global_filter", lambda: ["a|.*|"])
+    cfg = lvm_mod.config()
+    patterns = lvm_mod.parse_filter("global_filter=" + cfg.split("global_filter = ")[1])
+    assert patterns[0] == "r|^/dev/dm-7$|"
+    assert "r|^/dev/mapper/dmrecover-|" in patterns and patterns[-1] == "a|.*|"
+    assert lvm_mod.parse_filter('global_filter=["a|^/dev/sd.*|","r|.*|"]') == [
+        "a|^/dev/sd.*|", "r|.*|"]
