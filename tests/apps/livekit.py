@@ -241,6 +241,21 @@ class Sandbox:
 
     # ------------------------------------------------------------ teardown
 
+    def _release_waiting_sources(self) -> None:
+        """The dm backends' source of a killed session queues the kernel's reads until a
+        `resume` (backends/dm/waitpath.py): nobody resumes here, so it is told to fail them,
+        or the application would wait in D state and the unmounts below for ever."""
+        if not os.path.exists("/dev/mapper/control"):
+            return
+        from dmrecover.backends.dm import dmsetup as dm
+        from dmrecover.backends.dm import waitpath
+
+        for sdir in self.state_root.glob("*"):
+            try:
+                waitpath.release(dm.dm_name(sdir.name, waitpath.LAYER))
+            except Exception:  # noqa: BLE001 - a teardown goes on; what is left is reported
+                pass
+
     def teardown(self) -> None:
         """Remove everything the test made, whatever state it is in."""
         for sdir in self.state_root.glob("*"):
@@ -260,6 +275,7 @@ class Sandbox:
                         p.wait(10)
                 except psutil.Error:
                     pass
+        self._release_waiting_sources()
         for p in self.app_procs():
             try:
                 p.send_signal(signal.SIGKILL)
