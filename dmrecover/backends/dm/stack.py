@@ -90,7 +90,7 @@ def cow_size(volume_size: int) -> int:
 
 
 @dataclass
-class DmStack(Presentation):
+class DmStack(waitpath.SourceLayer, Presentation):
     """The dm backend's presentation of a read-only PseudoVolume at a mount point.
 
     Its files (origin FUSE mount, COW) live in the engine dir, beside the engine's own.
@@ -209,19 +209,6 @@ class DmStack(Presentation):
         self.origin_loop = loops.attach(os.path.join(self.origin_dir, ORIGIN_FILE),
                                         read_only=True, direct_io=self.origin_direct_io)
         self.undo.push("origin-loop", self._detach_origin)
-        self._changed()
-
-    def _make_source(self) -> None:
-        fault_point("source")
-        assert self.origin_loop
-        self.source = waitpath.create(self.session, self.origin_loop, self.volume.size)
-        self.undo.push("source", self._remove_source)
-        self._changed()
-
-    def _remove_source(self) -> None:
-        name, self.source = self.source, None
-        if name is not None:
-            dm.remove(name)
         self._changed()
 
     def _detach_origin(self) -> None:

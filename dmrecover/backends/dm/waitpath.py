@@ -27,11 +27,14 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from dmrecover.backends.base import UndoStack
 from dmrecover.backends.dm import dmsetup as dm
 from dmrecover.backends.dm import ioctl
 from dmrecover.backends.fuse.stack import start_server
 from dmrecover.errors import StackError
 from dmrecover.system import loops
+from dmrecover.system.mounts import mount_at, umount_or_detach
+from dmrecover.testhooks import fault_point
 
 if TYPE_CHECKING:  # annotations only: the engine is a lower layer
     from dmrecover.engine.pseudovolume import PseudoVolume
@@ -43,6 +46,34 @@ LAYER = "source"
 #: Where `serve_again` serves the volume (the dead server's mount is left to the teardown).
 RESCUE_SUBDIR = "origin-rescue"
 RESCUE_FILE = "volume"
+
+
+class SourceLayer:
+    """The source step of a stack (DmStack, CloneStack): `_make_source` over `origin_loop`,
+    its undo `_remove_source`. The stack has session, origin_loop, volume, undo, source and
+    _changed()."""
+
+    session: str
+    origin_loop: str | None
+    source: str | None
+    volume: PseudoVolume
+    undo: UndoStack
+
+    def _changed(self) -> None:
+        raise NotImplementedError
+
+    def _make_source(self) -> None:
+        fault_point("source")
+        assert self.origin_loop
+        self.source = create(self.session, self.origin_loop, self.volume.size)
+        self.undo.push("source", self._remove_source)
+        self._changed()
+
+    def _remove_source(self) -> None:
+        name, self.source = self.source, None
+        if name is not None:
+            dm.remove(name)
+        self._changed()
 
 
 def table(device: str, size_bytes: int) -> str:
@@ -97,6 +128,8 @@ def serve_again(volume: PseudoVolume, session: str, engine_dir: str) -> Callable
     filesystem unmounted, its dirty data written) fails no I/O. The returned call stops it."""
     d = os.path.join(engine_dir, RESCUE_SUBDIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
+    if mount_at(d) is not None:  # an earlier rescue that died midway left its mount
+        umount_or_detach(d)
     server = start_server(volume, d, RESCUE_FILE, read_only=True)
     try:
         loop = loops.attach(os.path.join(d, RESCUE_FILE), read_only=True)

@@ -113,7 +113,7 @@ def wait_hydrated(name: str, *, timeout: float = HYDRATION_TIMEOUT,
 
 
 @dataclass
-class CloneStack(Presentation):
+class CloneStack(waitpath.SourceLayer, Presentation):
     """The dm-clone backend's presentation of a read-only PseudoVolume at a mount point."""
 
     volume: PseudoVolume  # read_only=True, its DEST is the staging file
@@ -233,19 +233,6 @@ class CloneStack(Presentation):
         self.origin_loop = loops.attach(os.path.join(self.origin_dir, ORIGIN_FILE),
                                         read_only=True, direct_io=self.origin_direct_io)
         self.undo.push("origin-loop", self._detach("origin_loop"))
-        self._changed()
-
-    def _make_source(self) -> None:
-        fault_point("source")
-        assert self.origin_loop
-        self.source = waitpath.create(self.session, self.origin_loop, self.volume.size)
-        self.undo.push("source", self._remove_source)
-        self._changed()
-
-    def _remove_source(self) -> None:
-        name, self.source = self.source, None
-        if name is not None:
-            dm.remove(name)
         self._changed()
 
     def _detach(self, attr: str) -> Callable[[], None]:
