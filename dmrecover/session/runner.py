@@ -41,7 +41,7 @@ from dmrecover.session.record import (
 )
 from dmrecover.session.services import Services, ServicesFactory, default_services
 from dmrecover.session.volume import claim_for_session, forget_key, release_claims
-from dmrecover.system import claims, command
+from dmrecover.system import claims, command, forked
 from dmrecover.system.claims import Claim
 from dmrecover.system.mounts import umount
 from dmrecover.testhooks import fault_point
@@ -591,11 +591,7 @@ def _fork_session(record: SessionRecord, resume: bool, held: list[Claim],
     env = dict(claims.handoff_env(held))
     if lock_fd is not None:
         env[LOCK_HANDOFF_ENV] = str(lock_fd)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()  # nothing buffered is written twice
-        except (OSError, ValueError):
-            pass
+    forked.flush_std_streams()
     pid = os.fork()
     if pid:
         return pid

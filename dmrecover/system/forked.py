@@ -28,14 +28,19 @@ from dmrecover.errors import DmrecoverError
 log = logging.getLogger(__name__)
 
 
+def flush_std_streams() -> None:
+    """Before a fork: what stdout and stderr buffer is written once, not by both processes."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def call(fn: Callable[[], Any], *, what: str) -> Any:
     """fn() in a child process; its return value, or its exception raised here."""
     r, w = os.pipe()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()  # nothing buffered is written twice
-        except (OSError, ValueError):
-            pass
+    flush_std_streams()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.close(r)
