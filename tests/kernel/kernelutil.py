@@ -170,3 +170,49 @@ def verify_dest_alone(box: Sandbox, fs_tools, device: str | None = None) -> tupl
     rows, acks = box.verify_dest(fs_tools)
     assert acks > 10 and rows >= acks, (rows, acks)
     return rows, acks
+
+
+class KilledSessionWrite:
+    """A write made once the session process is dead, in a daemon thread: it may wait for
+    the source until `resume` serves it again. `started(within)`: the thread ran for
+    `within` s with no error (done, or still waiting); `finished(timeout)`: it completed."""
+
+    def __init__(self, write: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self.ok = False
+
+        def run() -> None:
+            try:
+                write()
+                self.ok = True
+            except OSError as err:
+                self.error = err
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def started(self, within: float = 8.0) -> None:
+        self.thread.join(within)
+        assert self.error is None, f"a write failed while no session served: {self.error}"
+
+    def finished(self, timeout: float = 120.0) -> None:
+        self.thread.join(timeout)
+        assert self.ok, f"the write of the dead session's time: {self.error or 'still waiting'}"
+
+
+def source_path_failed(session: str) -> None:
+    """The session's waiting source has failed its path: the kernel's reads queue on it."""
+    paths = dm.status(dm.dm_name(session, "source")).split()
+    assert "F" in paths, f"the source's path has not failed: {paths}"
+
+
+def kernel_log() -> list[str]:
+    return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+
+
+def io_errors_since(log_before: int, *also: str) -> list[str]:
+    """Kernel log lines after the first `log_before` naming an I/O error (but on a loop: the
+    dead FUSE server's loop fails its reads by design, its source queues them) or one of
+    `also`."""
+    return [line for line in kernel_log()[log_before:]
+            if any(a in line for a in also) or ("I/O error" in line and "dev loop" not in line)]

@@ -31,14 +31,18 @@ from dmrecover.system.mounts import mount_at, umount
 from tests.apps.livekit import Sandbox
 from tests.helpers import images
 from tests.kernel.kernelutil import (
+    KilledSessionWrite,
     Waiters,
     dm_state,
+    io_errors_since,
+    kernel_log,
     repository_outage,
     ride_out_outage,
     sh,
+    source_path_failed,
     verify_dest_alone,
 )
-from tests.kernel.test_dm_live_restore import SLOW, _kernel_log, _read_unrestored_files
+from tests.kernel.test_dm_live_restore import SLOW, _read_unrestored_files
 
 MiB = 1 << 20
 
@@ -225,46 +229,32 @@ def test_clone_session_killed_then_resumed(box: Sandbox, fs_tools, ext4_image: P
     write on DEST, those made while no session ran included. Once this failed 1 run in 3:
     such writes failed with EIO, ext4 lost journaled metadata and the application could not
     start again."""
-    import threading
-
     import psutil
 
     _pid, name = _start_clone(box, fs_tools, ext4_image, "ck")
     time.sleep(2.0)
     hydrated = target.status(name).hydrated
     spid = box.session("ck")["pid"]
-    log_before = len(_kernel_log())
+    log_before = len(kernel_log())
     os.kill(spid, signal.SIGKILL)
     psutil.wait_procs([psutil.Process(spid)], timeout=20)
     # Writes with no session: new files (blocks in regions not hydrated yet), then sync(2),
     # which holds no descriptor on the mount (the resume's unmount must not find it busy).
-    after: dict[str, object] = {}
-
     def write_after_kill() -> None:
-        try:
-            for i in range(8):
-                (box.mnt / f"after-kill-{i}").write_bytes(bytes([65 + i]) * 12288)
-            os.sync()
-            after["ok"] = True
-        except OSError as err:
-            after["error"] = err
+        for i in range(8):
+            (box.mnt / f"after-kill-{i}").write_bytes(bytes([65 + i]) * 12288)
+        os.sync()
 
-    writer = threading.Thread(target=write_after_kill, daemon=True)
-    writer.start()
-    writer.join(8)
-    assert "error" not in after, f"a write failed while no session served: {after['error']}"
-    paths = dm.status(dm.dm_name("ck", "source")).split()
-    assert "F" in paths, f"the source's path has not failed: {paths}"  # reads queue on it
+    writer = KilledSessionWrite(write_after_kill)
+    writer.started()
+    source_path_failed("ck")
     for p in box.app_procs():
         p.send_signal(signal.SIGKILL)  # may wait in D state for its queued writes
     r = box.cli("resume", "ck")
     assert r.returncode == 0, r.stdout + r.stderr
-    writer.join(120)
-    assert after.get("ok"), f"the writes of the dead session's time: {after}"
+    writer.finished()
     # Nothing failed for want of a source (before: "clone: hydration failed", EXT4 errors).
-    bad = [line for line in _kernel_log()[log_before:]
-           if "hydration failed" in line or "EXT4-fs error" in line
-           or ("I/O error" in line and "dev loop" not in line)]  # the dead FUSE's loop fails
+    bad = io_errors_since(log_before, "hydration failed", "EXT4-fs error")
     assert not bad, bad
     box.wait_app(timeout=180)
     name = _on_clone(box, "ck")
@@ -352,7 +342,7 @@ def test_clone_repository_unreachable_30s_no_io_error(box: Sandbox, clone_image:
     blocks = _data_blocks(clone_image)
     pid, name = _start_clone(box, fs_tools, clone_image, "out", "--cutover", "online")
     dev = str(dm.mapper_path(name))
-    log_before = len(_kernel_log())
+    log_before = len(kernel_log())
     size = box.size
     last = sorted(box.checksums)[-1]
     waiting = Waiters()
@@ -385,7 +375,7 @@ def test_clone_repository_unreachable_30s_no_io_error(box: Sandbox, clone_image:
     print(f"dm-clone outage: {stalled.regions - stalled.hydrated} regions left at the end of "
           f"the outage, done {time.monotonic() - t1:.0f} s after it")
     assert box.query({"op": "ping"})["pid"] == pid, "the application ran through the outage"
-    bad = [line for line in _kernel_log()[log_before:]
+    bad = [line for line in kernel_log()[log_before:]
            if "I/O error" in line or ("device-mapper: clone" in line
                                       and ("rror" in line or "ail" in line))]
     assert not bad, bad

@@ -19,10 +19,14 @@ from dmrecover.system.mounts import mount_at
 from tests.apps.livekit import Sandbox
 from tests.kernel import conftest
 from tests.kernel.kernelutil import (
+    KilledSessionWrite,
     Waiters,
     dm_state,
+    io_errors_since,
+    kernel_log,
     repository_outage,
     ride_out_outage,
+    source_path_failed,
     teardown_sandbox,
     verify_dest_alone,
 )
@@ -206,7 +210,6 @@ def test_dm_session_killed_then_resumed(box: Sandbox, fs_tools, request) -> None
     on DEST, the one made while no session ran included."""
     import mmap
     import signal
-    import threading
 
     import psutil
 
@@ -220,42 +223,30 @@ def test_dm_session_killed_then_resumed(box: Sandbox, fs_tools, request) -> None
     with open(image, "rb") as f:
         f.seek(off)
         data = f.read(512)  # the same bytes: the filesystem above sees no change
-    log_before = len(_kernel_log())
+    log_before = len(kernel_log())
     spid = box.session("kr")["pid"]
     os.kill(spid, signal.SIGKILL)
     psutil.wait_procs([psutil.Process(spid)], timeout=20)
-    result: dict[str, object] = {}
-
     def write_partial_chunk() -> None:
+        buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+        buf[:512] = data
+        fd = os.open(dm.mapper_path(pseudo), os.O_WRONLY | os.O_DIRECT)
         try:
-            buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
-            buf[:512] = data
-            fd = os.open(dm.mapper_path(pseudo), os.O_WRONLY | os.O_DIRECT)
-            try:
-                assert os.pwrite(fd, memoryview(buf)[:512], off) == 512
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            result["ok"] = True
-        except OSError as err:
-            result["error"] = err
+            assert os.pwrite(fd, memoryview(buf)[:512], off) == 512
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    writer = threading.Thread(target=write_partial_chunk, daemon=True)
-    writer.start()
-    writer.join(8)
-    assert "error" not in result, f"a write failed while no session served: {result['error']}"
+    writer = KilledSessionWrite(write_partial_chunk)
+    writer.started()
     assert "Invalid" not in dm.status(pseudo), dm.status(pseudo)
-    paths = dm.status(dm.dm_name("kr", "source")).split()
-    assert "F" in paths, f"the source's path has not failed: {paths}"
+    source_path_failed("kr")
     for p in box.app_procs():
         p.send_signal(signal.SIGKILL)  # may wait in D state for its queued I/O
     r = box.cli("resume", "kr")
     assert r.returncode == 0, r.stdout + r.stderr
-    writer.join(120)
-    assert result.get("ok"), f"the write of the dead session's time: {result}"
-    bad = [line for line in _kernel_log()[log_before:]
-           if "nvalidat" in line or "EXT4-fs error" in line
-           or ("I/O error" in line and "dev loop" not in line)]  # the dead FUSE's loop fails
+    writer.finished()
+    bad = io_errors_since(log_before, "nvalidat", "EXT4-fs error")
     assert not bad, bad
     box.wait_app(timeout=180)
     done = box.wait_state("kr", ("done", "failed"), timeout=600)
@@ -285,10 +276,6 @@ def test_sandbox_teardown_mid_restore_leaves_nothing(tmp_path: Path, fs_tools,
     fuse_dir = str(sb.state_root / "td" / "origin")
     assert any(path.startswith(fuse_dir + "/") for _dev, path in loops.loops_backed_under(sb.tmp))
     teardown_sandbox(sb, before)
-
-
-def _kernel_log() -> list[str]:
-    return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
 
 
 def _origin_loop_dio(pseudo: str) -> bool:
@@ -332,7 +319,7 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     box.wait_app(timeout=120)
     pseudo = dm.dm_name("out", "pseudo")
     assert _origin_loop_dio(pseudo), "the origin loop reads with direct I/O by default"
-    log_before = len(_kernel_log())
+    log_before = len(kernel_log())
     last = sorted(box.checksums)[-1]
     dev = f"/dev/mapper/{pseudo}"
     size = int(subprocess.run(["blockdev", "--getsize64", dev], capture_output=True,
@@ -352,7 +339,7 @@ def test_repository_unreachable_30s_no_io_error(box: Sandbox, fs_tools, request)
     assert waiting.answers == {o: 256 << 10 for o in direct_offsets}
     done = box.wait_state("out", ("done", "failed"), timeout=600)
     assert done["state"] == "done", done.get("error")
-    bad = [line for line in _kernel_log()[log_before:]
+    bad = [line for line in kernel_log()[log_before:]
            if "Invalidating snapshot" in line or "I/O error" in line]
     assert not bad, bad
     session_log = (box.state_root / "out" / "session.log").read_text()
