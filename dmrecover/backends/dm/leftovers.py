@@ -25,8 +25,9 @@ BACKEND = "dm"
 MOUNT = "mount"
 DEVICE = "dm"
 QUEUE = "queue"  # a waiting source (waitpath): told to stop queueing before the unmounts
-#: Removal order among layers equally open (lower first, others 0): the origin under them last.
-LAYER_ORDER = {"origin": 1}
+#: Removal order among layers equally open (others 0): the origin under them, then the waiting
+#: source under the origin (or the clone) last.
+LAYER_ORDER = {"origin": 1, waitpath.LAYER: 2}
 
 
 def _session_state(info: dm.DmInfo, sessions: SessionLookup

@@ -32,6 +32,11 @@ def system(monkeypatch: pytest.MonkeyPatch):
         "done-pseudo": (info("done-pseudo", "done", "pseudo", 3, open_count=1), [(8, 16)],
                         "linear"),
         "gone-pseudo": (info("gone-pseudo", "gone", "pseudo", 4), [(8, 32)], "snapshot"),
+        # Open once each: the source under the origin under the pseudo-volume.
+        "dead-source": (info("dead-source", "dead", "source", 5, open_count=1), [(7, 1)],
+                        "multipath"),
+        "dead-origin": (info("dead-origin", "dead", "origin", 6, open_count=1), [(7, 1)],
+                        "linear"),
     }
     backing = {(7, 0): f"{ROOT}/live/origin/volume", (7, 1): f"{ROOT}/dead/origin/volume",
                (7, 2): f"{ROOT}/dead/cow.img"}
@@ -52,10 +57,13 @@ def system(monkeypatch: pytest.MonkeyPatch):
 
 def test_dead_sessions_devices_and_their_mounts_in_removal_order(system: FakeSessions) -> None:
     found = DmBackend().leftovers(system)
-    # Mounts first; then devices, the least opened (top layers) first.
+    # A waiting source stops queueing before anything is unmounted; mounts; then devices,
+    # the least opened (top layers) first, and among those open once, the pseudo-volume, the
+    # origin under it, the source under that (removing the source first once failed: busy).
     assert [(i.kind, i.name) for i in found] == [
-        ("mount", "/mnt/dead"),
-        ("dm", "dead-merge"), ("dm", "gone-pseudo"), ("dm", "dead-pseudo")]
+        ("queue", "dead-source"), ("mount", "/mnt/dead"),
+        ("dm", "dead-merge"), ("dm", "gone-pseudo"), ("dm", "dead-pseudo"),
+        ("dm", "dead-origin"), ("dm", "dead-source")]
     assert {i.backend for i in found} == {"dm"}
 
 
@@ -73,7 +81,7 @@ def test_an_unreadable_dependency_list_falls_back_to_the_default_state_dir(
     monkeypatch.setattr(dm, "dependencies", deps)
     names = [i.name for i in DmBackend().leftovers(system) if i.kind == "dm"]
     assert "live-pseudo" not in names and "done-pseudo" not in names
-    assert set(names) == {"dead-merge", "gone-pseudo", "dead-pseudo"}
+    assert set(names) == {"dead-merge", "gone-pseudo", "dead-pseudo", "dead-origin", "dead-source"}
 
 
 def test_remove_resumes_a_suspended_device_first(monkeypatch: pytest.MonkeyPatch) -> None:
