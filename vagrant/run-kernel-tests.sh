@@ -28,7 +28,8 @@ fi
 set +e
 pytest_args=""
 for a in "$@"; do pytest_args+=" $(printf '%q' "$a")"; done
-guest_root "/opt/dmrecover/bin/pytest -p no:cacheprovider tests/kernel$pytest_args"
+# --durations: the slowest tests named in every run's log (the suite's time is budgeted).
+guest_root "/opt/dmrecover/bin/pytest -p no:cacheprovider --durations=15 tests/kernel$pytest_args"
 rc=$?
 log "pytest exit status $rc"
 
