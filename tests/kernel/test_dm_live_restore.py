@@ -283,11 +283,24 @@ def _origin_loop_dio(pseudo: str) -> bool:
     origin = dm.table(pseudo).split()[3]  # "0 <len> snapshot <origin> <cow> P 8"
     name = os.path.basename(os.path.realpath(origin)) if not origin[0].isdigit() else \
         os.path.basename(os.path.realpath(f"/sys/dev/block/{origin}"))
-    if name.startswith("dm-"):  # the origin device (dm/origin.py): its loop over FUSE
-        name = next(n for n in os.listdir(f"/sys/block/{name}/slaves")
-                    if Path(f"/sys/block/{n}/loop/backing_file").read_text().strip()
-                    .endswith("/origin/volume"))
+    if name.startswith("dm-"):  # the origin device (dm/origin.py) -> source -> FUSE loop
+        name = _fuse_loop_under(name)
     return Path(f"/sys/block/{name}/loop/dio").read_text().strip() == "1"
+
+
+def _fuse_loop_under(name: str) -> str:
+    """The loop over the FUSE origin file somewhere under block device `name` (the origin's
+    FUSE segments name the waiting source, backends/dm/waitpath.py, over that loop)."""
+    for n in os.listdir(f"/sys/block/{name}/slaves"):
+        backing = Path(f"/sys/block/{n}/loop/backing_file")
+        if backing.exists() and backing.read_text().strip().endswith("/origin/volume"):
+            return n
+        if n.startswith("dm-"):
+            try:
+                return _fuse_loop_under(n)
+            except LookupError:
+                continue
+    raise LookupError(f"no loop over the FUSE origin under {name}")
 
 
 def _read_direct(dev: str, offset: int, length: int) -> int:

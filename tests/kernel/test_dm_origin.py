@@ -51,11 +51,17 @@ def _segments(name: str) -> list[tuple[int, int, str]]:
 
 
 def _origin_devices(origin: str, box: Sandbox) -> tuple[str, str]:
-    """(FUSE origin loop, DEST loop) of the origin device, as major:minor. The DEST loop is
-    found by its backing file: the table names it only once a run is restored."""
+    """(FUSE side, DEST loop) of the origin device, as major:minor. The FUSE side is the
+    waiting source (backends/dm/waitpath.py) over the loop on the FUSE file: what it reads
+    is what FUSE serves. The DEST loop is found by its backing file: the table names it only
+    once a run is restored."""
     fuse = dest = ""
     for major, minor in dm.dependencies(origin):
-        if _backing(f"{major}:{minor}").endswith("/origin/volume"):
+        uuid = Path(f"/sys/dev/block/{major}:{minor}/dm/uuid")
+        if uuid.exists() and uuid.read_text().strip().endswith("-source"):
+            name = Path(f"/sys/dev/block/{major}:{minor}/dm/name").read_text().strip()
+            (lmaj, lmin), = dm.dependencies(name)
+            assert _backing(f"{lmaj}:{lmin}").endswith("/origin/volume"), name
             fuse = f"{major}:{minor}"
     for lo in Path("/sys/block").glob("loop*"):
         b = lo / "loop" / "backing_file"
