@@ -1,12 +1,13 @@
 """A source device that waits, rather than fails, while no session process serves it.
 
-The kernel's side of a session (a dm-clone hydrating DEST) reads its source from a loop over
-the FUSE file the session process serves. When that process dies (SIGKILL, OOM, a bug), the
-FUSE connection aborts and every read of the loop fails at once: a write smaller than a clone
-region (the kernel must copy the region from the source first) then fails with EIO, and a
-filesystem whose journal or checkpoint writes fail that way is damaged. Acknowledged writes
-must survive a crash of the tool, so the source is a one-path dm `multipath` device with
-`queue_if_no_path` over the loop:
+The kernel's side of a session (dm-clone's hydration, dm-snapshot's copy-on-write through the
+dm origin) reads its source from a loop over the FUSE file the session process serves. When
+that process dies (SIGKILL, OOM, a bug), the FUSE connection aborts and every read of the loop
+fails at once: a write smaller than a clone region or a COW chunk (the kernel must copy the
+region or chunk from the source first) then fails with EIO, a filesystem whose journal or
+checkpoint writes fail that way is damaged, and a snapshot whose copy fails is invalidated.
+Acknowledged writes must survive a crash of the tool, so the source is a one-path dm
+`multipath` device with `queue_if_no_path` over the loop:
 
     loop over FUSE -> dm multipath (queue_if_no_path) = dmrecover-<session>-source
 
