@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from dmrecover.errors import RepositoryError, RepositoryUnavailable
-from dmrecover.system.files import atomic_write, fsync_dir
+from dmrecover.system.files import atomic_write, fsync_dir, unlink_quietly
 
 # Every object and folder the repository writes is private to its owner.
 FILE_MODE = 0o600
@@ -141,7 +141,7 @@ class LocalStorage(Storage):
             return []
 
     def delete(self, key: str) -> None:
-        _unlink_quietly(self._path(key))
+        unlink_quietly(self._path(key))
 
     def sync(self) -> None:
         with self._pending_lock:
@@ -353,10 +353,3 @@ def _devices_under(dev: int) -> set[int]:
 def _devnum_of(sysfs_dev: Path) -> int:
     major, minor = sysfs_dev.read_text().strip().split(":")
     return os.makedev(int(major), int(minor))
-
-
-def _unlink_quietly(path: str | os.PathLike[str]) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable
 
 from dmrecover.errors import DeviceError, DmrecoverError
+from dmrecover.system.files import unlink_quietly
 
 CLAIMS_DIR_ENV = "DMRECOVER_CLAIMS_DIR"
 DEFAULT_CLAIMS_DIR = "/run/dmrecover/claims"
@@ -213,7 +214,7 @@ def claim_destination(path: StrPath, owner: str, *, create: bool = True,
         except BaseException:
             _release_all([lock])
             if created:
-                _unlink_quietly(p)
+                unlink_quietly(p)
             raise
         return Claim("dest", p, owner, [lock], fd=fd, created=created)
     raise DeviceError(f"destination {p} keeps being replaced while it is claimed",
@@ -242,13 +243,6 @@ def _identity(p: str, create: bool) -> os.stat_result | None:
     if os.path.islink(p):
         raise DeviceError(f"destination {p} is a symbolic link", hint="name the file itself")
     return st
-
-
-def _unlink_quietly(p: str) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
 
 
 def _dev_node(p: str) -> str:

@@ -101,7 +101,7 @@ def atomic_write(
             os.close(fd)
         os.rename(tmp, target)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     if durable if sync_dir is None else sync_dir:
         fsync_dir(target.parent)
@@ -210,7 +210,8 @@ def read_trusted_json(path: StrPath, *, error: type[DmrecoverError] = DmrecoverE
     return obj
 
 
-def _unlink_quietly(path: StrPath) -> None:
+def unlink_quietly(path: StrPath) -> None:
+    """Remove a file; one already gone is no error."""
     try:
         os.unlink(path)
     except FileNotFoundError:
