@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from dmrecover import DM_UUID_PREFIX
+from dmrecover import DM_NAME_PREFIX, DM_UUID_PREFIX
 from dmrecover.errors import DeviceError, StackError, UsageError
 from dmrecover.system import command, files
 from dmrecover.system.blockdev import size_of
@@ -299,8 +299,8 @@ def config() -> str:
     when any of its names matches an accept pattern first), ahead of the system's own
     global_filter, which is kept."""
     ours = [f"r|^{node}$|" for node in dm_nodes_with_uuid_prefix(DM_UUID_PREFIX)]
-    ours += ["r|^/dev/mapper/dmrecover-|", "r|^/dev/dmrecover/|", "r|/dm-name-dmrecover-|",
-             f"r|/dm-uuid-{DM_UUID_PREFIX}|"]
+    ours += [f"r|^/dev/mapper/{DM_NAME_PREFIX}-|", f"r|^/dev/{DM_NAME_PREFIX}/|",
+             f"r|/dm-name-{DM_NAME_PREFIX}-|", f"r|/dm-uuid-{DM_UUID_PREFIX}|"]
     entries = ours + system_global_filter()
     return "devices { global_filter = [ " + ", ".join(f'"{e}"' for e in entries) + " ] }"
 

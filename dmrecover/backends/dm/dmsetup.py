@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dmrecover
-from dmrecover import DM_UUID_PREFIX
+from dmrecover import DM_NAME_PREFIX, DM_UUID_PREFIX
 from dmrecover.errors import BackendUnavailable, NotRootError, StackError
 from dmrecover.system import command
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 UDEV_RULES_NAME = "56-dmrecover.rules"
 UDEV_RULES_DIR = Path("/etc/udev/rules.d")
-NAME_PREFIX = "dmrecover"
+NAME_PREFIX = DM_NAME_PREFIX
 # Sector size of device-mapper tables.
 SECTOR = 512
 # Seconds to wait for a device's udev event or node.
