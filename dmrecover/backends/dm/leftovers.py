@@ -58,15 +58,14 @@ def _session_state(info: dm.DmInfo, sessions: SessionLookup
     return dirs[0], False, state
 
 
-def leftover_devices(sessions: SessionLookup, session: str | None = None) -> list[str]:
+def leftover_devices(sessions: SessionLookup, session: str | None = None) -> list[dm.DmInfo]:
     """dmrecover's dm devices that no live session owns, in removal order (top first)."""
     found = []
     for inf in dm.list_owned(session):
         _, live, state = _session_state(inf, sessions)
         if live:
             continue
-        layer = (dm.split_uuid(inf.uuid) or ("", ""))[1]
-        if state == "done" and layer == "pseudo":
+        if state == "done" and _layer(inf) == "pseudo":
             try:
                 if dm.table(inf.name).split()[2:3] == ["linear"]:
                     continue
@@ -76,11 +75,12 @@ def leftover_devices(sessions: SessionLookup, session: str | None = None) -> lis
     # Top layers (opened by nothing of ours) first: fewer open references first, and the
     # pseudo-volume before the origin under it (a mounted pseudo is open once, as is the
     # origin it holds).
-    return [i.name for i in sorted(found, key=lambda i: (i.open_count, _layer_rank(i)))]
+    return sorted(found, key=lambda i: (i.open_count, LAYER_ORDER.get(_layer(i), 0)))
 
 
-def _layer_rank(info: dm.DmInfo) -> int:
-    return LAYER_ORDER.get((dm.split_uuid(info.uuid) or ("", ""))[1], 0)
+def _layer(info: dm.DmInfo) -> str:
+    """The layer its UUID names ("pseudo", "origin", "source", ...)."""
+    return (dm.split_uuid(info.uuid) or ("", ""))[1]
 
 
 def mounts_of_devices(names: list[str]) -> list[str]:
@@ -99,27 +99,23 @@ def find(sessions: SessionLookup) -> list[Leftover]:
     device-mapper is not usable (no dmsetup, no driver, not root)."""
     if not dm.available("snapshot"):
         return []
-    names = leftover_devices(sessions)
-    if not names:
+    infos = leftover_devices(sessions)
+    if not infos:
         return []
-    return ([Leftover(BACKEND, QUEUE, n) for n in names if _is_source(n)]
+    names = [i.name for i in infos]
+    return ([Leftover(BACKEND, QUEUE, i.name) for i in infos if _layer(i) == waitpath.LAYER]
             + [Leftover(BACKEND, MOUNT, mp) for mp in mounts_of_devices(names)]
             + [Leftover(BACKEND, DEVICE, n) for n in names])
 
 
-def _is_source(name: str) -> bool:
-    inf = dm.info(name)
-    return inf is not None and (dm.split_uuid(inf.uuid) or ("", ""))[1] == waitpath.LAYER
-
-
-def release_sources(names: list[str]) -> list[str]:
-    """Tell the waiting sources among `names` to stop queueing: nobody serves them again,
+def release_sources(infos: list[dm.DmInfo]) -> list[str]:
+    """Tell the waiting sources among `infos` to stop queueing: nobody serves them again,
     and unmounting a filesystem whose writes wait on one would hang."""
     done = []
-    for n in names:
-        if _is_source(n):
-            waitpath.release(n)
-            done.append(f"stopped queueing on {n}")
+    for inf in infos:
+        if _layer(inf) == waitpath.LAYER:
+            waitpath.release(inf.name)
+            done.append(f"stopped queueing on {inf.name}")
     return done
 
 
@@ -148,8 +144,9 @@ def remove(item: Leftover) -> None:
 def teardown_session_devices(session: str) -> list[str]:
     """A dead session's dm part: unmount what is mounted from its devices, remove them."""
     done = []
-    names = [i.name for i in dm.list_owned(session)] if dm.available() else []
-    done += release_sources(names)
+    infos = dm.list_owned(session) if dm.available() else []
+    names = [i.name for i in infos]
+    done += release_sources(infos)
     for mp in mounts_of_devices(names):
         lazily = umount_or_detach(mp)
         done.append(f"{'lazily ' if lazily else ''}unmounted {mp}")
