@@ -2,12 +2,13 @@
 """4 KiB random I/O through the portable pseudo-volume against DEST direct, with fio (root).
 
     .venv/bin/python bench/bench_fio.py [--size 1G] [--file 256M] [--runtime 8]
-                                        [--stages] [--json FILE]
+                                        [--stages] [--loop-buffered] [--json FILE]
 
 One run, two volumes side by side: an ext4 image holding a random file `data.bin` is copied to
 BASE (loop-mounted directly: the baseline) and used as the backup of a PseudoVolume whose DEST
 is restored in full first (restored data: reads hit the restored tier), presented the way the
-portable backend does (FUSE file -> loop -> ext4). Every fio job then runs on BASE and on the
+portable backend does (FUSE file -> loop with direct I/O -> ext4; --loop-buffered: a buffered
+loop, as the stack attached it before). Every fio job then runs on BASE and on the
 pseudo-volume alternately, so both see the same load of this shared machine; the figure kept is
 the ratio pseudo/BASE. The page cache of both backing files is dropped before each job.
 
@@ -184,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", type=float, default=8.0)
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--stages", action="store_true")
-    ap.add_argument("--loop-dio", action="store_true",
-                    help="attach the pseudo-volume's loop with --direct-io=on")
+    ap.add_argument("--loop-buffered", action="store_true",
+                    help="attach the pseudo-volume's loop without direct I/O (the portable "
+                    "stack's loop before it used --direct-io=on)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also split a queue-depth-1 4 KiB read into its stages")
     ap.add_argument("--json")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     size, file_size = parse_size(args.size), parse_size(args.file)
     tmp = Path(tempfile.mkdtemp(prefix="dmr-fio.", dir="/var/tmp"))
     results: dict[str, Any] = {"size": size, "file": file_size, "runtime": args.runtime,
-                               "jobs": {}}
+                               "loop_direct_io": not args.loop_buffered, "jobs": {}}
     try:
         image = tmp / "image.img"
         build_image(image, size, file_size)
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             srv = FuseServer(pv, tmp / "fuse")
             srv.start()
             stack.callback(srv.stop)
-            pv_loop = loop_attach(str(srv.path), direct_io=args.loop_dio)
+            # As the portable stack attaches it (FuseStack.loop_direct_io), unless told.
+            pv_loop = loop_attach(str(srv.path), direct_io=not args.loop_buffered)
             stack.callback(loop_detach, pv_loop)
             base_loop = loop_attach(str(base))
             stack.callback(loop_detach, base_loop)

@@ -2,7 +2,7 @@
 """One benchmark report from the JSON of bench_fio.py and bench_scale.py: a Markdown table of
 every figure as a ratio to its baseline from the same run, and PNG plots.
 
-    .venv/bin/python bench/report.py --fio fio.json [--fio-dio fio-dio.json]
+    .venv/bin/python bench/report.py --fio fio.json [--fio-buffered fio-buffered.json]
         --scale scale.json --out docs/benchmarks.md --plots docs/benchmarks [--machine TEXT]
 
 Plots (matplotlib, the `bench` extra): throughput over time during each live restore under
@@ -157,7 +157,7 @@ def plot_rto(scale: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fio", required=True)
-    ap.add_argument("--fio-dio")
+    ap.add_argument("--fio-buffered")
     ap.add_argument("--scale", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--plots", required=True)
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     plots = Path(args.plots)
     plots.mkdir(parents=True, exist_ok=True)
     rows = fio_rows(fio, "restored data")
-    if args.fio_dio:
-        rows += fio_rows(json.loads(Path(args.fio_dio).read_text()),
-                         "restored data, loop --direct-io=on")
+    if args.fio_buffered:
+        rows += fio_rows(json.loads(Path(args.fio_buffered).read_text()),
+                         "restored data, buffered loop (before)")
     rows += scale_rows(scale)
     images = []
     for lv in scale.get("live", []):

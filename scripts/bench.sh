@@ -14,7 +14,7 @@ SIZES=1G,8G,64G,1T LIVE=8G,32G RUNTIME=8
 if [ "${1:-}" = "--quick" ]; then SIZES=1G,8G LIVE=2G RUNTIME=4; fi
 $PY bench/bench_scale.py --sizes "$SIZES" --live-size "$LIVE" --json "$OUT/scale.json"
 $PY bench/bench_fio.py --runtime "$RUNTIME" --stages --breakdown --json "$OUT/fio.json"
-$PY bench/bench_fio.py --runtime "$RUNTIME" --loop-dio --json "$OUT/fio-dio.json"
-$PY bench/report.py --fio "$OUT/fio.json" --fio-dio "$OUT/fio-dio.json" \
+$PY bench/bench_fio.py --runtime "$RUNTIME" --loop-buffered --json "$OUT/fio-buffered.json"
+$PY bench/report.py --fio "$OUT/fio.json" --fio-buffered "$OUT/fio-buffered.json" \
     --scale "$OUT/scale.json" --out "$REPORT.md" --plots "$REPORT" --note "${BENCH_NOTE:-}"
 echo "wrote $REPORT.md"

@@ -62,6 +62,9 @@ def test_live_restore_auto_cutover(box: Sandbox, fs_tools, request, fstype: str)
     m = mount_at(str(box.mnt))
     assert m is not None and m.source.startswith("/dev/loop")
     assert m.fstype == fstype
+    # ... which it reads and writes with direct I/O (requests in flight at once, not one).
+    dio = Path(f"/sys/block/{os.path.basename(m.source)}/loop/dio").read_text().strip()
+    assert dio == "1", "the pseudo-volume's loop uses direct I/O"
     _read_unrestored_files(box)
     rows_start = box.query({"op": "count"})["rows"]
     time.sleep(1.0)
