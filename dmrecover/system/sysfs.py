@@ -75,3 +75,40 @@ def dm_nodes_with_uuid_prefix(prefix: str) -> list[str]:
         except OSError:
             continue
     return out
+
+
+XFS_SYSFS = "/sys/fs/xfs"
+
+
+def _xfs_error_dir(dev: str, root: str) -> str:
+    return os.path.join(root, os.path.basename(os.path.realpath(dev)), "error", "metadata")
+
+
+def xfs_on(dev: str, *, root: str = XFS_SYSFS) -> bool:
+    """True when an XFS is mounted (or being mounted) on block device `dev`."""
+    return os.path.isdir(_xfs_error_dir(dev, root))
+
+
+def xfs_stop_retrying(dev: str, *, root: str = XFS_SYSFS) -> bool:
+    """Make the XFS on block device `dev` give up on failed metadata writes at once.
+
+    XFS retries a failed asynchronous metadata write for ever by default (error/metadata/EIO/
+    max_retries = -1). On a loop over a FUSE file whose server died that never succeeds: a
+    mount doing log recovery then waits in D state for good, holds its superblock lock, and
+    every sync(2) on the host waits with it. Setting max_retries to 0 for every error class
+    makes XFS shut the filesystem down instead, so the mount fails (or the mounted filesystem
+    can be unmounted) and the loop is let go. Only for devices whose server is known dead.
+    Returns True when an XFS (mounted or being mounted) was found on dev.
+    """
+    base = _xfs_error_dir(dev, root)
+    try:
+        classes = os.listdir(base)
+    except FileNotFoundError:
+        return False
+    for cls in classes:
+        try:
+            with open(os.path.join(base, cls, "max_retries"), "w") as f:
+                f.write("0")
+        except FileNotFoundError:
+            pass  # the filesystem went away meanwhile
+    return True

@@ -7,10 +7,13 @@ Only things that are provably dmrecover's and provably dead are touched:
 - loop devices whose backing file is on such a FUSE mount, or in the state dir of a session
   whose process is gone;
 - mounts of those loop devices (unmounted lazily when a normal unmount fails: the filesystem on
-  a dead FUSE server gets I/O errors).
+  a dead FUSE server gets I/O errors);
+- an XFS on those loop devices, mounted or caught mid-mount, which is first told to give up its
+  failed writes (it would retry them for ever: sysfs.xfs_stop_retrying).
 
 Everything else (other FUSE mounts, other loops, live sessions) is left alone. The removal
-order is mounts, then loops, then FUSE mounts: each layer is released before the one under it.
+order is XFS retries, mounts, loops, FUSE mounts: each layer is released before the one under
+it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from dmrecover.backends.fuse.stack import fuse_unmount
 from dmrecover.errors import StackError
 from dmrecover.system import loops
 from dmrecover.system.mounts import mounts, umount_or_detach
+from dmrecover.system.sysfs import xfs_on, xfs_stop_retrying
 
 BACKEND = "fuse"
 FUSE_TYPE = "fuse.dmrecover"
 
+XFS = "xfs"
 MOUNT = "mount"
 LOOP = "loop"
 FUSE = "fuse"
@@ -56,8 +61,8 @@ def _under(path: str, root: str) -> bool:
 
 
 def find(sessions: SessionLookup) -> list[Leftover]:
-    """Dead FUSE mounts, the loops on them or in dead sessions' state dirs, and the mounts of
-    those loops: in removal order (mounts, loops, FUSE mounts)."""
+    """Dead FUSE mounts, the loops on them or in dead sessions' state dirs, the mounts of
+    those loops and any XFS on them: in removal order (XFS, mounts, loops, FUSE mounts)."""
     all_mounts = mounts()
     dead_fuse = []
     for m in all_mounts:
@@ -76,8 +81,9 @@ def find(sessions: SessionLookup) -> list[Leftover]:
         sdir = sessions.state_dir_of(backing)
         if sdir is not None and not sessions.is_live(sdir):
             dead_loops.append(dev)
-    found = [Leftover(BACKEND, MOUNT, m.target) for m in reversed(all_mounts)
-             if m.source in dead_loops]
+    found = [Leftover(BACKEND, XFS, dev) for dev in dead_loops if xfs_on(dev)]
+    found += [Leftover(BACKEND, MOUNT, m.target) for m in reversed(all_mounts)
+              if m.source in dead_loops]
     found += [Leftover(BACKEND, LOOP, dev) for dev in dead_loops]
     # Deepest first: a FUSE mount inside another one goes before it.
     found += [Leftover(BACKEND, FUSE, path)
@@ -87,7 +93,9 @@ def find(sessions: SessionLookup) -> list[Leftover]:
 
 def remove(item: Leftover) -> None:
     """Remove one leftover found by `find()` (lazily where a normal unmount fails)."""
-    if item.kind == MOUNT:
+    if item.kind == XFS:
+        xfs_stop_retrying(item.name)
+    elif item.kind == MOUNT:
         umount_or_detach(item.name)
     elif item.kind == LOOP:
         loops.detach(item.name)

@@ -24,6 +24,7 @@ from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.errors import StackError
 from dmrecover.system import command, loops
 from dmrecover.system.mounts import is_mountpoint, mount, mount_at, mounts, umount, umount_or_detach
+from dmrecover.system.sysfs import xfs_stop_retrying
 from dmrecover.testhooks import fault_point
 
 if TYPE_CHECKING:  # annotations only: server.py needs pyfuse3 (see start_server)
@@ -175,6 +176,7 @@ def start_server(volume: PseudoVolume, mountdir: str, name: str, *,
 def teardown_leftovers(state_dir: str, fuse_dir: str | None = None) -> list[str]:
     """Remove the stack a dead session left: returns what was done (for the log).
 
+    An XFS on those loops is told to stop retrying failed writes (sysfs.xfs_stop_retrying).
     Mounts of loops backed by files under state_dir (normally just MP) are unmounted (lazily if
     a normal unmount fails: on a dead FUSE server its I/O errors), those loops are detached,
     and the FUSE mount at fuse_dir (default: state_dir/fuse) is unmounted (lazily if still
@@ -184,6 +186,11 @@ def teardown_leftovers(state_dir: str, fuse_dir: str | None = None) -> list[str]
     state_dir = os.path.abspath(state_dir)
     fuse_dir = os.path.abspath(fuse_dir or os.path.join(state_dir, FUSE_SUBDIR))
     ours = {dev for dev, _ in loops.loops_backed_under(state_dir)}
+    # An XFS on a dead server's loop would retry its failed writes for ever: a mount caught
+    # in log recovery (not in mountinfo yet) never ends, and sync(2) hangs behind it.
+    for dev in sorted(ours):
+        if xfs_stop_retrying(dev):
+            done.append(f"made the XFS on {dev} give up its failed writes")
     # Mounts of our loops, anywhere (normally just MP), topmost first.
     for m in reversed(mounts()):
         if m.source in ours:

@@ -35,12 +35,15 @@ def system(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(leftovers, "mounts", lambda: all_mounts)
     monkeypatch.setattr(leftovers.loops, "loops_backed_under", lambda d: all_loops)
     monkeypatch.setattr(leftovers, "fuse_dead", lambda p: p in dead)
+    # An XFS on the dead session's loop and on the live one's: only the dead one's is touched.
+    monkeypatch.setattr(leftovers, "xfs_on", lambda dev: dev in ("/dev/loop0", "/dev/loop1"))
     return FakeSessions({LIVE: (True, "restoring"), DEAD: (False, "restoring")})
 
 
 def test_dead_sessions_leftovers_in_removal_order(system: FakeSessions) -> None:
     found = FuseBackend().leftovers(system)
     assert [(i.kind, i.name) for i in found] == [
+        ("xfs", "/dev/loop1"),
         ("mount", "/mnt/tmp"), ("mount", "/mnt/dead/sub"), ("mount", "/mnt/dead"),
         ("loop", "/dev/loop1"), ("loop", "/dev/loop3"),
         ("fuse", f"{DEAD}/fuse"), ("fuse", "/tmp/x/fuse")]
@@ -65,13 +68,15 @@ def test_remove_dispatches_by_kind_and_falls_back_to_lazy(monkeypatch: pytest.Mo
     # the normal-then-lazy unmount is system.mounts.umount_or_detach's: fake what it calls
     monkeypatch.setattr(system_mounts, "umount", umount)
     monkeypatch.setattr(leftovers.loops, "detach", lambda d: calls.append(("detach", d)))
+    monkeypatch.setattr(leftovers, "xfs_stop_retrying", lambda d: calls.append(("xfs", d)))
     monkeypatch.setattr(leftovers, "fuse_unmount",
                         lambda p, lazy=False: calls.append(("fusermount", p, lazy)))
     b = FuseBackend()
+    b.remove_leftover(Leftover("fuse", "xfs", "/dev/loop1"))
     b.remove_leftover(Leftover("fuse", "mount", "/mnt/dead"))
     b.remove_leftover(Leftover("fuse", "loop", "/dev/loop1"))
     b.remove_leftover(Leftover("fuse", "fuse", "/x/fuse"))
-    assert calls == [("umount", "/mnt/dead", False), ("umount", "/mnt/dead", True),
+    assert calls == [("xfs", "/dev/loop1"), ("umount", "/mnt/dead", False), ("umount", "/mnt/dead", True),
                      ("detach", "/dev/loop1"), ("fusermount", "/x/fuse", False)]
     with pytest.raises(ValueError):
         b.remove_leftover(Leftover("fuse", "dm", "x"))
