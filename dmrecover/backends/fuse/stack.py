@@ -62,13 +62,15 @@ class FuseStack(Presentation):
     undo: UndoStack = field(default_factory=UndoStack)
     server: FuseServer | None = None
     loop: str | None = None
-    #: The loop reads and writes its FUSE file with O_DIRECT: the loop then submits each block
-    #: request asynchronously and several are in flight in the server at once; buffered, it
-    #: serves one request at a time, so a queue depth of 16 got what depth 1 got (one run,
-    #: bench/bench_fio.py: 4 KiB random read 1.7k -> 2.5k IOPS, write 2.7k -> 4.0k, 1 MiB
-    #: sequential 213 -> 480; docs/architecture.md, Performance). Durability is the same: the
-    #: FUSE file is direct_io already, so a write is acknowledged when the server has it in
-    #: the overlay either way, and a flush is the same fsync.
+    #: The loop reads and writes its FUSE file with O_DIRECT: one FUSE request per block
+    #: request, several in flight. Buffered, Debian 12's loop (Linux 6.1) reads its file page
+    #: by page, each 4 KiB a round trip into Python, one at a time: 1 MiB sequential reads
+    #: of restored data ran at 1 IOPS, 185 with direct I/O (bench_dm.py, fuse column, the
+    #: VM). Newer loops (6.18 here) read buffered files well: reads are even, 4 KiB writes
+    #: lose about a quarter with direct I/O (bench_fio.py vs --loop-buffered); the old
+    #: kernel's 185-fold loss decides. Durability is the same: the FUSE file is direct_io
+    #: already, so a write is acknowledged when the server has it in the overlay either way,
+    #: and a flush is the same fsync.
     loop_direct_io: bool = True
 
     @property
