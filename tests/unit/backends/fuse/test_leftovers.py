@@ -76,7 +76,8 @@ def test_remove_dispatches_by_kind_and_falls_back_to_lazy(monkeypatch: pytest.Mo
     b.remove_leftover(Leftover("fuse", "mount", "/mnt/dead"))
     b.remove_leftover(Leftover("fuse", "loop", "/dev/loop1"))
     b.remove_leftover(Leftover("fuse", "fuse", "/x/fuse"))
-    assert calls == [("xfs", "/dev/loop1"), ("umount", "/mnt/dead", False), ("umount", "/mnt/dead", True),
+    assert calls == [("xfs", "/dev/loop1"),
+                     ("umount", "/mnt/dead", False), ("umount", "/mnt/dead", True),
                      ("detach", "/dev/loop1"), ("fusermount", "/x/fuse", False)]
     with pytest.raises(ValueError):
         b.remove_leftover(Leftover("fuse", "dm", "x"))
