@@ -379,3 +379,34 @@ def test_dm_manual_then_cutover_online_command(box: Sandbox, fs_tools, request) 
     name = dm.dm_name("dmm", "pseudo")
     assert dm.table(name).split()[2] == "linear"
     verify_dest_alone(box, fs_tools, name)
+
+
+def test_portable_backend_xfs_on_this_kernel(box: Sandbox, fs_tools, request) -> None:
+    """The portable backend on Debian 12's own kernel (6.1, whose loop the host's 6.18 is not):
+    an XFS served through FUSE and a loop in direct I/O (XFS writes 512-byte log sectors),
+    the application writing while the restore runs, then the restart cutover; DEST alone then
+    holds every file and every acknowledged write."""
+    box.prepare(fs_tools, request.getfixturevalue("xfs_image"))
+    log_before = len(kernel_log())
+    r = box.live_restore("px", "--backend", "fuse", env=SLOW)
+    assert r.returncode == 0, r.stderr
+    box.wait_app(timeout=120)
+    m = mount_at(str(box.mnt))
+    assert m is not None and m.source.startswith("/dev/loop") and m.fstype == "xfs"
+    loop = os.path.basename(m.source)
+    assert Path(f"/sys/block/{loop}/loop/dio").read_text().strip() == "1"
+    assert Path(f"/sys/block/{loop}/loop/backing_file").read_text().strip().endswith("/volume")
+    _read_unrestored_files(box)
+    time.sleep(1.0)
+    mid = box.status("px")
+    assert mid["demand_fetches"] > 0 and mid["overlay_bytes"] > 0
+    done = box.wait_state("px", ("done", "failed"), timeout=600)
+    assert done["state"] == "done", done.get("error")
+    box.wait_app(timeout=120)
+    m = mount_at(str(box.mnt))
+    backing = Path(f"/sys/block/{os.path.basename(m.source)}/loop/backing_file").read_text()
+    assert backing.strip() == str(box.dest)
+    verify_dest_alone(box, fs_tools)
+    bad = ("I/O error", "Corruption", "Shutting down", "Failing async", "Internal error")
+    errors = [line for line in kernel_log()[log_before:] if any(b in line for b in bad)]
+    assert not errors, errors
