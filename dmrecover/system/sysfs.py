@@ -97,7 +97,9 @@ def xfs_stop_retrying(dev: str, *, root: str = XFS_SYSFS) -> bool:
     mount doing log recovery then waits in D state for good, holds its superblock lock, and
     every sync(2) on the host waits with it. Setting max_retries to 0 for every error class
     makes XFS shut the filesystem down instead, so the mount fails (or the mounted filesystem
-    can be unmounted) and the loop is let go. Only for devices whose server is known dead.
+    can be unmounted) and the loop is let go. Only for a dead session's devices (or a stack
+    `abort --force` took down under strays): on a healthy device nothing fails, so nothing
+    changes, but one transient error would then shut the filesystem down.
     Returns True when an XFS (mounted or being mounted) was found on dev.
     """
     base = _xfs_error_dir(dev, root)
