@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import drop_cache  # noqa: E402
 
 from dmrecover.backends.fuse.server import FuseServer  # noqa: E402
+from dmrecover.backends.fuse.stack import FuseStack  # noqa: E402
 from dmrecover.engine.fetcher import MemorySource  # noqa: E402
 from dmrecover.engine.pseudovolume import PseudoVolume  # noqa: E402
 from dmrecover.system import command  # noqa: E402
@@ -196,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_fio.py needs root (loop devices, mounts, FUSE)")
     size, file_size = parse_size(args.size), parse_size(args.file)
     tmp = Path(tempfile.mkdtemp(prefix="dmr-fio.", dir="/var/tmp"))
+    # The pseudo-volume's loop as the portable stack attaches it, unless told.
+    loop_dio = FuseStack.loop_direct_io and not args.loop_buffered
     results: dict[str, Any] = {"size": size, "file": file_size, "runtime": args.runtime,
-                               "loop_direct_io": not args.loop_buffered, "jobs": {}}
+                               "loop_direct_io": loop_dio, "jobs": {}}
     try:
         image = tmp / "image.img"
         build_image(image, size, file_size)
@@ -218,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             srv = FuseServer(pv, tmp / "fuse")
             srv.start()
             stack.callback(srv.stop)
-            # As the portable stack attaches it (FuseStack.loop_direct_io), unless told.
-            pv_loop = loop_attach(str(srv.path), direct_io=not args.loop_buffered)
+            pv_loop = loop_attach(str(srv.path), direct_io=loop_dio)
             stack.callback(loop_detach, pv_loop)
             base_loop = loop_attach(str(base))
             stack.callback(loop_detach, base_loop)

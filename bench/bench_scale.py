@@ -172,6 +172,7 @@ def child(args: argparse.Namespace) -> int:
     """One live restore in this process; prints a JSON line."""
     t0 = time.monotonic()
     from dmrecover.backends.fuse.server import FuseServer
+    from dmrecover.backends.fuse.stack import FuseStack
     from dmrecover.engine.pseudovolume import PseudoVolume
     from dmrecover.repository.repo import Repository
     from dmrecover.repository.source import RepositorySource
@@ -195,7 +196,7 @@ def child(args: argparse.Namespace) -> int:
         pv.fetcher.gate.hold = float(hold) / 1000
     srv = FuseServer(pv, tmp / "fuse")
     srv.start()
-    loop = attach(str(srv.path), direct_io=True)
+    loop = attach(str(srv.path), direct_io=FuseStack.loop_direct_io)  # as the stack does
     mnt = tmp / "mnt"
     mnt.mkdir(exist_ok=True)
     out: dict[str, Any] = {}
