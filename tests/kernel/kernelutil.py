@@ -16,6 +16,7 @@ from dmrecover.session import boot
 from dmrecover.system import loops
 from dmrecover.system.mounts import umount
 from tests.apps.livekit import Sandbox
+from tests.helpers.waiting import wait_for
 
 
 def sh(*argv: str, check: bool = True, input: bytes | None = None) -> str:
@@ -53,16 +54,6 @@ def detach_loops_under(root: str | os.PathLike[str]) -> list[str]:
         except Exception as err:  # keep detaching the others; the fixture's checks report it
             print(f"teardown: detaching {dev}: {err}")
     return found
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll predicate until it holds or timeout seconds pass; returns its last answer."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(0.1)
-    return True
 
 
 

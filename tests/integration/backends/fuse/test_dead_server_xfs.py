@@ -25,6 +25,7 @@ from dmrecover.backends.fuse.stack import FUSE_FILE, FUSE_SUBDIR, teardown_lefto
 from dmrecover.system import command, loops
 from dmrecover.system.mounts import mount_at
 from tests.helpers import images
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -55,13 +56,6 @@ def _serve(data: bytes, dest: Path, state: Path, fail_flag: Path, ready: Path) -
         time.sleep(1)
 
 
-def _wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_teardown_ends_an_xfs_waiting_on_a_dead_server(tmp_path: Path) -> None:
     image = tmp_path / "image.img"
     with open(image, "wb") as f:
@@ -84,7 +78,7 @@ def test_teardown_ends_an_xfs_waiting_on_a_dead_server(tmp_path: Path) -> None:
             os._exit(1)
     waiter = None
     try:
-        _wait_for(ready.exists, 30, "the FUSE server did not start")
+        assert wait_for(ready.exists, 30), "the FUSE server did not start"
         loop = loops.attach(str(state / FUSE_SUBDIR / FUSE_FILE), direct_io=True)
         command.run(["mount", "-t", "xfs", "-o", "nouuid", loop, str(mnt)])
         fail_flag.touch()
@@ -101,7 +95,7 @@ def test_teardown_ends_an_xfs_waiting_on_a_dead_server(tmp_path: Path) -> None:
         assert f"made the XFS on {loop} give up its failed writes" in done
         waiter.wait(30)  # ended: XFS gave up (and shut down) instead of waiting for ever
         assert mount_at(str(mnt)) is None
-        _wait_for(lambda: loops.backing_file(loop) is None, 30, f"{loop} still attached")
+        assert wait_for(lambda: loops.backing_file(loop) is None, 30), f"{loop} still attached"
     finally:
         if waiter is not None and waiter.poll() is None:
             waiter.kill()
