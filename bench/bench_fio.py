@@ -31,6 +31,7 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -105,7 +106,7 @@ def fio(path: Path, job: str, file_size: int, runtime: float) -> dict[str, float
 
 class StageTimer:
     """Times every engine call the FUSE server makes (wraps the PseudoVolume's methods): the
-    engine's share of a request; the rest is FUSE, pyfuse3/trio and the thread hand-off."""
+    engine's share of a request; the rest is the kernel's FUSE and loop and the server."""
 
     def __init__(self, pv: PseudoVolume) -> None:
         self.samples: dict[str, list[float]] = {"read": [], "write": [], "flush": []}
@@ -144,35 +145,21 @@ class StageTimer:
 def breakdown(srv: FuseServer, pv: PseudoVolume, dest: Path, base: Path, base_mnt: Path,
               pv_mnt: Path, file_size: int, runtime: float) -> dict[str, float]:
     """Mean latency of a queue-depth-1 4 KiB O_DIRECT read of cached data, stage by stage:
-    DEST direct;
-    through FUSE with a handler that returns zeros at once (kernel loop + FUSE + pyfuse3/trio
-    dispatch); with the engine called in the handler (+ engine); the server's own handler
-    (fast path on the loop, the rest in a worker thread). Handlers are swapped on the running
-    server."""
-    import pyfuse3  # deferred like the server's own import: an optional native dependency
-
-    ops = srv.ops
-    threaded = ops.read
-
-    async def null_read(fh: int, off: int, size: int) -> bytes:
-        return bytes(size)
-
-    async def inline_read(fh: int, off: int, size: int) -> bytes:
-        try:
-            return pv.read(off, size)
-        except OSError as err:
-            raise pyfuse3.FUSEError(err.errno) from err
+    DEST direct; through FUSE with a volume that returns zeros at once (kernel loop + FUSE +
+    the server's read, unpack and reply); the server with the engine. The volume is swapped
+    on the running server."""
+    null = SimpleNamespace(size=pv.size, read_only=pv.read_only,
+                           read=lambda off, size: bytes(size))
 
     # Warm: both backing files read once, so every stage below is CPU and protocol, not disk.
     for f in (base, dest):
         command.run(["dd", f"if={f}", "of=/dev/null", "bs=4M"], timeout=600)
     out = {}
     out["dest_direct"] = fio(base_mnt / "data.bin", "randread_4k_qd1", file_size, runtime)
-    for name, handler in (("fuse_null", null_read), ("fuse_engine_inline", inline_read),
-                          ("fuse_server", threaded)):
-        ops.read = handler
+    for name, volume in (("fuse_null", null), ("fuse_server", pv)):
+        srv.volume = volume
         out[name] = fio(pv_mnt / "data.bin", "randread_4k_qd1", file_size, runtime)
-    ops.read = threaded
+    srv.volume = pv
     for name, r in out.items():
         print(f"  qd1 4 KiB read {name:20} {1e6 / r['iops']:8.1f} us/request "
               f"(p99 {r['p99_us']:.0f} us)", flush=True)

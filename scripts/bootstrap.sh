@@ -21,8 +21,9 @@ if [ -n "$missing" ]; then
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
 fi
-# Debian's own python3, with system site packages: pyfuse3 comes from Debian, the rest from PyPI.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3' 2>/dev/null; then
+# Debian's own python3, with system site packages: blivet's GObject bindings (gi) come from
+# Debian, the rest from PyPI.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gi' 2>/dev/null; then
     rm -rf .venv
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi

@@ -39,8 +39,7 @@ vm_up() {
     trap 'exit 130' INT TERM
 
     # The wheelhouse: dmrecover and every dependency as wheels for the guest's Python (3.11, the
-    # same Debian release as this host). pyfuse3 and trio come from Debian's packages in the
-    # guest.
+    # same Debian release as this host).
     rm -rf "$wheelhouse"
     local py=python3
     [ -x .venv/bin/python ] && py=.venv/bin/python

@@ -1,11 +1,11 @@
 """Run a call in a forked child process and bring its result (or its error) back.
 
 For work that starts threads in a process that forks again later: a fork copies the memory of
-the threads' libraries but not the threads. trio (0.22, Debian 12's) keeps its idle worker
-threads in a module-level cache, so a process forked after a FUSE server ran hands its first
-blocking read to a worker that does not exist in it, and that read never returns (seen: the
-session process `resume` forks, after `resume` served a dead session's source). Run such work
-here: the child's threads end with the child.
+the threads' libraries but not the threads. trio (0.22, Debian 12's, which once served FUSE)
+kept its idle worker threads in a module-level cache, so a process forked after a FUSE server
+ran handed its first blocking read to a worker that did not exist in it, and that read never
+returned (seen: the session process `resume` forks, after `resume` served a dead session's
+source). Run such work here: the child's threads end with the child.
 
 The result must be JSON-serializable. A DmrecoverError raised in the child is raised again in
 the parent as the same class, message, hint and command fields; any other exception as a

@@ -8,6 +8,7 @@ application.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from dmrecover.errors import StackError
-from dmrecover.system import command
+from dmrecover.system import command, libc
 from dmrecover.system.loops import loop_of
 from dmrecover.system.processes import describe, processes_holding
 from dmrecover.system.sysfs import devnum, with_partitions
@@ -45,6 +46,7 @@ class MountEntry:
         return f"{self.major}:{self.minor}"
 
 
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV = 1, 2, 4
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 
@@ -116,6 +118,24 @@ def mount(source: str, target: str, fstype: str | None, options: list[str] | Non
         argv += ["-o", ",".join(opts)]
     argv += [source, target]
     command.run(argv, error=StackError, what=f"mounting {source} at {target}", timeout=300)
+
+
+def mount_fuse(fd: int, target: str, *, fsname: str, subtype: str,
+               read_only: bool = False) -> None:
+    """Mount the FUSE connection open on `fd` (/dev/fuse) at target: the mount(2) call itself,
+    as root needs no fusermount3 (the kernel takes the connection as `fd=N`). Only root and
+    the files' modes decide access (default_permissions, no allow_other)."""
+    fn = libc.function("mount", ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                       ctypes.c_ulong, ctypes.c_char_p)
+    if fn is None:
+        raise StackError("this C library has no mount() call")
+    flags = _MS_NOSUID | _MS_NODEV | (_MS_RDONLY if read_only else 0)
+    data = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions"
+    if fn(fsname.encode(), os.fsencode(target), f"fuse.{subtype}".encode(), flags,
+          data.encode()) != 0:
+        err = libc.errno()
+        raise StackError(f"cannot mount FUSE on {target}: {os.strerror(err)}",
+                         hint="is /dev/fuse there and the directory not in use?")
 
 
 def umount_or_detach(target: str) -> bool:

@@ -6,7 +6,6 @@ so the restart cutover merges the overlay into DEST with the application stopped
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,7 @@ class FuseBackend(Backend):
         preload_server()  # the FUSE server serves the pseudo-volume
 
     def probe(self) -> None:
-        """Needs /dev/fuse, fusermount3, losetup and the pyfuse3 module."""
+        """Needs /dev/fuse, fusermount3 (to unmount) and losetup."""
         if not os.path.exists("/dev/fuse"):
             raise BackendUnavailable("the fuse backend needs /dev/fuse, which is missing",
                                      hint="load the fuse module (modprobe fuse)")
@@ -42,10 +41,6 @@ class FuseBackend(Backend):
             if not command.have(tool):
                 raise BackendUnavailable(f"the fuse backend needs {tool}, which is not "
                                          "installed", hint=f"install the {package} package")
-        if importlib.util.find_spec("pyfuse3") is None:
-            raise BackendUnavailable("the fuse backend needs the Python module pyfuse3, "
-                                     "which is not installed",
-                                     hint="install python3-pyfuse3 (or pip install pyfuse3)")
 
     def present(self, volume: PseudoVolume, ctx: BackendContext) -> FuseStack:
         return FuseStack(volume, ctx)

@@ -27,7 +27,7 @@ from dmrecover.system.mounts import is_mountpoint, mount, mount_at, mounts, umou
 from dmrecover.system.sysfs import xfs_stop_retrying
 from dmrecover.testhooks import fault_point
 
-if TYPE_CHECKING:  # annotations only: server.py needs pyfuse3 (see start_server)
+if TYPE_CHECKING:  # annotations only: server.py is imported late (see start_server)
     from dmrecover.backends.fuse.server import FuseServer
     from dmrecover.engine.pseudovolume import PseudoVolume
 
@@ -155,19 +155,14 @@ class FuseStack(Presentation):
 
 
 def preload_server() -> None:
-    """Import the FUSE server's modules (pyfuse3 and trio: 0.2-0.4 s on a loaded host) now.
-    A no-op where pyfuse3 is missing: probe() says so, and start_server() fails clearly."""
-    try:
-        import dmrecover.backends.fuse.server  # noqa: F401 - deferred as in start_server
-    except ImportError as err:
-        log.debug("FUSE server not preloaded: %s", err)
+    """Import the FUSE server's module and the engine behind it now (off the RTO's path)."""
+    import dmrecover.backends.fuse.server  # noqa: F401 - deferred as in start_server
 
 
 def start_server(volume: PseudoVolume, mountdir: str, name: str, *,
                  read_only: bool = False) -> FuseServer:
     """Serve `volume` as mountdir/name (started: the file answers when this returns)."""
-    # Deferred: pyfuse3 is an optional native dependency; the registry imports this module on
-    # hosts without it, where FuseBackend.probe() says what is missing instead.
+    # Deferred: the registry imports this module for every command, and most present nothing.
     from dmrecover.backends.fuse.server import FuseServer
 
     server = FuseServer(volume, mountdir, name=name, read_only=read_only)

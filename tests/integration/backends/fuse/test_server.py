@@ -247,43 +247,91 @@ def test_block_device_dest_gets_zero_chunks_and_data(tmp_path: Path) -> None:
         loop_detach(dev)
 
 
-def test_fast_path_serves_cached_data_and_hands_off_the_rest(tmp_path: Path) -> None:
-    """Reads through the FUSE file: cached restored and overlay data come from the fast path
-    (no thread hand-off), unrestored data is fetched in a worker, cold data is read there;
-    every answer equals the model."""
+class GatedSource(MemorySource):
+    """A MemorySource whose chunk `slow` is read only once the test opens the gate."""
+
+    def __init__(self, data: bytes, chunk_size: int, slow: int) -> None:
+        super().__init__(data, chunk_size)
+        self.slow = slow
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def read_chunk(self, index: int) -> bytes:
+        if index == self.slow:
+            self.waiting.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().read_chunk(index)
+
+
+def test_a_blocked_fetch_holds_one_thread_the_others_serve(tmp_path: Path) -> None:
+    """The pool: while one request waits for its chunk, reads of restored data, overlay
+    writes and flushes still get answers; the blocked read then gets the right bytes."""
     data = random.Random(3).randbytes(8 * MiB)
     model = bytearray(data)
-    src = MemorySource(data, MiB)
+    src = GatedSource(data, MiB, slow=5)
     dest = blank(tmp_path / "d", len(data))
     pv = PseudoVolume(src, dest, tmp_path / "state")
-    srv = FuseServer(pv, tmp_path / "fuse")
+    srv = FuseServer(pv, tmp_path / "fuse", threads=4)
     srv.start()
     try:
         fd = os.open(srv.path, os.O_RDWR)
         try:
-            assert os.pread(fd, 4096, 3 * MiB) == data[3 * MiB:3 * MiB + 4096]  # fetch
-            assert src.reads == [3] and pv.nowait_hits == 0
-            for k in range(20):  # restored, cached: the fast path
-                off = 3 * MiB + k * 8192
+            assert os.pread(fd, 4096, 2 * MiB) == data[2 * MiB:2 * MiB + 4096]  # restores 2
+            blocked: list[bytes] = []
+            t = threading.Thread(target=lambda: blocked.append(os.pread(fd, 4096, 5 * MiB)))
+            t.start()
+            assert src.waiting.wait(10)
+            t0 = time.monotonic()
+            for k in range(50):
+                off = 2 * MiB + k * 8192
                 assert os.pread(fd, 4096, off) == bytes(model[off:off + 4096])
-            assert pv.nowait_hits >= 20
-            os.pwrite(fd, b"\x07" * 8192, 3 * MiB + 4096)
-            model[3 * MiB + 4096:3 * MiB + 12288] = b"\x07" * 8192
-            hits = pv.nowait_hits
-            assert os.pread(fd, 65536, 3 * MiB) == bytes(model[3 * MiB:3 * MiB + 65536])
-            assert pv.nowait_hits == hits + 1  # overlay and restored blocks in one read
+            os.pwrite(fd, b"\x07" * 8192, 2 * MiB + 4096)
+            model[2 * MiB + 4096:2 * MiB + 12288] = b"\x07" * 8192
             os.fsync(fd)
-            dfd = os.open(dest, os.O_RDONLY)
-            os.fsync(dfd)  # dirty pages stay in the cache
-            os.posix_fadvise(dfd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(dfd)
-            misses = pv.nowait_misses
-            assert os.pread(fd, 4096, 3 * MiB + 500 * 1024) == \
-                bytes(model[3 * MiB + 500 * 1024:3 * MiB + 504 * 1024])  # cold: a worker
-            assert pv.nowait_misses > misses
-            assert src.reads == [3]
+            assert os.pread(fd, 65536, 2 * MiB) == bytes(model[2 * MiB:2 * MiB + 65536])
+            assert time.monotonic() - t0 < 10
+            assert t.is_alive() and not blocked  # still waiting for its chunk
+            src.gate.set()
+            t.join(30)
+            assert blocked == [data[5 * MiB:5 * MiB + 4096]]
         finally:
             os.close(fd)
     finally:
+        src.gate.set()
         srv.stop()
         pv.close()
+    assert not srv.running
+
+
+def test_the_file_s_metadata_and_refusals(tmp_path: Path) -> None:
+    """What the kernel asks besides reads and writes: the directory lists one file of the
+    volume's size, mode 0600 root's; the size, mode and owner cannot change; a name that is
+    not there is ENOENT; a large write and read go whole (1 MiB requests)."""
+    data = random.Random(4).randbytes(4 * MiB + 4096)  # a short last chunk
+    pv = PseudoVolume(MemorySource(data, MiB), blank(tmp_path / "d", len(data)),
+                      tmp_path / "state")
+    with FuseServer(pv, tmp_path / "fuse") as srv:
+        assert os.listdir(srv.mountdir) == ["volume"]
+        st = os.stat(srv.path)
+        assert st.st_size == len(data) and st.st_uid == 0
+        assert st.st_mode & 0o777 == 0o600
+        with pytest.raises(FileNotFoundError):
+            os.stat(srv.mountdir / "other")
+        with pytest.raises(PermissionError):
+            os.chmod(srv.path, 0o644)
+        with pytest.raises(PermissionError):
+            os.truncate(srv.path, 4096)
+        os.truncate(srv.path, len(data))  # the same size: a no-op, accepted
+        assert os.statvfs(srv.mountdir).f_blocks == (len(data) + 4095) // 4096
+        fd = os.open(srv.path, os.O_RDWR)
+        try:
+            blob = random.Random(5).randbytes(MiB)
+            assert os.pwrite(fd, blob, MiB) == MiB
+            assert os.pread(fd, 3 * MiB, 0) == data[:MiB] + blob + data[2 * MiB:3 * MiB]
+            assert os.pread(fd, 8192, len(data) - 4096) == data[-4096:]  # short at the end
+            with pytest.raises(OSError) as err:
+                os.pwrite(fd, b"x" * 8192, len(data) - 4096)  # beyond the end
+            assert err.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+    pv.close()
