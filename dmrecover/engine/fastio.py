@@ -1,6 +1,5 @@
-"""Low-level DEST I/O: reads that never wait for a disk (the presentation's fast path, see
-PseudoVolume.read_nowait) and zeroing a range of a regular file cheaply; and the C
-allocator's arena limit (limit_malloc_arenas)."""
+"""Low-level DEST I/O: zeroing a range of a regular file cheaply; and the C allocator's arena
+limit (limit_malloc_arenas)."""
 
 from __future__ import annotations
 
@@ -13,17 +12,6 @@ from dmrecover.system import libc
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_ZERO_RANGE = 0x10
-
-
-def pread_nowait(fd: int, offset: int, length: int) -> bytes | None:
-    """`length` bytes at `offset` of fd if the page cache holds them all, else None (never
-    waits for a disk; None on any error too: the caller falls back to a blocking read)."""
-    buf = bytearray(length)
-    try:
-        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file cannot say
-        return None
-    return bytes(buf) if n == length else None
 
 
 def reads_as_zeros(fd: int, offset: int, length: int) -> bool:

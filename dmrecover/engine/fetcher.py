@@ -58,7 +58,7 @@ from pathlib import Path
 
 from dmrecover.engine.bitmap import Bitmap, SlotFile
 from dmrecover.engine.destwriter import WRITER_THREAD_NAME, DestWriter
-from dmrecover.engine.fastio import pread_nowait, reads_as_zeros, zero_range
+from dmrecover.engine.fastio import reads_as_zeros, zero_range
 from dmrecover.engine.priority import DEFAULT_HOLD, DEMAND_NICE, ReadGate, boost, unboost
 from dmrecover.engine.source import ChunkSource, MemorySource, chunk_length
 from dmrecover.engine.timing import Stages, breakdown, percentile
@@ -622,47 +622,6 @@ class Fetcher:
                 raise DeviceError(f"short read from DEST {self.dest_path} at {offset}")
             out += more
         return out
-
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """read() when it would not block: every chunk restored and in DEST's page cache,
-        or its bytes fetched and on their way to DEST; None otherwise."""
-        if self._head is not None and offset < MARK_SIZE:
-            return None
-        cs = self.source.chunk_size
-        end = offset + length
-        first, last = offset // cs, (end - 1) // cs
-        if first == last and self.restored.test(first):
-            return self.read_dest_nowait(offset, length)
-        parts: list[bytes] = []
-        for index in range(first, last + 1):
-            a, b = max(offset, index * cs), min(end, (index + 1) * cs)
-            flight = None if self.restored.test(index) else self._inflight.get(index)
-            data = flight.data if flight is not None else None
-            if data is not None:
-                part: bytes | None = _part(data, a - index * cs, b - index * cs)
-            elif self.restored.test(index):  # (also when it landed since the first test)
-                part = self.read_dest_nowait(a, b - a)
-            else:
-                return None
-            if part is None:
-                return None
-            parts.append(part)
-        return b"".join(parts)
-
-    def is_present(self, index: int) -> bool:
-        """True when chunk `index` is restored or its fetched bytes are in memory (a read of
-        it needs no fetch)."""
-        if self.restored.test(index):
-            return True
-        flight = self._inflight.get(index)
-        return flight is not None and flight.data is not None
-
-    def read_dest_nowait(self, offset: int, length: int) -> bytes | None:
-        """read_dest() when DEST's page cache holds every byte; None when it would block (a
-        disk read, the marked head: the caller then uses read_dest from a worker thread)."""
-        if self._head is not None and offset < MARK_SIZE:
-            return None
-        return pread_nowait(self._fd, offset, length)
 
     def write_dest(self, offset: int, data: bytes | memoryview) -> None:
         """pwrite all of data to DEST at offset (into the saved head while DEST is marked)."""

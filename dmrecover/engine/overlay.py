@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dmrecover.engine.bitmap import Bitmap
-from dmrecover.engine.fastio import pread_nowait
 from dmrecover.errors import BitmapError, OverlayError
 from dmrecover.system.files import write_all
 
@@ -203,11 +202,6 @@ class Overlay:
         if len(out) < length:  # only past the end of the rounded-up file: never for callers
             out += bytes(length - len(out))
         return out
-
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """Like read() when the bytes are all in the page cache; None instead of waiting for
-        the disk (RWF_NOWAIT), and on any error (the blocking read reports it)."""
-        return pread_nowait(self._img, offset, length)
 
     def write_blocks(self, first: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole blocks starting at block `first` and journal them. A short final block

@@ -86,8 +86,6 @@ class PseudoVolume:
             self.fetcher.close()
             raise
         self.restorer: Restorer | None = None
-        self.nowait_hits = 0  # read_nowait(): served at once / left to a blocking read
-        self.nowait_misses = 0
 
     # ------------------------------------------------------------------ I/O
 
@@ -114,55 +112,6 @@ class PseudoVolume:
             b = min(end, (run_start + run_count) * BLOCK_SIZE)
             parts.append(ov.read(a, b - a) if present else self._read_lower(a, b))
         return b"".join(parts)
-
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
-        """The bytes `read()` would return when every one of them is restored or in the
-        overlay AND in the page cache; None when serving them could block (a fetch, a disk
-        read, the marked head): then call `read()` from a thread that may block.
-
-        The presentation's fast path: a request served this way needs no thread hand-off,
-        and it never stalls the caller's event loop (RWF_NOWAIT reads fail instead of
-        waiting for the disk).
-        """
-        end = min(offset + length, self.size)
-        if offset < 0 or length < 0 or self.needs_fetch(offset, length):
-            return None
-        if offset >= end:
-            return b""
-        out = self._read_nowait(offset, end)
-        if out is None:
-            self.nowait_misses += 1
-        else:
-            self.nowait_hits += 1
-        return out
-
-    def _read_nowait(self, offset: int, end: int) -> bytes | None:
-        f = self.fetcher
-        ov = self.overlay
-        if ov is None or ov.present_count == 0:
-            return f.read_nowait(offset, end - offset)
-        parts: list[bytes] = []
-        first = offset // BLOCK_SIZE
-        last = (end - 1) // BLOCK_SIZE
-        for run_start, run_count, present in ov.runs(first, last - first + 1):
-            a = max(offset, run_start * BLOCK_SIZE)
-            b = min(end, (run_start + run_count) * BLOCK_SIZE)
-            part = ov.read_nowait(a, b - a) if present else f.read_nowait(a, b - a)
-            if part is None:
-                return None
-            parts.append(part)
-        return b"".join(parts)
-
-    def needs_fetch(self, offset: int, length: int) -> bool:
-        """True when reading [offset, offset+length) may have to fetch a chunk (a cheap,
-        conservative check: the overlay is not consulted). Presentations use it to serve
-        reads that need no fetch without a thread hand-off."""
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return False
-        cs = self.source.chunk_size
-        f = self.fetcher
-        return not all(f.is_present(i) for i in range(offset // cs, (end - 1) // cs + 1))
 
     def write(self, offset: int, data: bytes) -> int:
         """Write data at offset into the overlay; returns len(data) once acknowledged.

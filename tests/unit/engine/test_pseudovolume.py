@@ -484,64 +484,6 @@ def test_an_incomplete_dest_is_marked_until_the_restore_completes(tmp_path) -> N
     pv.close()
 
 
-def _drop(path: Path) -> None:
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def test_read_nowait_serves_cached_restored_and_overlay_data_only(tmp_path) -> None:
-    # The FUSE server's fast path: restored chunks and overlay blocks the page cache holds
-    # come back at once and equal read(); anything that needs a fetch, a disk read or the
-    # marked head gives None, and nothing is fetched.
-    data = make_data(8, tail=1000)
-    src = MemorySource(data, CS)
-    dest = make_dest(tmp_path, len(data))
-    model = bytearray(data)
-    with PseudoVolume(src, dest, tmp_path / "state") as pv:
-        assert pv.read_nowait(CS + 10, 5000) is None  # chunk 1 not restored
-        assert src.reads == []
-        pv.read(CS, 1)  # fetches chunk 1 (DEST now holds it in the page cache)
-        assert pv.fetcher.wait_writes(30)
-        assert pv.read_nowait(CS + 10, 5000) == data[CS + 10:CS + 5010]
-        assert pv.read_nowait(2 * CS - 100, 200) is None  # spans chunk 2: not restored
-        pv.write(CS + 4096, b"\x01" * 8192)  # overlay blocks inside chunk 1
-        model[CS + 4096:CS + 4096 + 8192] = b"\x01" * 8192
-        assert pv.read_nowait(CS, CS) == bytes(model[CS:2 * CS])
-        pv.read(7 * CS, 1)
-        assert pv.fetcher.wait_writes(30)
-        assert pv.read_nowait(7 * CS, CS + 1000) is None  # the short last chunk 8: not yet
-        pv.read(8 * CS, 1)
-        assert pv.fetcher.wait_writes(30)
-        assert pv.read_nowait(7 * CS, CS + 1000) == data[7 * CS:]  # the short end
-        assert pv.read_nowait(len(data), 10) == b""
-        assert pv.read_nowait(-1, 10) is None
-        # cold: neither DEST nor the overlay image in the page cache
-        _drop(dest)
-        _drop(tmp_path / "state" / "overlay.img")
-        assert pv.read_nowait(CS, 4096) is None
-        assert pv.read_nowait(CS + 4096, 4096) is None
-        assert pv.read(CS, CS) == bytes(model[CS:2 * CS])
-        assert pv.read_nowait(CS, CS) == bytes(model[CS:2 * CS])
-        assert src.reads == [1, 7, 8]
-        assert pv.nowait_hits >= 4 and pv.nowait_misses >= 2
-
-
-def test_read_nowait_leaves_the_marked_head_to_the_blocking_read(tmp_path) -> None:
-    data = make_data(4)
-    src = MemorySource(data, CS)
-    dest = make_dest(tmp_path, len(data))
-    with PseudoVolume(src, dest, tmp_path / "state", mark_dest=tmp_path / "head") as pv:
-        pv.read(0, 1)
-        assert pv.read_nowait(0, 4096) is None
-        assert pv.read(0, 4096) == data[:4096]
-
-
 def test_zero_chunks_of_a_sparse_dest_stay_holes(tmp_path) -> None:
     # A sparse DEST (1 TiB on a small disk): its zero chunks already read as zeros and must
     # not be allocated by zeroing them; zero chunks over old data are still zeroed.

@@ -106,14 +106,6 @@ class PseudoVolumeMachine(RuleBasedStateMachine):
         # them so that the preconditions (restored count) do not depend on its timing.
         assert self.pv.fetcher.wait_writes(30)
 
-    @rule(off=offsets, n=lengths)
-    def read_nowait(self, off: int, n: int) -> None:
-        # The presentation's fast path: either what read() returns, or None (never a fetch).
-        reads = len(self.source.reads)
-        got = self.pv.read_nowait(off, n)
-        assert got is None or got == bytes(self.model[off:off + n])
-        assert len(self.source.reads) == reads
-
     @rule()
     def flush(self) -> None:
         self.pv.flush()
