@@ -236,8 +236,9 @@ def test_clone_session_killed_then_resumed(box: Sandbox, fs_tools, ext4_image: P
     hydrated = target.status(name).hydrated
     spid = box.session("ck")["pid"]
     log_before = len(kernel_log())
+    proc = psutil.Process(spid)  # before the kill: a killed session is reaped at once
     os.kill(spid, signal.SIGKILL)
-    psutil.wait_procs([psutil.Process(spid)], timeout=20)
+    psutil.wait_procs([proc], timeout=20)
     # Writes with no session: new files (blocks in regions not hydrated yet), then sync(2),
     # which holds no descriptor on the mount (the resume's unmount must not find it busy).
     def write_after_kill() -> None:

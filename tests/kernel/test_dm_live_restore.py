@@ -225,8 +225,9 @@ def test_dm_session_killed_then_resumed(box: Sandbox, fs_tools, request) -> None
         data = f.read(512)  # the same bytes: the filesystem above sees no change
     log_before = len(kernel_log())
     spid = box.session("kr")["pid"]
+    proc = psutil.Process(spid)  # before the kill: a killed session is reaped at once
     os.kill(spid, signal.SIGKILL)
-    psutil.wait_procs([psutil.Process(spid)], timeout=20)
+    psutil.wait_procs([proc], timeout=20)
     def write_partial_chunk() -> None:
         buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
         buf[:512] = data
