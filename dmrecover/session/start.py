@@ -145,9 +145,10 @@ def prepare(req: LiveRestoreRequest, *,
 
 def _prepare_claimed(req: LiveRestoreRequest, name: str, backend: Backend,
                      cutover: CutoverMode, held: list[Claim]) -> tuple[SessionRecord, int]:
-    # The backend's imports (its server, the engine) beside the repository's opening, whose key
-    # derivation (scrypt) releases the GIL: off the RTO's path. Joined before returning:
-    # the session process is forked from this one, and no thread may run at a fork.
+    # A backend's slow imports (Backend.preload; none of today's backends needs one) beside
+    # the repository's opening, whose key derivation (scrypt) releases the GIL: off the RTO's
+    # path. Joined before returning: the session process is forked from this one, and no
+    # thread may run at a fork.
     preload = threading.Thread(target=backend.preload, name="preload", daemon=True)
     preload.start()
     try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from dmrecover.backends.base import Backend, BackendContext, Leftover, SessionLookup
 from dmrecover.backends.dm import dmsetup, leftovers, merge, waitpath
 from dmrecover.backends.dm.stack import ORIGIN_SUBDIR, DmStack, cow_size
-from dmrecover.backends.fuse.stack import preload_server, teardown_leftovers
+from dmrecover.backends.fuse.stack import teardown_leftovers
 
 if TYPE_CHECKING:  # typing only: the engine is a lower layer, imported for annotations
     from dmrecover.engine.pseudovolume import PseudoVolume
@@ -30,9 +30,6 @@ class DmBackend(Backend):
     kernel_takes_writes = True
     supports_online_cutover = True
     resume_at_boot = True
-
-    def preload(self) -> None:
-        preload_server()  # the FUSE server serves the origin
 
     def probe(self) -> None:
         """Root (else NotRootError), dmsetup, the device-mapper driver, its snapshot target and

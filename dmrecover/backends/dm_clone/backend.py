@@ -27,7 +27,7 @@ from dmrecover.backends.dm_clone.stack import (
     staging_path,
     wait_hydrated,
 )
-from dmrecover.backends.fuse.stack import preload_server, teardown_leftovers
+from dmrecover.backends.fuse.stack import teardown_leftovers
 from dmrecover.engine.pseudovolume import MERGED_MARKER
 from dmrecover.errors import StackError
 from dmrecover.system import loops
@@ -47,9 +47,6 @@ class DmCloneBackend(Backend):
     kernel_takes_writes = True
     supports_online_cutover = True
     resume_at_boot = True
-
-    def preload(self) -> None:
-        preload_server()  # the FUSE server serves the origin
 
     def probe(self) -> None:
         """Root, dmsetup, device-mapper, its `clone` target (module dm-clone) and the

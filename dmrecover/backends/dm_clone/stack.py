@@ -55,7 +55,7 @@ from dmrecover.system.files import fsync_dir
 from dmrecover.system.mounts import mount, umount
 from dmrecover.testhooks import fault_point, merge_pause
 
-if TYPE_CHECKING:  # annotations only: server.py is imported late (fuse.stack.start_server)
+if TYPE_CHECKING:  # annotations only
     from dmrecover.backends.fuse.server import FuseServer
     from dmrecover.engine.pseudovolume import PseudoVolume
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import Backend, BackendContext, Leftover, SessionLookup
 from dmrecover.backends.fuse import leftovers
-from dmrecover.backends.fuse.stack import FuseStack, preload_server, teardown_leftovers
+from dmrecover.backends.fuse.stack import FuseStack, teardown_leftovers
 from dmrecover.errors import BackendUnavailable
 from dmrecover.system import command
 
@@ -28,9 +28,6 @@ class FuseBackend(Backend):
     kernel_takes_writes = False
     supports_online_cutover = False
     resume_at_boot = False
-
-    def preload(self) -> None:
-        preload_server()  # the FUSE server serves the pseudo-volume
 
     def probe(self) -> None:
         """Needs /dev/fuse, fusermount3 (to unmount) and losetup."""

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dmrecover.backends.base import BackendContext, Presentation, UndoStack
+from dmrecover.backends.fuse.server import FuseServer
 from dmrecover.errors import StackError
 from dmrecover.system import command, loops
 from dmrecover.system.mounts import is_mountpoint, mount, mount_at, mounts, umount, umount_or_detach
 from dmrecover.system.sysfs import xfs_stop_retrying
 from dmrecover.testhooks import fault_point
 
-if TYPE_CHECKING:  # annotations only: server.py is imported late (see start_server)
-    from dmrecover.backends.fuse.server import FuseServer
+if TYPE_CHECKING:  # annotations only
     from dmrecover.engine.pseudovolume import PseudoVolume
 
 log = logging.getLogger(__name__)
@@ -154,17 +154,9 @@ class FuseStack(Presentation):
         return self.undo.unwind()
 
 
-def preload_server() -> None:
-    """Import the FUSE server's module and the engine behind it now (off the RTO's path)."""
-    import dmrecover.backends.fuse.server  # noqa: F401 - deferred as in start_server
-
-
 def start_server(volume: PseudoVolume, mountdir: str, name: str, *,
                  read_only: bool = False) -> FuseServer:
     """Serve `volume` as mountdir/name (started: the file answers when this returns)."""
-    # Deferred: the registry imports this module for every command, and most present nothing.
-    from dmrecover.backends.fuse.server import FuseServer
-
     server = FuseServer(volume, mountdir, name=name, read_only=read_only)
     server.start()
     return server
