@@ -138,6 +138,14 @@ def mount_fuse(fd: int, target: str, *, fsname: str, subtype: str,
                          hint="is /dev/fuse there and the directory not in use?")
 
 
+def fuse_unmount(path: str, *, lazy: bool = False) -> None:
+    """fusermount3 -u [-z] path (a no-op when nothing is mounted there)."""
+    if not is_mountpoint(path):
+        return
+    argv = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
+    command.run(argv, error=StackError, what=f"unmounting the FUSE mount {path}")
+
+
 def umount_or_detach(target: str) -> bool:
     """Unmount what a dead session left: normally (a few retries, no holder check), else
     lazily (a filesystem over a dead FUSE server errors on a normal unmount). True when it

@@ -23,10 +23,9 @@ import os
 import threading
 
 from dmrecover.backends.base import Leftover, SessionLookup
-from dmrecover.backends.fuse.stack import fuse_unmount
 from dmrecover.errors import StackError
 from dmrecover.system import loops
-from dmrecover.system.mounts import mounts, umount_or_detach
+from dmrecover.system.mounts import fuse_unmount, mounts, umount_or_detach
 from dmrecover.system.sysfs import xfs_on, xfs_stop_retrying
 
 BACKEND = "fuse"

@@ -33,8 +33,8 @@ from typing import Any
 from dmrecover.backends.fuse import protocol as fp
 from dmrecover.engine.pseudovolume import PseudoVolume
 from dmrecover.errors import DmrecoverError, StackError
-from dmrecover.system import command, loops
-from dmrecover.system.mounts import is_mountpoint, mount_fuse
+from dmrecover.system import loops
+from dmrecover.system.mounts import fuse_unmount, is_mountpoint, mount_fuse
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,8 @@ class FuseServer:
         try:
             # Unmounting ends the connection: each thread's read of /dev/fuse fails with
             # ENODEV and the thread returns. Never unmount a mount this server did not make.
-            if self._mounted and _is_mounted(self.mountdir):
-                command.run(["fusermount3", "-u", str(self.mountdir)], error=StackError,
-                            what=f"unmounting FUSE {self.mountdir}")
+            if self._mounted:
+                fuse_unmount(os.path.realpath(self.mountdir))
             self._mounted = False
             deadline = time.monotonic() + timeout
             for t in self._workers:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 from dmrecover.backends.base import BackendContext, Presentation, UndoStack
 from dmrecover.backends.fuse.server import FuseServer
 from dmrecover.errors import StackError
-from dmrecover.system import command, loops
-from dmrecover.system.mounts import is_mountpoint, mount, mount_at, mounts, umount, umount_or_detach
+from dmrecover.system import loops
+from dmrecover.system.mounts import fuse_unmount, mount, mount_at, mounts, umount, umount_or_detach
 from dmrecover.system.sysfs import xfs_stop_retrying
 from dmrecover.testhooks import fault_point
 
@@ -40,14 +40,6 @@ DETACH_WAIT = 60.0  # seconds the loop may take to let go of the FUSE file after
 
 # session/cleanup.py still imports this name; it goes when cleanup iterates the registry.
 detach_loop = loops.detach
-
-
-def fuse_unmount(path: str, *, lazy: bool = False) -> None:
-    """fusermount3 -u [-z] path (a no-op when nothing is mounted there)."""
-    if not is_mountpoint(path):
-        return
-    argv = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
-    command.run(argv, error=StackError, what=f"unmounting the FUSE mount {path}")
 
 
 # ---------------------------------------------------------------- the portable stack
