@@ -166,7 +166,6 @@ class FuseServer:
     def _serve(self, fd: int) -> None:
         buf = bytearray(MAX_WRITE + fp.READ_SLACK)
         view = memoryview(buf)
-        hdr = fp.IN_HEADER
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -178,11 +177,10 @@ class FuseServer:
                     self._error = err
                     self._ready.set()
                 return
+            # After DESTROY the connection ends: the next read fails with ENODEV (above).
             reply = self.answer(view, n)
             if reply is not None:
                 self._send(fd, reply)
-            if hdr.unpack_from(buf)[1] == fp.DESTROY:
-                return
 
     def answer(self, request: memoryview | bytes, n: int) -> list[bytes] | None:
         """The reply to one request of `n` bytes read from /dev/fuse, as the buffers to write
