@@ -11,6 +11,8 @@ can never slow down or break a real recovery. The session's boot unit never sets
 | DMRECOVER_FAIL_AT=<step>          | `fault_point(step)` raises StackError before the step    |
 | DMRECOVER_TEST_RESTORE_DELAY=<s>  | the background restorer sleeps s seconds per chunk;     |
 |                                   | dm-clone hydrates one region at a time under it          |
+| DMRECOVER_TEST_RESTORE_HOLD=<path> | the background restorer claims no chunk while the file  |
+|                                   | exists (on-demand fetches go on): the test releases it   |
 | DMRECOVER_TEST_MERGE_PAUSE=<s>    | the dm merge waits s seconds before it starts; dm-clone  |
 |                                   | holds its swap with the linear table loaded              |
 | DMRECOVER_TEST_CHECKPOINT_LOG_BYTES=<n> | the overlay checkpoints once its log holds n bytes |
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 from dmrecover.errors import StackError
@@ -39,12 +42,13 @@ MERGE_PAUSE_ENV = "DMRECOVER_TEST_MERGE_PAUSE"
 CHECKPOINT_LOG_ENV = "DMRECOVER_TEST_CHECKPOINT_LOG_BYTES"
 PAUSE_AT_ENV = "DMRECOVER_TEST_PAUSE_AT"
 PAUSE_FILE_ENV = "DMRECOVER_TEST_PAUSE_FILE"
+RESTORE_HOLD_ENV = "DMRECOVER_TEST_RESTORE_HOLD"
 #: The longest a pause_point waits for the test to release it (a test that died).
 PAUSE_LIMIT = 600.0
 
 #: Every variable a test may set; test harnesses pass exactly these to the session process.
 HOOK_ENVS = (ENABLE_ENV, FAIL_AT_ENV, RESTORE_DELAY_ENV, MERGE_PAUSE_ENV, CHECKPOINT_LOG_ENV,
-             PAUSE_AT_ENV, PAUSE_FILE_ENV)
+             PAUSE_AT_ENV, PAUSE_FILE_ENV, RESTORE_HOLD_ENV)
 
 
 def enabled() -> bool:
@@ -72,6 +76,21 @@ def fault_point(step: str) -> None:
 def restore_delay() -> float:
     """Seconds the background restorer sleeps per chunk (0 unless a test asked)."""
     return _seconds(RESTORE_DELAY_ENV)
+
+
+def restore_hold(stop: threading.Event) -> None:
+    """While the hooks are on and the file DMRECOVER_TEST_RESTORE_HOLD names exists, wait
+    (PAUSE_LIMIT at most, or until stop is set): the background restore stays where it is for
+    as long as a test needs, however fast or slow the machine, while the application's
+    on-demand fetches go on. Called before a chunk is claimed, never while one is in flight,
+    so no read of the application ever waits on the hold."""
+    path = os.environ.get(RESTORE_HOLD_ENV)
+    if not (path and enabled() and os.path.exists(path)):
+        return
+    log.info("background restore held until %s is removed (%s)", path, RESTORE_HOLD_ENV)
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while os.path.exists(path) and time.monotonic() < deadline and not stop.is_set():
+        stop.wait(0.05)
 
 
 def merge_pause() -> float:

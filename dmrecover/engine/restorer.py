@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from dmrecover import testhooks
 from dmrecover.engine.fetcher import Fetcher, chunk_length
 from dmrecover.errors import CorruptChunk
 from dmrecover.progress import Progress
@@ -157,6 +158,7 @@ class Restorer:
                 # On-demand fetches first: wait while any is in flight (bounded, so that a
                 # storm of reads still lets the restore make progress now and then).
                 f.yield_to_demand(timeout=1.0)
+                testhooks.restore_hold(self._stop)
                 if self._stop.is_set():
                     break
                 index = self._claim()

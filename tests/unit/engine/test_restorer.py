@@ -296,3 +296,33 @@ def test_zero_chunks_do_not_bring_syncs_forward(tmp_path) -> None:
     f.close()
     assert SlotFile.load_any(tmp_path / "map").count() == 400
     assert (tmp_path / "dest.img").read_bytes()[:len(data)] == bytes(data)
+
+
+def test_test_hold_stops_the_pool_not_the_application(tmp_path, monkeypatch) -> None:
+    """DMRECOVER_TEST_RESTORE_HOLD (test hooks on): while its file exists the pool claims no
+    chunk, an on-demand fetch is served at once, and removing the file lets the restore end.
+    Without DMRECOVER_TEST_HOOKS=1 the same file holds nothing."""
+    from dmrecover import testhooks
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    monkeypatch.setenv(testhooks.RESTORE_HOLD_ENV, str(hold))
+    data = make_data(12)
+    src = CountingSource(data)
+    f = Fetcher(src, make_dest(tmp_path, len(data)), tmp_path / "map")
+    monkeypatch.delenv(testhooks.ENABLE_ENV, raising=False)
+    run(Restorer(f, workers=3))  # hooks off: the hold file is ignored
+    assert sorted(src.reads) == list(range(12))
+
+    monkeypatch.setenv(testhooks.ENABLE_ENV, "1")
+    (tmp_path / "b").mkdir()
+    src2 = CountingSource(data)
+    f2 = Fetcher(src2, make_dest(tmp_path / "b", len(data)), tmp_path / "map2")
+    r = Restorer(f2, workers=3)
+    r.start()
+    assert f2.ensure(7) and src2.reads == [7]  # the application's read, served held or not
+    time.sleep(0.3)
+    assert src2.reads == [7] and not r.finished.is_set()
+    hold.unlink()
+    assert r.finished.wait(30) and r.completed.is_set()
+    assert sorted(src2.reads) == list(range(12))
