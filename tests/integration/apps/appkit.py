@@ -15,12 +15,24 @@ from pathlib import Path
 
 import psutil
 
+from dmrecover import testhooks
 from dmrecover.system.mounts import mount_at
 from tests.apps import daemon_toy, databases
 from tests.apps.livekit import Sandbox
 
 # Seconds the background restorer sleeps per chunk: the application runs during the restore.
 SLOW = {"DMRECOVER_TEST_RESTORE_DELAY": "0.06"}
+
+
+def held_restore(box: Sandbox, env: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """A hold file and env plus the hook that holds the background restore while the file
+    exists (testhooks.restore_hold): the database runs on the pseudo-volume, restore not
+    done, until the test removes the file, however fast or slow the machine. A slowed restore
+    alone raced it: CI saw a MariaDB start (much of InnoDB fetched on demand) outlast the
+    restore of the whole volume, the state already "ready"."""
+    hold = box.tmp / "restore-hold"
+    hold.touch()
+    return hold, {**env, testhooks.RESTORE_HOLD_ENV: str(hold)}
 
 
 class AppSandbox(Sandbox):
