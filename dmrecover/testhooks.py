@@ -67,6 +67,15 @@ def _seconds(name: str) -> float:
     return max(value, 0.0)
 
 
+def _wait_removed(path: str, stop: threading.Event | None = None) -> None:
+    """Wait until the test removes `path`, stop is set, or PAUSE_LIMIT has passed (a test
+    that died)."""
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while os.path.exists(path) and time.monotonic() < deadline and not stop.is_set():
+        stop.wait(0.05)
+
+
 def fault_point(step: str) -> None:
     """Raise StackError when the test hooks are on and DMRECOVER_FAIL_AT names this step."""
     if enabled() and os.environ.get(FAIL_AT_ENV) == step:
@@ -88,9 +97,7 @@ def restore_hold(stop: threading.Event) -> None:
     if not (path and enabled() and os.path.exists(path)):
         return
     log.info("background restore held until %s is removed (%s)", path, RESTORE_HOLD_ENV)
-    deadline = time.monotonic() + PAUSE_LIMIT
-    while os.path.exists(path) and time.monotonic() < deadline and not stop.is_set():
-        stop.wait(0.05)
+    _wait_removed(path, stop)
 
 
 def merge_pause() -> float:
@@ -124,6 +131,4 @@ def pause_point(step: str) -> None:
         f.write(f"{os.getpid()}\n")
     os.rename(tmp, path)
     log.info("paused at step %s until %s is removed (%s)", step, path, PAUSE_AT_ENV)
-    deadline = time.monotonic() + PAUSE_LIMIT
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_removed(path)
