@@ -40,7 +40,6 @@ PG_SCALE = 3  # pgbench_accounts: 300 000 rows, ~40 MiB
 MY_ROWS = 150_000
 
 
-
 @pytest.fixture
 def scratch() -> Iterator[Path]:
     with scratch_tree("dmr-appdb-") as d:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dmrecover import testhooks
 from dmrecover.engine.bitmap import Bitmap, SlotFile
 from dmrecover.engine.fetcher import Fetcher, MemorySource
 from dmrecover.engine.restorer import Restorer
@@ -302,8 +303,6 @@ def test_test_hold_stops_the_pool_not_the_application(tmp_path, monkeypatch) -> 
     """DMRECOVER_TEST_RESTORE_HOLD (test hooks on): while its file exists the pool claims no
     chunk, an on-demand fetch is served at once, and removing the file lets the restore end.
     Without DMRECOVER_TEST_HOOKS=1 the same file holds nothing."""
-    from dmrecover import testhooks
-
     hold = tmp_path / "hold"
     hold.touch()
     monkeypatch.setenv(testhooks.RESTORE_HOLD_ENV, str(hold))
